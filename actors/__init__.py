@@ -1,0 +1,1 @@
+"""The actor role: vectorized Mario envs, batched inference, per-actor ε, n-step adder."""

@@ -1,0 +1,1 @@
+"""Shared pieces: config, Mario env pipeline, networks, CLI, the tutorial grid world."""

@@ -1,0 +1,117 @@
+"""Frozen config dataclasses shared by every role; tyro turns their docstrings into --help."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+ACTION_SETS: dict[str, tuple[tuple[str, ...], ...]] = {
+    # The seed's default: 5 actions, all moving right (or standing still).
+    "right_only": (("NOOP",), ("right",), ("right", "A"), ("right", "B"), ("right", "A", "B")),
+    "simple": (
+        ("NOOP",),
+        ("right",),
+        ("right", "A"),
+        ("right", "B"),
+        ("right", "A", "B"),
+        ("A",),
+        ("left",),
+    ),
+    "complex": (
+        ("NOOP",),
+        ("right",),
+        ("right", "A"),
+        ("right", "B"),
+        ("right", "A", "B"),
+        ("A",),
+        ("left",),
+        ("left", "A"),
+        ("left", "B"),
+        ("left", "A", "B"),
+        ("down",),
+        ("up",),
+    ),
+}
+REWARD_MODES = ("classic", "native")
+_LEVEL_PATTERN = re.compile(r"^([1-8])-([1-4])$")
+
+
+def parse_levels(levels: str) -> tuple[tuple[int, int], ...]:
+    """Parses `"1-1"` or `"1-1,4-2"` into ((world, stage), ...).
+
+    Raises:
+        ValueError: naming the bad level and the accepted form.
+    """
+    parsed = []
+    for name in levels.split(","):
+        match = _LEVEL_PATTERN.match(name.strip())
+        if match is None:
+            raise ValueError(
+                f"level {name.strip()!r} is not a Super Mario Bros level: "
+                "use WORLD-STAGE with world 1..8 and stage 1..4 (e.g. '1-1', '8-4'), "
+                "or a comma-separated list of them"
+            )
+        parsed.append((int(match.group(1)), int(match.group(2))))
+    return tuple(parsed)
+
+
+@dataclasses.dataclass(frozen=True)
+class EnvConfig:
+    """The Mario environment pipeline."""
+
+    level: str = "1-1"
+    """Level as WORLD-STAGE ('1-1' … '8-4'), or a comma-separated list sampled per episode."""
+    action_set: str = "right_only"
+    """Joypad action set: right_only (5 actions), simple (7) or complex (12)."""
+    reward: str = "classic"
+    """Reward: classic (Δx + clock penalty + death penalty, clipped to ±15 per frame, as in
+    gym-super-mario-bros 7.x) or native (the 9.x package's own shaped reward)."""
+    frame_skip: int = 4
+    """Emulator frames per agent step; the observation max-pools the last two."""
+    frame_stack: int = 4
+    """Frames stacked into one observation."""
+    max_episode_steps: int = 2000
+    """Agent steps after which an episode is truncated (not terminated)."""
+    sticky_action_prob: float = 0.0
+    """Per-frame probability that the previous action repeats (evaluation uses 0.25)."""
+    noop_max: int = 0
+    """Random number of no-op agent steps (0..noop_max) at the start of each episode."""
+
+    def __post_init__(self) -> None:
+        parse_levels(self.level)
+        if self.action_set not in ACTION_SETS:
+            raise ValueError(
+                f"action_set {self.action_set!r} is unknown; accepted: {', '.join(ACTION_SETS)}"
+            )
+        if self.reward not in REWARD_MODES:
+            raise ValueError(
+                f"reward {self.reward!r} is unknown; accepted: {', '.join(REWARD_MODES)}"
+            )
+        if self.frame_skip < 1:
+            raise ValueError(f"frame_skip ({self.frame_skip}) must be >= 1")
+        if self.frame_stack < 1:
+            raise ValueError(f"frame_stack ({self.frame_stack}) must be >= 1")
+        if self.max_episode_steps < 1:
+            raise ValueError(f"max_episode_steps ({self.max_episode_steps}) must be >= 1")
+        if not 0.0 <= self.sticky_action_prob < 1.0:
+            raise ValueError(f"sticky_action_prob ({self.sticky_action_prob}) must be in [0, 1)")
+        if self.noop_max < 0:
+            raise ValueError(f"noop_max ({self.noop_max}) must be >= 0")
+
+    @property
+    def levels(self) -> tuple[tuple[int, int], ...]:
+        """The parsed (world, stage) pairs."""
+        return parse_levels(self.level)
+
+    @property
+    def num_actions(self) -> int:
+        """Size of the discrete action space."""
+        return len(ACTION_SETS[self.action_set])
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworkConfig:
+    """The Q-network."""
+
+    dueling: bool = False
+    """Use a dueling head (value + advantage streams) instead of the plain Nature-CNN head."""

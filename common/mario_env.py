@@ -1,0 +1,322 @@
+"""The Mario environment pipeline: action repeat + max-pool, grayscale 84×84 uint8, frame stack.
+
+One lean Gymnasium env replaces the seed's chain of five wrappers. It drives the emulator of
+`gym-super-mario-bros` directly (`frame_advance`) and reads the few RAM bytes the classic reward
+needs, instead of calling the package's per-frame `step()`, which builds a 30-key info dict every
+frame. That bookkeeping alone costs ~10 % of the emulator's speed; skipping it is how the wrapped
+env keeps ≥ 85 % of the raw frame rate.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import cv2
+import gymnasium as gym
+import numpy as np
+from gym_super_mario_bros.smb_env import SuperMarioBrosEnv
+
+from common.config import ACTION_SETS, EnvConfig
+
+OBS_SIZE = 84
+_SCREEN_SHAPE = (240, 256)
+_BUTTONS = {
+    "right": 0b10000000,
+    "left": 0b01000000,
+    "down": 0b00100000,
+    "up": 0b00010000,
+    "start": 0b00001000,
+    "select": 0b00000100,
+    "B": 0b00000010,
+    "A": 0b00000001,
+    "NOOP": 0,
+}
+
+# RAM addresses (SMB1), as read by gym-super-mario-bros.
+_RAM_X_PAGE = 0x006D
+_RAM_X_SCREEN = 0x0086
+_RAM_PLAYER_STATE = 0x000E
+_RAM_Y_VIEWPORT = 0x00B5
+_RAM_TIME = 0x07F8  # three decimal digits
+_RAM_SCORE = 0x07DE  # six decimal digits
+_RAM_WORLD = 0x075F
+_RAM_STAGE = 0x075C
+_RAM_GAME_MODE = 0x0770  # 2 = end of world
+_RAM_FLOAT_STATE = 0x001D  # 3 = sliding down the flag pole
+_RAM_ENEMY_TYPES = (0x0016, 0x0017, 0x0018, 0x0019, 0x001A)
+_RAM_CHANGE_AREA_TIMER = 0x06DE
+_RAM_PRELEVEL_TIMER = 0x07A0
+_STATE_DYING = 0x0B
+_STATE_DEAD = 0x06
+_BUSY_STATES = frozenset((0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x07))
+_STAGE_OVER_ENEMIES = (0x2D, 0x31)  # Bowser, flag pole
+DEATH_PENALTY = -25
+REWARD_CLIP = 15
+
+
+def action_bytes(action_set: str) -> np.ndarray:
+    """Joypad bitmaps, one per discrete action of the named set."""
+    codes = []
+    for buttons in ACTION_SETS[action_set]:
+        code = 0
+        for button in buttons:
+            code |= _BUTTONS[button]
+        codes.append(code)
+    return np.array(codes, dtype=np.uint8)
+
+
+def classic_frame_reward(dx: int, dtime: int, died: bool) -> int:
+    """The 7.x per-frame reward: Δx + clock penalty + death penalty, clipped to ±15.
+
+    Args:
+        dx: x_pos change this frame; |dx| > 5 is a teleport (death, pipe) and counts 0.
+        dtime: in-game clock change this frame; an increase (reset) counts 0.
+        died: Mario is dying or dead this frame.
+    """
+    if dx < -5 or dx > 5:
+        dx = 0
+    dtime = min(dtime, 0)
+    reward = dx + dtime + (DEATH_PENALTY if died else 0)
+    return max(-REWARD_CLIP, min(REWARD_CLIP, reward))
+
+
+class FrameRing:
+    """Frame stack without per-step copies of the stack.
+
+    New frames are written into a ring of `stack + slack` slots and `stack()` returns a
+    contiguous view of the newest `stack` frames. Only when the write position reaches the end
+    are the last `stack - 1` frames moved to the front (amortised: once per `slack` steps).
+
+    Trap: a returned view stays valid for `slack` more pushes only; copy it to keep it longer.
+    """
+
+    def __init__(self, stack: int, slack: int = 64, frame_shape: tuple[int, int] = (84, 84)):
+        self.stack_size = stack
+        self.buffer = np.zeros((stack + slack, *frame_shape), dtype=np.uint8)
+        self.position = stack - 1  # index of the newest frame
+
+    def next_slot(self) -> np.ndarray:
+        """Advances the ring and returns the slot to write the newest frame into."""
+        if self.position + 1 >= len(self.buffer):
+            keep = self.stack_size - 1
+            if keep:
+                self.buffer[:keep] = self.buffer[self.position - keep + 1 : self.position + 1]
+            self.position = keep - 1
+        self.position += 1
+        return self.buffer[self.position]
+
+    def fill(self, frame: np.ndarray) -> None:
+        """Starts an episode: every stacked frame is `frame`."""
+        self.position = self.stack_size - 1
+        self.buffer[: self.stack_size] = frame
+
+    def stack(self) -> np.ndarray:
+        """View of the newest frames, oldest first: [stack, H, W] uint8."""
+        return self.buffer[self.position - self.stack_size + 1 : self.position + 1]
+
+
+class MarioEnv(gym.Env):
+    """Super Mario Bros with the project's observation pipeline and reward.
+
+    Observations are uint8 [frame_stack, 84, 84] views into a frame ring (see FrameRing's
+    trap). `info` holds x_pos, flag_get, world, stage, time, score, frames (emulator frames this
+    step) and life_lost.
+    """
+
+    metadata: ClassVar[dict] = {"render_modes": ["rgb_array"]}
+
+    def __init__(self, config: EnvConfig, render_mode: str | None = None):
+        self.config = config
+        self.render_mode = render_mode
+        self._levels = config.levels
+        self._action_bytes = action_bytes(config.action_set)
+        self.action_space = gym.spaces.Discrete(len(self._action_bytes))
+        self.observation_space = gym.spaces.Box(
+            0, 255, (config.frame_stack, OBS_SIZE, OBS_SIZE), dtype=np.uint8
+        )
+        self._games: dict[tuple[int, int], SuperMarioBrosEnv] = {}
+        self._game: SuperMarioBrosEnv | None = None
+        self._ring = FrameRing(config.frame_stack)
+        self._gray = np.empty(_SCREEN_SHAPE, dtype=np.uint8)
+        self._gray_previous = np.empty(_SCREEN_SHAPE, dtype=np.uint8)
+        self._episode_steps = 0
+        self._previous_action_byte = 0
+        self._x_last = 0
+        self._time_last = 0
+        self._done = True
+
+    # -- emulator access --------------------------------------------------------------------
+
+    def _game_for(self, level: tuple[int, int]) -> SuperMarioBrosEnv:
+        game = self._games.get(level)
+        if game is None:
+            # The package's constructor boots the ROM, skips the title screen and keeps a
+            # backup state at the level's start; reset() restores it.
+            game = SuperMarioBrosEnv(target=level)
+            self._games[level] = game
+        return game
+
+    def _x_pos(self) -> int:
+        ram = self._ram
+        return int(ram[_RAM_X_PAGE]) * 256 + int(ram[_RAM_X_SCREEN])
+
+    def _clock(self) -> int:
+        ram = self._ram
+        return int(ram[_RAM_TIME]) * 100 + int(ram[_RAM_TIME + 1]) * 10 + int(ram[_RAM_TIME + 2])
+
+    def _dying(self) -> bool:
+        state = int(self._ram[_RAM_PLAYER_STATE])
+        return state in (_STATE_DYING, _STATE_DEAD) or int(self._ram[_RAM_Y_VIEWPORT]) > 1
+
+    def _flag_get(self) -> bool:
+        ram = self._ram
+        if int(ram[_RAM_GAME_MODE]) == 2:
+            return True
+        for address in _RAM_ENEMY_TYPES:
+            if int(ram[address]) in _STAGE_OVER_ENEMIES:
+                return int(ram[_RAM_FLOAT_STATE]) == 3
+        return False
+
+    def _skip_cutscenes(self) -> int:
+        """The package's between-frame RAM hacks (pipes, area changes); returns frames used."""
+        ram = self._ram
+        timer = int(ram[_RAM_CHANGE_AREA_TIMER])
+        if 1 < timer < 255:
+            ram[_RAM_CHANGE_AREA_TIMER] = 1
+        frames = 0
+        while int(ram[_RAM_PLAYER_STATE]) in _BUSY_STATES or int(ram[_RAM_GAME_MODE]) == 2:
+            ram[_RAM_PRELEVEL_TIMER] = 0
+            self._emulator.frame_advance(0)
+            frames += 1
+        return frames
+
+    # -- Gymnasium API ----------------------------------------------------------------------
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        super().reset(seed=seed)
+        rng = self.np_random
+        level = self._levels[int(rng.integers(len(self._levels)))]
+        self._game = self._game_for(level)
+        self._game.reset()
+        self._emulator = self._game._env
+        self._ram = self._game.ram
+        self._x_last = self._x_pos()
+        self._time_last = self._clock()
+        self._previous_action_byte = 0
+        self._episode_steps = 0
+        self._done = False
+        self._ring.fill(self._observe_frame())
+        frames = 0
+        noops = int(rng.integers(self.config.noop_max + 1)) if self.config.noop_max else 0
+        for _ in range(noops):
+            _, terminated, step_frames = self._advance(0)
+            frames += step_frames
+            if terminated:  # practically impossible in the first seconds; start over
+                return self.reset(options=options)
+        self._episode_steps = 0
+        return self._ring.stack(), self._info(frames=frames, life_lost=False)
+
+    def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        if self._done:
+            raise RuntimeError("step() called on a finished episode; call reset() first")
+        reward, terminated, frames = self._advance(int(self._action_bytes[action]))
+        self._episode_steps += 1
+        truncated = not terminated and self._episode_steps >= self.config.max_episode_steps
+        self._done = terminated or truncated
+        life_lost = terminated and self._dying()
+        return self._ring.stack(), reward, terminated, truncated, self._info(frames, life_lost)
+
+    def _advance(self, action_byte: int) -> tuple[float, bool, int]:
+        """Repeats the action frame_skip times; writes the max-pooled frame into the ring."""
+        skip = self.config.frame_skip
+        sticky = self.config.sticky_action_prob
+        native = self.config.reward == "native"
+        rng = self.np_random
+        emulator = self._emulator
+        total_reward = 0.0
+        terminated = False
+        frames = 0
+        pooled = False
+        for frame_index in range(skip):
+            byte = action_byte
+            if sticky and rng.random() < sticky:
+                byte = self._previous_action_byte
+            self._previous_action_byte = byte
+            frames += 1
+            if native:
+                # The package's own step: its reward, termination and RAM hacks, per frame.
+                _, reward, terminated, _, _ = self._game.step(byte)
+                total_reward += reward
+            else:
+                emulator.frame_advance(byte)
+                x_pos, clock, dying = self._x_pos(), self._clock(), self._dying()
+                total_reward += classic_frame_reward(
+                    x_pos - self._x_last, clock - self._time_last, dying
+                )
+                self._x_last, self._time_last = x_pos, clock
+                terminated = dying or self._flag_get()
+                if not terminated:
+                    frames += self._skip_cutscenes()
+            if terminated:
+                break
+            if frame_index == skip - 2:
+                emulator.copy_screen_grayscale(self._gray_previous)
+                pooled = True
+        if native:
+            self._x_last = self._x_pos()
+        self._write_observation(pooled)
+        return total_reward, terminated, frames
+
+    def _observe_frame(self) -> np.ndarray:
+        self._emulator.copy_screen_grayscale(self._gray)
+        return cv2.resize(self._gray, (OBS_SIZE, OBS_SIZE), interpolation=cv2.INTER_AREA)
+
+    def _write_observation(self, pooled: bool) -> None:
+        self._emulator.copy_screen_grayscale(self._gray)
+        if pooled:  # max over the last two frames removes NES sprite flicker
+            np.maximum(self._gray, self._gray_previous, out=self._gray)
+        cv2.resize(
+            self._gray,
+            (OBS_SIZE, OBS_SIZE),
+            dst=self._ring.next_slot(),
+            interpolation=cv2.INTER_AREA,
+        )
+
+    def _info(self, frames: int, life_lost: bool) -> dict[str, Any]:
+        ram = self._ram
+        score = 0
+        for digit in ram[_RAM_SCORE : _RAM_SCORE + 6]:
+            score = score * 10 + int(digit)
+        return {
+            "x_pos": self._x_pos(),
+            "flag_get": self._flag_get(),
+            "world": int(ram[_RAM_WORLD]) + 1,
+            "stage": int(ram[_RAM_STAGE]) + 1,
+            "time": self._clock(),
+            "score": score,
+            "frames": frames,
+            "life_lost": life_lost,
+        }
+
+    def render(self) -> np.ndarray | None:
+        """The current RGB screen [240, 256, 3] (a copy), for videos."""
+        if self._game is None:
+            return None
+        return np.array(self._game.screen)
+
+    def close(self) -> None:
+        for game in self._games.values():
+            game.close()
+        self._games.clear()
+        self._game = None
+
+
+def make_env(config: EnvConfig, seed: int | None = None) -> MarioEnv:
+    """Builds the pipeline and pins OpenCV to one thread (actors own exactly one core)."""
+    cv2.setNumThreads(1)
+    env = MarioEnv(config)
+    if seed is not None:
+        env.reset(seed=seed)
+    return env

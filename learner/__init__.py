@@ -1,0 +1,1 @@
+"""The learner role: double-DQN loss, optimizer, target sync, weight publishing, checkpoints."""

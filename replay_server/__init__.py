@@ -1,0 +1,1 @@
+"""Prioritized replay: sum-tree, frame-deduplicated storage, sampling, snapshots."""

@@ -1,0 +1,218 @@
+"""The Mario pipeline on the real emulator (level 1-1)."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+from gym_super_mario_bros.smb_env import SuperMarioBrosEnv
+
+from common.config import EnvConfig
+from common.mario_env import FrameRing, action_bytes, classic_frame_reward, make_env
+
+RIGHT = 1  # index of ['right'] in every action set
+
+
+@pytest.fixture(scope="module")
+def env():
+    environment = make_env(EnvConfig())
+    yield environment
+    environment.close()
+
+
+def run_actions(config: EnvConfig, actions, seed=0):
+    """Plays a fixed action list; returns (stacked obs copies, rewards, infos, flags)."""
+    environment = make_env(config)
+    observation, _ = environment.reset(seed=seed)
+    observations, rewards, infos, ends = [observation.copy()], [], [], []
+    for action in actions:
+        observation, reward, terminated, truncated, info = environment.step(action)
+        observations.append(observation.copy())
+        rewards.append(reward)
+        infos.append(info)
+        ends.append((terminated, truncated))
+        if terminated or truncated:
+            break
+    environment.close()
+    return np.stack(observations), rewards, infos, ends
+
+
+@pytest.mark.parametrize(
+    ("action_set", "size"), [("right_only", 5), ("simple", 7), ("complex", 12)]
+)
+def test_action_space_sizes(action_set, size):
+    environment = make_env(EnvConfig(action_set=action_set))
+    assert environment.action_space.n == size
+    assert len(action_bytes(action_set)) == size
+    environment.close()
+
+
+def test_observation_is_uint8_stack(env):
+    observation, info = env.reset(seed=1)
+    assert observation.shape == (4, 84, 84)
+    assert observation.dtype == np.uint8
+    assert (info["world"], info["stage"]) == (1, 1)
+    for key in ("x_pos", "flag_get", "world", "stage", "time", "score"):
+        assert key in info
+    observation, *_ = env.step(RIGHT)
+    assert observation.shape == (4, 84, 84) and observation.dtype == np.uint8
+    assert observation.max() > observation.min()  # a real picture, not a blank
+
+
+def test_frame_stack_shifts_by_one_frame(env):
+    env.reset(seed=2)
+    previous = env.step(0)[0].copy()
+    for _ in range(70):  # standing still (the goomba walks in); crosses the ring's wrap-around
+        current = env.step(0)[0].copy()
+        np.testing.assert_array_equal(current[:3], previous[1:])
+        previous = current
+
+
+def test_frame_ring_keeps_order_across_wrap():
+    ring = FrameRing(stack=3, slack=2, frame_shape=(1, 1))
+    ring.fill(np.zeros((1, 1), np.uint8))
+    for value in range(1, 10):
+        ring.next_slot()[:] = value
+        expected = [max(value - 2, 0), max(value - 1, 0), value]
+        assert ring.stack().ravel().tolist() == expected
+
+
+def test_walking_right_into_the_goomba_terminates_on_life_loss():
+    # Holding right on 1-1 runs into the first goomba and dies well within 200 steps.
+    _, rewards, infos, ends = run_actions(EnvConfig(), [RIGHT] * 200)
+    assert ends[-1] == (True, False)
+    assert infos[-1]["life_lost"] and not infos[-1]["flag_get"]
+    assert rewards[-1] <= -15 + 3 * 4  # the death frame is clipped to -15
+    assert len(rewards) < 200
+
+
+def test_step_cap_truncates():
+    _, _, _, ends = run_actions(EnvConfig(max_episode_steps=5), [0] * 10)
+    assert len(ends) == 5 and ends[-1] == (False, True)
+
+
+def test_reward_over_a_skip_is_the_sum_of_frame_rewards():
+    rng = np.random.default_rng(3)
+    actions = [int(a) for a in rng.integers(5, size=60)]
+    _, skip4_rewards, skip4_infos, _ = run_actions(EnvConfig(frame_skip=4), actions)
+    per_frame = [a for a in actions for _ in range(4)]
+    _, skip1_rewards, _, _ = run_actions(EnvConfig(frame_skip=1), per_frame)
+    for step, reward in enumerate(skip4_rewards):
+        assert reward == sum(skip1_rewards[4 * step : 4 * step + 4])
+    assert skip4_infos[-1]["x_pos"] > 40  # Mario moved
+
+
+def test_native_reward_over_a_skip_matches_package_steps():
+    actions = [RIGHT, 2, 2, RIGHT, 4, 4, RIGHT, 0] * 5
+    _, rewards, _, _ = run_actions(EnvConfig(reward="native"), actions)
+    game = SuperMarioBrosEnv(target=(1, 1))
+    game.reset()
+    codes = action_bytes("right_only")
+    for action, reward in zip(actions, rewards, strict=False):
+        expected = 0.0
+        for _ in range(4):
+            _, frame_reward, terminated, _, _ = game.step(int(codes[action]))
+            expected += frame_reward
+            if terminated:
+                break
+        assert reward == pytest.approx(expected)
+    game.close()
+
+
+@pytest.mark.parametrize(
+    ("dx", "dtime", "died", "expected"),
+    [
+        (3, 0, False, 3),  # walking right
+        (-2, 0, False, -2),  # walking left
+        (5, 0, False, 5),  # fastest legal move
+        (6, 0, False, 0),  # teleport (pipe/reset) counts 0
+        (-200, 0, False, 0),
+        (2, -1, False, 1),  # clock tick
+        (0, 399, False, 0),  # clock reset counts 0
+        (0, 0, True, -15),  # -25 clipped to -15
+        (3, -1, True, -15),
+    ],
+)
+def test_classic_frame_reward_table(dx, dtime, died, expected):
+    assert classic_frame_reward(dx, dtime, died) == expected
+
+
+def test_classic_reward_matches_hand_computation_from_recorded_info():
+    # frame_skip=1 so every step is one frame; recompute each reward from x_pos/time/death.
+    actions = [RIGHT] * 40 + [4] * 300
+    config = EnvConfig(frame_skip=1, max_episode_steps=1000)
+    environment = make_env(config)
+    _, info = environment.reset(seed=0)
+    x_last, time_last = info["x_pos"], info["time"]
+    saw_clock_tick = saw_death = False
+    for action in actions:
+        _, reward, terminated, _, info = environment.step(action)
+        dx = info["x_pos"] - x_last
+        dx = 0 if abs(dx) > 5 else dx
+        dtime = min(info["time"] - time_last, 0)
+        death = -25 if info["life_lost"] else 0
+        assert reward == max(-15, min(15, dx + dtime + death))
+        saw_clock_tick |= dtime < 0
+        saw_death |= info["life_lost"]
+        x_last, time_last = info["x_pos"], info["time"]
+        if terminated:
+            break
+    environment.close()
+    assert saw_clock_tick and saw_death
+
+
+def test_seeding_makes_runs_identical():
+    config = EnvConfig(sticky_action_prob=0.25, noop_max=10)
+    actions = [int(a) for a in np.random.default_rng(4).integers(5, size=80)]
+    first = run_actions(config, actions, seed=7)
+    second = run_actions(config, actions, seed=7)
+    other = run_actions(config, actions, seed=8)
+    np.testing.assert_array_equal(first[0], second[0])
+    assert first[1] == second[1]
+    assert len(first[0]) != len(other[0]) or not np.array_equal(first[0], other[0])
+
+
+def test_sticky_actions_change_a_run_only_when_probability_is_positive():
+    actions = [int(a) for a in np.random.default_rng(5).integers(5, size=80)]
+    plain_a = run_actions(EnvConfig(), actions, seed=1)
+    plain_b = run_actions(EnvConfig(), actions, seed=2)
+    np.testing.assert_array_equal(plain_a[0], plain_b[0])  # p = 0: the seed changes nothing
+    sticky = run_actions(EnvConfig(sticky_action_prob=0.25), actions, seed=1)
+    assert len(sticky[0]) != len(plain_a[0]) or not np.array_equal(sticky[0], plain_a[0])
+
+
+def test_noop_starts_vary_the_start():
+    config = EnvConfig(noop_max=30)
+    environment = make_env(config)
+    starts = {environment.reset(seed=seed)[1]["time"] for seed in range(6)}
+    starts |= {int(environment.reset(seed=seed)[0][-1].sum()) for seed in range(6)}
+    environment.close()
+    assert len(starts) > 2
+
+
+def test_level_list_is_sampled_per_episode():
+    environment = make_env(EnvConfig(level="1-1, 4-2"))
+    seen = set()
+    environment.reset(seed=0)
+    for _ in range(12):
+        _, info = environment.reset()
+        seen.add((info["world"], info["stage"]))
+    environment.close()
+    assert seen == {(1, 1), (4, 2)}
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "accepted"),
+    [
+        ("level", "9-1", "world 1..8"),
+        ("level", "1-5", "stage 1..4"),
+        ("level", "abc", "WORLD-STAGE"),
+        ("level", "1-1,2-9", "WORLD-STAGE"),
+        ("action_set", "everything", "right_only, simple, complex"),
+        ("reward", "dense", "classic, native"),
+    ],
+)
+def test_bad_config_names_value_and_accepted_ones(field, value, accepted):
+    with pytest.raises(ValueError) as error:
+        dataclasses.replace(EnvConfig(), **{field: value})
+    assert repr(value.split(",")[-1].strip()) in str(error.value) or repr(value) in str(error.value)
+    assert accepted in str(error.value)
