@@ -35,7 +35,7 @@ class BenchEnvConfig:
             raise ValueError(f"seconds ({self.seconds}) must be > 0")
 
 
-def _raw_emulator_fps(level: tuple[int, int], seconds: float) -> float:
+def raw_emulator_fps(level: tuple[int, int], seconds: float) -> float:
     """frame_advance in a loop (holding right), restarting the level on a death."""
     game = SuperMarioBrosEnv(target=level)
     game.reset()
@@ -97,7 +97,7 @@ def run(config: BenchEnvConfig) -> dict:
     if config.cpu is not None:
         os.sched_setaffinity(0, {config.cpu})
     level = config.env.levels[0]
-    raw_fps = _raw_emulator_fps(level, config.seconds)
+    raw_fps = raw_emulator_fps(level, config.seconds)
     package_fps = _package_step_fps(config.env, config.seconds, config.seed)
     steps_per_s, pipeline_fps = _pipeline_rates(config.env, config.seconds, config.seed)
     result = {

@@ -12,7 +12,7 @@ import tyro
 from rich.console import Console
 from rich.table import Table
 
-from common import bench_env, grid_world
+from common import bench_actor, bench_env, bench_replay, evaluate, grid_world, plots, train
 
 console = Console()
 
@@ -53,6 +53,44 @@ def _bench_env(config: bench_env.BenchEnvConfig) -> None:
     console.print_json(json.dumps(result))
 
 
+def _print_result(title: str, result: dict, path) -> None:
+    table = Table(title=title, show_header=False)
+    for key, value in result.items():
+        table.add_row(key, f"{value:,.3f}" if isinstance(value, float) else str(value))
+    console.print(table)
+    console.print(f"written: {path}")
+
+
+def _bench_replay(config: bench_replay.BenchReplayConfig) -> None:
+    _print_result("replay speed (one core)", bench_replay.run(config), config.out)
+
+
+def _bench_actor(config: bench_actor.BenchActorConfig) -> None:
+    _print_result("actor path vs raw emulator (one core)", bench_actor.run(config), config.out)
+
+
+def _train(config: train.TrainConfig) -> None:
+    if not config.serial:
+        console.print(
+            "[red]error:[/red] the distributed trainer (Ray + Redis) is not built yet (issue #4); "
+            "run `mario train --serial`"
+        )
+        raise SystemExit(2)
+    train.train_serial(config, console)
+
+
+def _eval(config: evaluate.EvalConfig) -> None:
+    summary = evaluate.evaluate(config)
+    shown = {k: v for k, v in summary.items() if k not in ("per_episode", "videos")}
+    _print_result(f"eval of {config.checkpoint}", shown, summary["videos"])
+    for index, episode in enumerate(summary["per_episode"]):
+        console.print(f"episode {index}: {episode}")
+
+
+def _plot(config: plots.PlotConfig) -> None:
+    console.print(f"written: {plots.plot(config)}")
+
+
 @dataclasses.dataclass(frozen=True)
 class _Command:
     config_type: type
@@ -61,9 +99,18 @@ class _Command:
 
 
 COMMANDS: dict[tuple[str, ...], _Command] = {
+    ("train",): _Command(train.TrainConfig, _train, "train double DQN on Mario (--serial for now)"),
+    ("eval",): _Command(evaluate.EvalConfig, _eval, "evaluate a checkpoint; stats and mp4"),
+    ("plot",): _Command(plots.PlotConfig, _plot, "learning curve of runs as PNG"),
     ("grid",): _Command(grid_world.GridConfig, _grid, "tabular Q vs double Q on the 3×3 grid"),
     ("bench", "env"): _Command(
         bench_env.BenchEnvConfig, _bench_env, "emulator vs wrapped-env speed"
+    ),
+    ("bench", "replay"): _Command(
+        bench_replay.BenchReplayConfig, _bench_replay, "replay insert/sample rates, bytes/item"
+    ),
+    ("bench", "actor"): _Command(
+        bench_actor.BenchActorConfig, _bench_actor, "actor path speed vs raw emulator"
     ),
 }
 
@@ -92,7 +139,11 @@ def main(argv: list[str] | None = None) -> None:
             except ValueError as error:  # raised by a config's __post_init__ validation
                 console.print(f"[red]error:[/red] {error}")
                 raise SystemExit(2) from None
-            command.run(config)
+            try:
+                command.run(config)
+            except (ValueError, OSError) as error:  # bad checkpoint, snapshot or path
+                console.print(f"[red]error:[/red] {error}")
+                raise SystemExit(1) from None
             return
     if argv and argv[0] in ("-h", "--help"):
         print(_usage())

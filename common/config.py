@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 import re
+import typing
 
 ACTION_SETS: dict[str, tuple[tuple[str, ...], ...]] = {
     # The seed's default: 5 actions, all moving right (or standing still).
@@ -115,3 +117,41 @@ class NetworkConfig:
 
     dueling: bool = False
     """Use a dueling head (value + advantage streams) instead of the plain Nature-CNN head."""
+
+
+def config_to_dict(config) -> dict:
+    """A frozen config as plain JSON-able values (paths become strings)."""
+
+    def plain(value):
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, pathlib.PurePath):
+            return str(value)
+        return value
+
+    return plain(config)
+
+
+def config_from_dict(cls: type, data: dict, where: str = "config"):
+    """Rebuilds a (nested) frozen config from config_to_dict's output.
+
+    Raises:
+        ValueError: naming an unknown field, or a value the config's validation rejects.
+    """
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} must be a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(fields)
+    if unknown:
+        raise ValueError(f"{where} has unknown fields {sorted(unknown)} for {cls.__name__}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = config_from_dict(hint, value, f"{where}.{name}")
+        elif value is not None and pathlib.Path in (*typing.get_args(hint), hint):
+            values[name] = pathlib.Path(value)
+        else:
+            values[name] = value
+    return cls(**values)

@@ -1,0 +1,242 @@
+"""The actor role: K Mario envs stepped together, one batched CPU forward pass per step."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import numpy as np
+import torch
+
+from actors.adder import ChunkBuilder, NStepAdder, Transition
+from common.config import EnvConfig, NetworkConfig
+from common.experience import Chunk
+from common.mario_env import MarioEnv, make_env
+from common.networks import build_network
+
+
+@dataclasses.dataclass(frozen=True)
+class ActorConfig:
+    """Actors: vectorized envs, exploration, n-step returns, chunking."""
+
+    envs_per_actor: int = 4
+    """Envs stepped together by one actor (one batched forward pass for all)."""
+    n_step: int = 3
+    """n of the n-step return."""
+    gamma: float = 0.9
+    """Discount factor γ (the tutorial's 0.9: Mario's Δx reward is dense)."""
+    epsilon: float | None = None
+    """Fixed ε for every env; None uses Ape-X's ε_i = base^(1 + alpha·i/(N−1)) over env slots."""
+    epsilon_base: float = 0.4
+    """Ape-X ε base."""
+    epsilon_alpha: float = 7.0
+    """Ape-X ε exponent spread."""
+    chunk_length: int = 100
+    """Transitions per chunk sent to the replay."""
+
+    def __post_init__(self) -> None:
+        if self.envs_per_actor < 1:
+            raise ValueError(f"envs_per_actor ({self.envs_per_actor}) must be >= 1")
+        if self.n_step < 1:
+            raise ValueError(f"n_step ({self.n_step}) must be >= 1")
+        if not 0 <= self.gamma <= 1:
+            raise ValueError(f"gamma ({self.gamma}) must be in [0, 1]")
+        if self.epsilon is not None and not 0 <= self.epsilon <= 1:
+            raise ValueError(f"epsilon ({self.epsilon}) must be in [0, 1]")
+        if not 0 < self.chunk_length <= 1000:
+            raise ValueError(f"chunk_length ({self.chunk_length}) must be in 1..1000")
+
+
+def apex_epsilon(index: int, count: int, base: float = 0.4, alpha: float = 7.0) -> float:
+    """Ape-X's ε_i = base^(1 + alpha·i/(count−1)); a single actor gets `base`."""
+    if count <= 1:
+        return base
+    return base ** (1 + alpha * index / (count - 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class EpisodeResult:
+    """One finished episode, for telemetry."""
+
+    env_slot: int
+    episode_return: float
+    length: int
+    max_x_pos: int
+    flag_get: bool
+    level: str
+    epsilon: float
+    truncated: bool
+
+
+class _Slot:
+    """Per-env state: the adder, the chunk builder, frame ids and episode counters."""
+
+    def __init__(self, env: MarioEnv, adder: NStepAdder, builder: ChunkBuilder, epsilon: float):
+        self.env = env
+        self.adder = adder
+        self.builder = builder
+        self.epsilon = epsilon
+        self.obs: np.ndarray | None = None
+        self.ids: collections.deque[int] = collections.deque()
+        self.next_frame_id = 0
+        self.episode_return = 0.0
+        self.length = 0
+        self.max_x_pos = 0
+        # Transitions waiting for max_a Q(s_{t+m}) before their priority is known.
+        self.awaiting: list[Transition] = []
+
+
+class ActorCore:
+    """Plays K envs with ε-greedy on a CPU copy of the Q-network; emits prioritized chunks."""
+
+    def __init__(
+        self,
+        env_config: EnvConfig,
+        actor_config: ActorConfig,
+        network_config: NetworkConfig,
+        actor_index: int = 0,
+        num_actors: int = 1,
+        seed: int = 0,
+    ):
+        self.env_config = env_config
+        self.config = actor_config
+        self.actor_index = actor_index
+        self.network = build_network(network_config, env_config.num_actions, env_config.frame_stack)
+        self.network.eval()
+        self.policy_version = 0
+        self.rng = np.random.default_rng([seed, actor_index])
+        self.env_steps = 0
+        self.frames = 0
+        self._ready: list[Chunk] = []
+        k = actor_config.envs_per_actor
+        self.slots: list[_Slot] = []
+        for slot_index in range(k):
+            global_index = actor_index * k + slot_index
+            if actor_config.epsilon is not None:
+                epsilon = actor_config.epsilon
+            else:
+                epsilon = apex_epsilon(
+                    global_index,
+                    num_actors * k,
+                    actor_config.epsilon_base,
+                    actor_config.epsilon_alpha,
+                )
+            env = make_env(env_config)
+            slot = _Slot(
+                env,
+                NStepAdder(actor_config.n_step, actor_config.gamma),
+                ChunkBuilder(
+                    env_config.frame_stack,
+                    actor_config.chunk_length,
+                    actor_config.n_step,
+                    actor_index,
+                    slot_index,
+                ),
+                epsilon,
+            )
+            self.slots.append(slot)
+            self._begin_episode(slot, *env.reset(seed=seed * 100_003 + global_index))
+
+    @property
+    def epsilons(self) -> list[float]:
+        return [slot.epsilon for slot in self.slots]
+
+    def set_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
+        """Loads new policy weights (published by the learner as `version`)."""
+        self.network.load_state_dict(state_dict)
+        self.policy_version = version
+
+    def _new_frame(self, slot: _Slot, frame: np.ndarray) -> int:
+        frame_id = slot.next_frame_id
+        slot.builder.add_frame(frame_id, frame)
+        slot.next_frame_id += 1
+        return frame_id
+
+    def _begin_episode(self, slot: _Slot, obs: np.ndarray, info: dict) -> None:
+        first = self._new_frame(slot, obs[-1])
+        slot.ids = collections.deque([first] * self.env_config.frame_stack)
+        slot.obs = obs
+        slot.adder.start(tuple(slot.ids))
+        slot.episode_return, slot.length = 0.0, 0
+        slot.max_x_pos = info["x_pos"]
+        self.frames += info["frames"]
+
+    def _q_values(self, observations: list[np.ndarray]) -> np.ndarray:
+        batch = torch.from_numpy(np.stack(observations))  # [K, stack, 84, 84] uint8
+        with torch.inference_mode():
+            return self.network(batch).numpy()  # [K, A]
+
+    def step(self) -> list[EpisodeResult]:
+        """One agent step in every env; returns the episodes that ended."""
+        q = self._q_values([slot.obs for slot in self.slots])  # [K, A]
+        q_max = q.max(axis=1)
+        greedy = q.argmax(axis=1)
+        finished: list[EpisodeResult] = []
+        truncated_finals: list[tuple[_Slot, list[Transition], np.ndarray]] = []
+        for index, slot in enumerate(self.slots):
+            # Transitions that were waiting for the value of this state get their priority.
+            self._prioritize(slot, slot.awaiting, float(q_max[index]))
+            slot.awaiting = []
+            if self.rng.random() < slot.epsilon:
+                action = int(self.rng.integers(self.env_config.num_actions))
+            else:
+                action = int(greedy[index])
+            obs, reward, terminated, truncated, info = slot.env.step(action)
+            self.env_steps += 1
+            self.frames += info["frames"]
+            slot.episode_return += reward
+            slot.length += 1
+            slot.max_x_pos = max(slot.max_x_pos, info["x_pos"])
+            slot.ids.append(self._new_frame(slot, obs[-1]))
+            slot.ids.popleft()
+            emitted = slot.adder.step(
+                action, reward, float(q[index, action]), tuple(slot.ids), terminated, truncated
+            )
+            if terminated:
+                self._prioritize(slot, emitted, 0.0)
+            elif truncated:
+                truncated_finals.append((slot, emitted, obs.copy()))
+            else:
+                slot.awaiting = emitted
+            if terminated or truncated:
+                finished.append(
+                    EpisodeResult(
+                        env_slot=index,
+                        episode_return=slot.episode_return,
+                        length=slot.length,
+                        max_x_pos=slot.max_x_pos,
+                        flag_get=bool(info["flag_get"]),
+                        level=f"{info['world']}-{info['stage']}",
+                        epsilon=slot.epsilon,
+                        truncated=truncated,
+                    )
+                )
+                self._begin_episode(slot, *slot.env.reset())
+            else:
+                slot.obs = obs
+        if truncated_finals:  # rare (step cap): value the final states in one extra pass
+            finals_q = self._q_values([final for _, _, final in truncated_finals]).max(axis=1)
+            for (slot, emitted, _), value in zip(truncated_finals, finals_q, strict=True):
+                self._prioritize(slot, emitted, float(value))
+        return finished
+
+    def _prioritize(self, slot: _Slot, transitions: list[Transition], next_q_max: float) -> None:
+        for transition in transitions:
+            target = transition.n_step_return + transition.discount * next_q_max
+            slot.builder.add(transition, abs(target - transition.q_taken))
+        if slot.builder.ready():
+            self._ready.append(slot.builder.flush(self.policy_version))
+
+    def take_chunks(self, flush: bool = False) -> list[Chunk]:
+        """Chunks ready for the replay; flush=True also packs partial ones (e.g. at shutdown)."""
+        if flush:
+            for slot in self.slots:
+                chunk = slot.builder.flush(self.policy_version)
+                if chunk is not None:
+                    self._ready.append(chunk)
+        chunks, self._ready = self._ready, []
+        return chunks
+
+    def close(self) -> None:
+        for slot in self.slots:
+            slot.env.close()

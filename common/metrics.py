@@ -1,0 +1,101 @@
+"""Metrics sink: JSONL in the run directory plus W&B, written by a background thread.
+
+The training loop only puts dicts on a queue, so a slow disk or a W&B hiccup never stalls it.
+W&B runs online only when an API key is configured, offline otherwise, or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+import queue
+import threading
+
+logger = logging.getLogger("metrics")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+
+def resolve_wandb_mode(mode: str) -> str:
+    """auto → online when WANDB_API_KEY is set (and WANDB_MODE does not say otherwise)."""
+    if mode not in WANDB_MODES:
+        raise ValueError(f"wandb mode {mode!r} is unknown; accepted: {', '.join(WANDB_MODES)}")
+    if mode != "auto":
+        return mode
+    env_mode = os.environ.get("WANDB_MODE")
+    if env_mode in ("online", "offline", "disabled"):
+        return env_mode
+    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
+class MetricsLogger:
+    """log(metrics, step) from the training loop; close() flushes everything."""
+
+    def __init__(
+        self, run_dir: pathlib.Path, config: dict, wandb_mode: str = "auto", resume: bool = False
+    ):
+        self.path = run_dir / "metrics.jsonl"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self._queue: queue.Queue = queue.Queue(maxsize=10_000)
+        self._mode = resolve_wandb_mode(wandb_mode)
+        self._run_dir = run_dir
+        self._config = config
+        self._resume = resume
+        self.dropped = 0
+        self._thread = threading.Thread(target=self._work, name="metrics", daemon=True)
+        self._thread.start()
+
+    def log(self, metrics: dict, step: int) -> None:
+        """Queues one record; never blocks (drops and counts when the queue is full)."""
+        try:
+            self._queue.put_nowait({"step": step, **metrics})
+        except queue.Full:
+            self.dropped += 1
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout_s)
+
+    def _start_wandb(self):
+        if self._mode == "disabled":
+            return None
+        try:
+            import wandb
+
+            return wandb.init(
+                project="mario-apex",
+                dir=str(self._run_dir),
+                config=self._config,
+                mode=self._mode,
+                name=self._run_dir.name,
+                id=self._run_dir.name.replace("/", "-"),
+                resume="allow" if self._resume else None,
+                settings=wandb.Settings(silent=True, console="off"),
+            )
+        except Exception as error:  # W&B must never take training down
+            logger.warning("W&B disabled: %s", error)
+            return None
+
+    def _work(self) -> None:
+        run = self._start_wandb()
+        with self.path.open("a") as jsonl:
+            while True:
+                record = self._queue.get()
+                if record is None:
+                    break
+                jsonl.write(json.dumps(record) + "\n")
+                jsonl.flush()
+                if run is not None:
+                    try:
+                        run.log(
+                            {k: v for k, v in record.items() if k != "step"}, step=record["step"]
+                        )
+                    except Exception as error:
+                        logger.warning("W&B log failed, disabling: %s", error)
+                        run = None
+        if run is not None:
+            try:
+                run.finish()
+            except Exception as error:
+                logger.warning("W&B finish failed: %s", error)

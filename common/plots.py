@@ -1,0 +1,79 @@
+"""`mario plot RUN_DIR`: the learning curve of a run, from its metrics.jsonl, as a PNG."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+
+import numpy as np
+import tyro
+
+from common.grid_world import rolling_mean
+
+
+@dataclasses.dataclass(frozen=True)
+class PlotConfig:
+    """Render a run's learning curve (episode x_pos and return, loss) to PNG."""
+
+    run_dirs: tyro.conf.Positional[tuple[pathlib.Path, ...]]
+    """Run directories to plot (several are drawn side by side in each panel)."""
+    window: int = 50
+    """Episodes in the rolling mean."""
+    out: pathlib.Path | None = None
+    """PNG path (default: <first run dir>/learning_curve.png)."""
+
+
+def load_metrics(run_dir: pathlib.Path) -> list[dict]:
+    """The run's metric records; a line that is not JSON (a torn last write) is skipped."""
+    path = pathlib.Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"no metrics.jsonl in {run_dir}")
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def plot(config: PlotConfig) -> pathlib.Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for run_dir in config.run_dirs:
+        records = load_metrics(run_dir)
+        episodes = [r for r in records if "episode/x_pos" in r]
+        steps = np.array([r["step"] for r in episodes])
+        x_pos = np.array([r["episode/x_pos"] for r in episodes], dtype=float)
+        returns = np.array([r["episode/return"] for r in episodes], dtype=float)
+        label = pathlib.Path(run_dir).name
+        if len(episodes):
+            axes[0].scatter(steps, x_pos, s=2, alpha=0.2)
+            axes[0].plot(steps, rolling_mean(x_pos, config.window), label=label)
+            axes[1].plot(steps, rolling_mean(returns, config.window), label=label)
+        updates = [r for r in records if "learner/loss" in r]
+        if updates:
+            axes[2].plot(
+                [r["step"] for r in updates], [r["learner/loss"] for r in updates], label=label
+            )
+    axes[0].set(
+        title=f"max x_pos per episode (rolling mean of {config.window})",
+        xlabel="env steps",
+        ylabel="x_pos",
+    )
+    axes[0].axhline(3161, color="grey", linestyle=":", linewidth=1)  # 1-1's flag pole
+    axes[1].set(title="episode return (rolling mean)", xlabel="env steps", ylabel="return")
+    axes[2].set(title="learner loss", xlabel="env steps", ylabel="Huber loss")
+    for axis in axes:
+        axis.legend(loc="upper left")
+    figure.tight_layout()
+    out = config.out or pathlib.Path(config.run_dirs[0]) / "learning_curve.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=90)
+    plt.close(figure)
+    return out

@@ -1,0 +1,139 @@
+"""The learner role: online and target nets, Adam, gradient clipping, target sync, weights."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from common.config import NetworkConfig
+from common.networks import build_network
+from learner.loss import double_dqn_loss
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnerConfig:
+    """The double-DQN learner."""
+
+    batch_size: int = 32
+    """Transitions per update."""
+    learning_rate: float = 2.5e-4
+    """Adam step size."""
+    adam_epsilon: float = 1.5e-4
+    """Adam ε."""
+    max_grad_norm: float = 10.0
+    """Global gradient-norm clip."""
+    target_sync_updates: int = 2000
+    """Copy the online net into the target net every this many updates."""
+    double: bool = True
+    """Double DQN (online net picks a*, target net evaluates it); false: the tutorial's DQN."""
+    huber_delta: float = 1.0
+    """Huber loss threshold."""
+    device: str = "auto"
+    """Torch device: auto (cuda when available, else cpu), cpu, cuda, cuda:1, …"""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size ({self.batch_size}) must be >= 1")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate ({self.learning_rate}) must be > 0")
+        if self.target_sync_updates < 1:
+            raise ValueError(f"target_sync_updates ({self.target_sync_updates}) must be >= 1")
+        if self.max_grad_norm <= 0:
+            raise ValueError(f"max_grad_norm ({self.max_grad_norm}) must be > 0")
+        if self.device != "auto" and not self.device.startswith(("cpu", "cuda", "mps")):
+            raise ValueError(f"device {self.device!r} is unknown; accepted: auto, cpu, cuda[:N]")
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+class Learner:
+    """Steps double-DQN updates on batches and exposes its variables (weights, counters)."""
+
+    def __init__(
+        self, config: LearnerConfig, network_config: NetworkConfig, num_actions: int, stack: int = 4
+    ):
+        self.config = config
+        self.device = config.torch_device
+        self.online = build_network(network_config, num_actions, stack).to(self.device)
+        self.target = build_network(network_config, num_actions, stack).to(self.device)
+        self.target.load_state_dict(self.online.state_dict())
+        self.target.requires_grad_(False)
+        self.optimizer = torch.optim.Adam(
+            self.online.parameters(), lr=config.learning_rate, eps=config.adam_epsilon
+        )
+        self.updates = 0
+
+    def _tensor(self, array: np.ndarray, dtype: torch.dtype | None = None) -> torch.Tensor:
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        return tensor.to(self.device, dtype=dtype, non_blocking=True)
+
+    def update(self, sample) -> tuple[dict[str, float], np.ndarray]:
+        """One gradient step on a replay Sample.
+
+        Returns:
+            (metrics, |TD| per sample as new priorities).
+        """
+        obs = self._tensor(sample.obs)  # [B, S, 84, 84] uint8; scaled inside the net
+        next_obs = self._tensor(sample.next_obs)
+        actions = self._tensor(sample.actions, torch.int64)
+        returns = self._tensor(sample.returns, torch.float32)
+        discounts = self._tensor(sample.discounts, torch.float32)
+        weights = self._tensor(sample.weights, torch.float32)
+        q_tm1 = self.online(obs)  # [B, A]
+        with torch.no_grad():
+            q_t_selector = self.online(next_obs) if self.config.double else None  # [B, A]
+            q_t_target = self.target(next_obs)  # [B, A]
+        loss, extra = double_dqn_loss(
+            q_tm1,
+            actions,
+            returns,
+            discounts,
+            q_t_selector if q_t_selector is not None else q_t_target,
+            q_t_target,
+            importance_weights=weights,
+            double=self.config.double,
+            huber_delta=self.config.huber_delta,
+        )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.online.parameters(), self.config.max_grad_norm
+        )
+        self.optimizer.step()
+        self.updates += 1
+        if self.updates % self.config.target_sync_updates == 0:
+            self.target.load_state_dict(self.online.state_dict())
+        td_abs = extra.td_abs.cpu().numpy()
+        metrics = {
+            "learner/loss": float(loss.detach()),
+            "learner/mean_q": float(extra.q_taken.mean()),
+            "learner/td_abs": float(td_abs.mean()),
+            "learner/grad_norm": float(grad_norm),
+            "learner/updates": self.updates,
+        }
+        return metrics, td_abs
+
+    def cpu_weights(self) -> dict[str, torch.Tensor]:
+        """The online net's weights on the CPU, for actors."""
+        return {name: t.detach().cpu().clone() for name, t in self.online.state_dict().items()}
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume (tensors and plain values only)."""
+        return {
+            "online": self.online.state_dict(),
+            "target": self.target.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "updates": self.updates,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.online.load_state_dict(state["online"])
+        self.target.load_state_dict(state["target"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.updates = int(state["updates"])

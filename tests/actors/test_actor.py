@@ -1,0 +1,50 @@
+"""The actor core on the real emulator: ε per env, valid chunks, locally computed priorities."""
+
+import numpy as np
+import pytest
+import torch
+
+from actors.actor import ActorConfig, ActorCore, apex_epsilon
+from common.config import EnvConfig, NetworkConfig
+
+
+@pytest.mark.parametrize(
+    ("index", "count", "expected"),
+    [
+        (0, 1, 0.4),
+        (0, 8, 0.4),  # 0.4^1
+        (7, 8, 0.4**8),  # 0.4^(1+7) = 0.00065536
+        (1, 3, 0.016190),  # 0.4^(1 + 3.5) = 0.4^4.5
+    ],
+)
+def test_apex_epsilon(index, count, expected):
+    assert apex_epsilon(index, count) == pytest.approx(expected, rel=1e-4)
+
+
+def test_actor_emits_valid_chunks_with_its_own_priorities():
+    env_config = EnvConfig(max_episode_steps=25)  # truncations happen too
+    actor_config = ActorConfig(envs_per_actor=2, chunk_length=20)
+    actor = ActorCore(env_config, actor_config, NetworkConfig(), actor_index=1, num_actors=2)
+    assert actor.epsilons == pytest.approx([apex_epsilon(2, 4), apex_epsilon(3, 4)])
+    episodes, chunks = [], []
+    for _ in range(150):
+        episodes += actor.step()
+        chunks += actor.take_chunks()
+    chunks += actor.take_chunks(flush=True)
+    assert actor.env_steps == 300
+    assert any(e.truncated for e in episodes)
+    assert {c.env_slot for c in chunks} == {0, 1}
+    total = 0
+    for chunk in chunks:
+        chunk.validate(num_actions=5)
+        total += len(chunk)
+        # Priorities were computed by the acting network: recompute them.
+        with torch.inference_mode():
+            q = actor.network(torch.from_numpy(chunk.frames[chunk.obs_index])).numpy()
+            q_next = actor.network(torch.from_numpy(chunk.frames[chunk.next_index])).numpy()
+        q_taken = q[np.arange(len(chunk)), chunk.actions]
+        target = chunk.returns + chunk.discounts * q_next.max(axis=1)
+        np.testing.assert_allclose(chunk.priorities, np.abs(target - q_taken), atol=1e-4)
+    # every step became a transition, except the few awaiting a value at the end
+    assert 300 - 2 * 3 <= total <= 300
+    actor.close()
