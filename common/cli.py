@@ -70,13 +70,12 @@ def _bench_actor(config: bench_actor.BenchActorConfig) -> None:
 
 
 def _train(config: train.TrainConfig) -> None:
-    if not config.serial:
-        console.print(
-            "[red]error:[/red] the distributed trainer (Ray + Redis) is not built yet (issue #4); "
-            "run `mario train --serial`"
-        )
-        raise SystemExit(2)
-    train.train_serial(config, console)
+    if config.serial:
+        train.train_serial(config, console)
+    else:
+        from common.distributed import train_distributed
+
+        train_distributed(config, console)
 
 
 def _eval(config: evaluate.EvalConfig) -> None:
@@ -99,7 +98,9 @@ class _Command:
 
 
 COMMANDS: dict[tuple[str, ...], _Command] = {
-    ("train",): _Command(train.TrainConfig, _train, "train double DQN on Mario (--serial for now)"),
+    ("train",): _Command(
+        train.TrainConfig, _train, "train double DQN on Mario (distributed; --serial: one process)"
+    ),
     ("eval",): _Command(evaluate.EvalConfig, _eval, "evaluate a checkpoint; stats and mp4"),
     ("plot",): _Command(plots.PlotConfig, _plot, "learning curve of runs as PNG"),
     ("grid",): _Command(grid_world.GridConfig, _grid, "tabular Q vs double Q on the 3×3 grid"),

@@ -23,7 +23,9 @@ from rich.table import Table
 
 from actors.actor import ActorConfig, ActorCore, EpisodeResult
 from common.config import EnvConfig, NetworkConfig, config_from_dict, config_to_dict
+from common.distributed import DistributedConfig
 from common.metrics import MetricsLogger
+from common.redis_io import RedisConfig
 from learner.checkpoint import REPLAY_SNAPSHOT_NAME, load_checkpoint, save_checkpoint
 from learner.learner import Learner, LearnerConfig
 from replay_server.replay import PrioritizedReplay, ReplayConfig
@@ -40,8 +42,14 @@ class TrainConfig:
     replay: ReplayConfig = dataclasses.field(default_factory=ReplayConfig)
     learner: LearnerConfig = dataclasses.field(default_factory=LearnerConfig)
     network: NetworkConfig = dataclasses.field(default_factory=NetworkConfig)
+    redis: RedisConfig = dataclasses.field(default_factory=RedisConfig)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     serial: bool = False
     """Run every role in this one process (the debugging mode)."""
+    redis_url: str | None = None
+    """redis:// or rediss:// (TLS) URL of an existing Redis; None starts an embedded one."""
+    ray_address: str | None = None
+    """Address of an existing Ray cluster (None: start a local Ray)."""
     total_env_steps: int = 5_000_000
     """Stop after this many agent steps (over all envs)."""
     minutes: float | None = None
@@ -68,6 +76,12 @@ class TrainConfig:
     """CPU threads for torch (0: torch's default)."""
 
     def __post_init__(self) -> None:
+        if self.redis_url is not None and not self.redis_url.startswith(
+            ("redis://", "rediss://", "unix://")
+        ):
+            raise ValueError(
+                f"redis_url {self.redis_url!r} must start with redis://, rediss:// or unix://"
+            )
         if self.total_env_steps < 1:
             raise ValueError(f"total_env_steps ({self.total_env_steps}) must be >= 1")
         if self.minutes is not None and self.minutes <= 0:
@@ -141,6 +155,8 @@ def _prepare(config: TrainConfig) -> tuple[TrainConfig, pathlib.Path, dict | Non
         resume=config.resume,
         live_display=config.live_display,
         wandb=config.wandb,
+        redis_url=config.redis_url,
+        ray_address=config.ray_address,
     )
     run_dir = pathlib.Path(config.resume)
     return config, run_dir, payload

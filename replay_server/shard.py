@@ -1,0 +1,165 @@
+"""A replay shard: a PrioritizedReplay fed from the run's Redis stream through a consumer group.
+
+Delivery guarantee: an entry is XACKed only after its chunk is inserted (or counted as
+rejected), in the same MULTI as the counters. A shard that dies between reading and acking
+leaves the entries pending under its consumer name; its successor (same name) reads its own
+pending entries first. So every chunk that reached Redis ends up inserted or rejected, and
+`written == inserted + rejected + still in the stream` holds across restarts.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+import time
+
+import numpy as np
+import redis
+
+from common.redis_io import REPLAY_GROUP, RedisConfig, RedisKeys, connect
+from common.wire import WireError, decode_chunk
+from replay_server.replay import PrioritizedReplay, ReplayConfig, Sample
+
+logger = logging.getLogger("replay_shard")
+CHUNK_FIELD = b"c"
+
+
+class ReplayShard:
+    """ingest() moves chunks from Redis into the replay; sample()/update_priorities() serve."""
+
+    def __init__(
+        self,
+        shard_id: int,
+        replay_config: ReplayConfig,
+        redis_url: str,
+        run_id: str,
+        stack: int,
+        num_actions: int,
+        redis_config: RedisConfig | None = None,
+        seed: int = 0,
+    ):
+        self.shard_id = shard_id
+        self.replay = PrioritizedReplay(replay_config, stack=stack, seed=seed + 7919 * shard_id)
+        self.client = connect(redis_url, redis_config)
+        self.keys = RedisKeys(run_id)
+        self.run_id = run_id
+        self.stack = stack
+        self.num_actions = num_actions
+        self.consumer = f"shard-{shard_id}"
+        self.inserted_chunks = 0
+        self.rejected_chunks = 0
+        self._reading_own_pending = True
+        self._last_trim = 0.0
+        try:
+            self.client.xgroup_create(self.keys.experience, REPLAY_GROUP, id="0", mkstream=True)
+        except redis.ResponseError as error:
+            if "BUSYGROUP" not in str(error):
+                raise
+
+    def ingest(self, max_chunks: int = 32, block_ms: int | None = None) -> int:
+        """Reads up to max_chunks entries, inserts them, acks them; returns how many were read.
+
+        Reads nothing while the rate limiter holds inserts back (the learner is behind): the
+        entries wait in Redis, where actors see the backlog.
+        """
+        if not self.replay.can_insert(1):
+            return 0
+        stream_id = "0" if self._reading_own_pending else ">"
+        response = self.client.xreadgroup(
+            REPLAY_GROUP,
+            self.consumer,
+            {self.keys.experience: stream_id},
+            count=max_chunks,
+            block=None if self._reading_own_pending else block_ms,
+        )
+        entries = response[0][1] if response else []
+        if self._reading_own_pending and not entries:
+            self._reading_own_pending = False  # own pending list drained: read new entries
+            return 0
+        ids, inserted, rejected = [], 0, 0
+        for entry_id, fields in entries:
+            ids.append(entry_id)
+            try:
+                if fields is None or CHUNK_FIELD not in fields:
+                    raise WireError("entry has no chunk field")
+                chunk = decode_chunk(fields[CHUNK_FIELD], self.run_id, self.stack, self.num_actions)
+                self.replay.insert(chunk)
+                inserted += 1
+            except (WireError, ValueError) as error:
+                rejected += 1
+                logger.warning("shard %d dropped entry %s: %s", self.shard_id, entry_id, error)
+        if ids:
+            pipe = self.client.pipeline(transaction=True)
+            pipe.xack(self.keys.experience, REPLAY_GROUP, *ids)
+            if inserted:
+                pipe.hincrby(self.keys.counters, "chunks_inserted", inserted)
+            if rejected:
+                pipe.hincrby(self.keys.counters, "chunks_rejected", rejected)
+            pipe.execute()
+        self.inserted_chunks += inserted
+        self.rejected_chunks += rejected
+        self._maybe_trim()
+        return len(ids)
+
+    def _maybe_trim(self) -> None:
+        """Deletes stream entries every consumer is done with, so XLEN is the backlog."""
+        now = time.monotonic()
+        if now - self._last_trim < 1.0:
+            return
+        self._last_trim = now
+        groups = self.client.xinfo_groups(self.keys.experience)
+        boundary = None
+        for group in groups:
+            delivered = group.get("last-delivered-id", b"0-0")
+            candidates = [_next_id(delivered)]
+            if group.get("pending", 0):
+                summary = self.client.xpending(self.keys.experience, group["name"])
+                if summary.get("min"):
+                    candidates.append(_as_str(summary["min"]))
+            low = min(candidates, key=_id_key)
+            boundary = low if boundary is None else min(boundary, low, key=_id_key)
+        if boundary is not None:
+            self.client.xtrim(self.keys.experience, minid=boundary, approximate=False)
+
+    def sample(self, batch_size: int) -> Sample | None:
+        """A prioritized batch, or None while the rate limiter (or emptiness) holds it back."""
+        if not self.replay.can_sample(batch_size):
+            return None
+        return self.replay.sample(batch_size)
+
+    def update_priorities(self, keys: np.ndarray, td_abs: np.ndarray) -> int:
+        return self.replay.update_priorities(keys, td_abs)
+
+    def total_priority(self) -> float:
+        return self.replay.tree.total
+
+    def stats(self) -> dict:
+        stats = {f"{key}": value for key, value in self.replay.stats().items()}
+        stats.update(
+            {
+                "replay/chunks_inserted": self.inserted_chunks,
+                "replay/chunks_rejected": self.rejected_chunks,
+                "replay/total_priority": self.replay.tree.total,
+            }
+        )
+        return stats
+
+    def snapshot(self, path: pathlib.Path) -> None:
+        self.replay.snapshot(path)
+
+    def restore(self, path: pathlib.Path) -> None:
+        self.replay.restore(path)
+
+
+def _as_str(stream_id) -> str:
+    return stream_id.decode() if isinstance(stream_id, bytes) else str(stream_id)
+
+
+def _id_key(stream_id: str) -> tuple[int, int]:
+    milliseconds, _, sequence = stream_id.partition("-")
+    return int(milliseconds), int(sequence or 0)
+
+
+def _next_id(stream_id) -> str:
+    milliseconds, sequence = _id_key(_as_str(stream_id))
+    return f"{milliseconds}-{sequence + 1}"
