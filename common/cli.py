@@ -12,7 +12,17 @@ import tyro
 from rich.console import Console
 from rich.table import Table
 
-from common import bench_actor, bench_env, bench_replay, evaluate, grid_world, plots, train
+from common import (
+    bench_actor,
+    bench_env,
+    bench_replay,
+    bench_system,
+    evaluate,
+    grid_world,
+    plots,
+    status,
+    train,
+)
 
 console = Console()
 
@@ -86,6 +96,25 @@ def _eval(config: evaluate.EvalConfig) -> None:
         console.print(f"episode {index}: {episode}")
 
 
+def _bench_system(config) -> None:
+    result = bench_system.run(config, console)
+    table = Table(title=f"system, {result['seconds_each']:.0f} s per mode")
+    table.add_column("metric")
+    for mode in ("distributed", "serial"):
+        if mode in result:
+            table.add_column(mode, justify="right")
+    for key in result["distributed"]:
+        row = [f"{result[mode][key]:,.2f}" for mode in ("distributed", "serial")
+               if mode in result and key in result[mode]]  # fmt: skip
+        table.add_row(key, *row)
+    console.print(table)
+    console.print(f"written: {config.out}")
+
+
+def _status(config: status.StatusConfig) -> None:
+    status.show(config, console)
+
+
 def _plot(config: plots.PlotConfig) -> None:
     console.print(f"written: {plots.plot(config)}")
 
@@ -102,10 +131,14 @@ COMMANDS: dict[tuple[str, ...], _Command] = {
         train.TrainConfig, _train, "train double DQN on Mario (distributed; --serial: one process)"
     ),
     ("eval",): _Command(evaluate.EvalConfig, _eval, "evaluate a checkpoint; stats and mp4"),
+    ("status",): _Command(status.StatusConfig, _status, "a run's state, read from Redis"),
     ("plot",): _Command(plots.PlotConfig, _plot, "learning curve of runs as PNG"),
     ("grid",): _Command(grid_world.GridConfig, _grid, "tabular Q vs double Q on the 3×3 grid"),
     ("bench", "env"): _Command(
         bench_env.BenchEnvConfig, _bench_env, "emulator vs wrapped-env speed"
+    ),
+    ("bench", "system"): _Command(
+        bench_system.BenchSystemConfig, _bench_system, "distributed vs serial trainer speed"
     ),
     ("bench", "replay"): _Command(
         bench_replay.BenchReplayConfig, _bench_replay, "replay insert/sample rates, bytes/item"

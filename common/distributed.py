@@ -409,6 +409,7 @@ def _system_metrics(client, keys: RedisKeys, counters: dict, stats: dict) -> dic
     if actor_stats:
         record["policy_lag"] = version - min(s["policy_version"] for s in actor_stats.values())
     record["stream_lag_chunks"] = client.xlen(keys.experience)
+    record["wall_time"] = time.time()
     return record
 
 

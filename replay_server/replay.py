@@ -159,11 +159,12 @@ class PrioritizedReplay:
         keys = self.transitions_inserted + np.arange(count, dtype=np.int64)
         slots = keys % self.config.capacity
         self._evict_slots(slots)
-        self.obs_ids[slots] = base + chunk.obs_index
-        self.next_ids[slots] = base + chunk.next_index
-        self.min_frame_id[slots] = base + np.minimum(
-            chunk.obs_index.min(axis=1), chunk.next_index.min(axis=1)
-        )
+        # Trap: the indices are uint16; widen before adding the (large) base frame id.
+        obs_ids = base + chunk.obs_index.astype(np.int64)
+        next_ids = base + chunk.next_index.astype(np.int64)
+        self.obs_ids[slots] = obs_ids
+        self.next_ids[slots] = next_ids
+        self.min_frame_id[slots] = np.minimum(obs_ids.min(axis=1), next_ids.min(axis=1))
         self.actions[slots] = chunk.actions
         self.returns[slots] = chunk.returns
         self.discounts[slots] = chunk.discounts

@@ -64,18 +64,10 @@ class ReplayShard:
         """
         if not self.replay.can_insert(1):
             return 0
-        stream_id = "0" if self._reading_own_pending else ">"
-        response = self.client.xreadgroup(
-            REPLAY_GROUP,
-            self.consumer,
-            {self.keys.experience: stream_id},
-            count=max_chunks,
-            block=None if self._reading_own_pending else block_ms,
-        )
-        entries = response[0][1] if response else []
-        if self._reading_own_pending and not entries:
+        entries = self._read("0", max_chunks, None) if self._reading_own_pending else []
+        if not entries:
             self._reading_own_pending = False  # own pending list drained: read new entries
-            return 0
+            entries = self._read(">", max_chunks, block_ms)
         ids, inserted, rejected = [], 0, 0
         for entry_id, fields in entries:
             ids.append(entry_id)
@@ -100,6 +92,16 @@ class ReplayShard:
         self.rejected_chunks += rejected
         self._maybe_trim()
         return len(ids)
+
+    def _read(self, stream_id: str, count: int, block_ms: int | None) -> list:
+        response = self.client.xreadgroup(
+            REPLAY_GROUP,
+            self.consumer,
+            {self.keys.experience: stream_id},
+            count=count,
+            block=block_ms,
+        )
+        return response[0][1] if response else []
 
     def _maybe_trim(self) -> None:
         """Deletes stream entries every consumer is done with, so XLEN is the backlog."""

@@ -92,15 +92,10 @@ def test_bad_checkpoint_is_a_clear_error(tmp_path):
         main(["eval", str(bad)])
 
 
-def test_train_without_serial_says_what_is_missing(capsys):
-    with pytest.raises(SystemExit) as exit_:
-        main(["train"])
-    assert exit_.value.code == 2
-    assert "--serial" in capsys.readouterr().out
-
-
 def test_bad_train_arguments_name_the_value():
     with pytest.raises(SystemExit):
         main(["train", "--serial", "--env.level", "9-9"])
     with pytest.raises(SystemExit):
         main(["train", "--serial", "--learner.batch-size", "0"])
+    with pytest.raises(SystemExit):
+        main(["train", "--redis-url", "http://localhost:6379"])

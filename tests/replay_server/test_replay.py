@@ -118,6 +118,16 @@ def test_transitions_whose_frames_were_overwritten_are_evicted():
     assert np.all(replay.tree.get(np.flatnonzero(~live)) == 0)
 
 
+def test_frame_ids_beyond_uint16_range():
+    # Regression: chunk indices are uint16; frame ids passed 65,535 after ~62k transitions.
+    replay = PrioritizedReplay(small_config(capacity=1000))
+    for tag in range(700):
+        replay.insert(make_chunk(100, tag=tag % 256))
+    assert replay.frames_inserted > 65_536
+    sample = replay.sample(32, force=True)
+    assert set(sample.obs[:, 0, 0, 0].tolist()) <= {t % 256 for t in range(690, 700)}
+
+
 def test_rate_limiter_by_hand():
     limiter = RateLimiter(samples_per_insert=2.0, min_size_to_sample=10, error_buffer=4.0)
     assert not limiter.can_sample(1, size=5)
@@ -192,7 +202,7 @@ def test_bytes_per_transition_at_capacity_below_8kb():
 @given(
     episode_lengths=st.lists(st.integers(1, 40), min_size=1, max_size=12),
     chunk_length=st.integers(1, 30),
-    capacity=st.integers(20, 120),
+    capacity=st.integers(40, 120),  # >= a chunk: chunk_length + n − 1 transitions
     frames_per_transition=st.floats(1.0, 1.5),
 )
 def test_sampled_states_never_mix_episodes_or_evicted_frames(

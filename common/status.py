@@ -1,0 +1,104 @@
+"""`mario status`: a running (or finished) run's state, read from Redis from any terminal."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import time
+
+import msgpack
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+
+from common.redis_io import RedisConfig, RedisKeys, connect
+
+
+@dataclasses.dataclass(frozen=True)
+class StatusConfig:
+    """Show a run's counters, rates, heartbeats and lags."""
+
+    run_dir: pathlib.Path | None = None
+    """Run directory (its redis_url file and name locate the run); default: newest in runs/."""
+    redis_url: str | None = None
+    """Redis URL (default: the one the run wrote to <run dir>/redis_url)."""
+    run_id: str | None = None
+    """Run id (default: the run directory's name)."""
+    watch: bool = False
+    """Refresh every 2 s until Ctrl-C."""
+    redis: RedisConfig = dataclasses.field(default_factory=RedisConfig)
+
+
+def _resolve(config: StatusConfig) -> tuple[str, str]:
+    run_dir = config.run_dir
+    if run_dir is None and (config.redis_url is None or config.run_id is None):
+        candidates = sorted(
+            pathlib.Path("runs").glob("*/redis_url"), key=lambda p: p.stat().st_mtime
+        )
+        if not candidates:
+            raise FileNotFoundError("no run found under runs/; pass --run-dir or --redis-url")
+        run_dir = candidates[-1].parent
+    url = config.redis_url
+    if url is None:
+        path = pathlib.Path(run_dir) / "redis_url"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist; pass --redis-url")
+        url = path.read_text().strip()
+    return url, config.run_id or pathlib.Path(run_dir).name
+
+
+def snapshot(client, keys: RedisKeys) -> dict:
+    """Everything `mario status` shows, as plain data."""
+    now = time.time()
+    counters = {k.decode(): int(v) for k, v in client.hgetall(keys.counters).items()}
+    stats = {k.decode(): msgpack.unpackb(v) for k, v in client.hgetall(keys.stats).items()}
+    beats = {k.decode(): now - float(v) for k, v in client.hgetall(keys.heartbeats).items()}
+    version = int(client.get(keys.weights_version) or 0)
+    return {
+        "counters": counters,
+        "stats": stats,
+        "heartbeat_age_s": beats,
+        "weights_version": version,
+        "stream_lag_chunks": client.xlen(keys.experience),
+    }
+
+
+def render(run_id: str, state: dict) -> Group:
+    overview = Table(title=f"run {run_id}", show_header=False)
+    for key, value in sorted(state["counters"].items()):
+        overview.add_row(key, f"{value:,}")
+    overview.add_row("weights version", str(state["weights_version"]))
+    overview.add_row("stream lag (chunks)", str(state["stream_lag_chunks"]))
+    roles = Table(title="roles")
+    for column in ("role", "heartbeat age", "frames/s", "policy version", "updates/s", "loss"):
+        roles.add_column(column)
+    for role, age in sorted(state["heartbeat_age_s"].items()):
+        stats = state["stats"].get(role, {})
+        roles.add_row(
+            role,
+            f"{age:.1f} s",
+            f"{stats.get('frames_per_s', 0):,.0f}" if "frames_per_s" in stats else "",
+            str(stats.get("policy_version", "")),
+            f"{stats['learner/updates_per_s']:.1f}" if "learner/updates_per_s" in stats else "",
+            f"{stats['learner/loss']:.3f}" if "learner/loss" in stats else "",
+        )
+    return Group(overview, roles)
+
+
+def show(config: StatusConfig, console: Console) -> dict:
+    url, run_id = _resolve(config)
+    client = connect(url, config.redis)
+    keys = RedisKeys(run_id)
+    state = snapshot(client, keys)
+    if not config.watch:
+        console.print(render(run_id, state))
+        return state
+    with Live(render(run_id, state), console=console, auto_refresh=False) as live:
+        try:
+            while True:
+                time.sleep(2)
+                state = snapshot(client, keys)
+                live.update(render(run_id, state), refresh=True)
+        except KeyboardInterrupt:
+            pass
+    return state

@@ -1,0 +1,130 @@
+"""The distributed trainer with real parts: redis-server, local Ray, the emulator, 2 actors."""
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import numpy as np
+import pytest
+import ray
+import redis
+
+from common.bench_replay import synthetic_chunk
+from common.cli import main
+from common.distributed import ShardActor
+from common.redis_io import REPLAY_GROUP, RedisKeys
+from common.wire import encode_chunk
+from learner.checkpoint import load_checkpoint
+from replay_server.replay import ReplayConfig
+
+TINY = [
+    "train",
+    "--replay.capacity", "4000",
+    "--replay.min-size-to-sample", "300",
+    "--replay.samples-per-insert", "2",
+    "--replay.rate-error-buffer", "64",
+    "--learner.batch-size", "16",
+    "--learner.target-sync-updates", "10",
+    "--actor.envs-per-actor", "2",
+    "--actor.chunk-length", "50",
+    "--env.max-episode-steps", "200",
+    "--distributed.num-actors", "2",
+    "--distributed.weights-poll-frames", "100",
+    "--publish-every-updates", "2",
+    "--wandb", "offline",
+    "--no-live-display",
+    "--log-every-s", "2",
+]  # fmt: skip
+
+
+def leftover_processes() -> str:
+    result = subprocess.run(
+        ["pgrep", "-af", "raylet|gcs_server|redis-server .*--bind 127.0.0.1"],
+        capture_output=True,
+        text=True,
+    )
+    return result.stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def distributed_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("dist")
+    main([*TINY, "--total-env-steps", "1500", "--run-dir", str(run_dir)])
+    return run_dir
+
+
+def test_experience_flows_learner_updates_actors_get_new_weights(distributed_run):
+    payload = load_checkpoint(distributed_run)
+    counters = payload["counters"]
+    assert counters["env_steps"] >= 1500
+    assert counters["chunks_written"] > 0 and counters["chunks_inserted"] > 0
+    assert payload["learner"]["updates"] > 0
+    records = [json.loads(x) for x in (distributed_run / "metrics.jsonl").read_text().splitlines()]
+    versions = [r["episode/policy_version"] for r in records if "episode/policy_version" in r]
+    assert max(versions) > 0  # actors acted with weights the learner published
+    system = [r for r in records if "actors/frames_per_s" in r]
+    assert system and {"policy_lag", "stream_lag_chunks", "replay/size"} <= set(system[-1])
+    assert (distributed_run / "replay-0.npz").exists()
+    assert list((distributed_run / "wandb").glob("offline-run-*"))
+    assert leftover_processes() == ""
+
+
+def test_resume_continues_counters_and_replay(distributed_run):
+    before = load_checkpoint(distributed_run)
+    main([*TINY, "--total-env-steps", "2200", "--resume", str(distributed_run)])
+    after = load_checkpoint(distributed_run)
+    assert after["counters"]["env_steps"] >= 2200
+    assert after["learner"]["updates"] >= before["learner"]["updates"]
+    with np.load(distributed_run / "replay-0.npz") as snapshot:
+        inserted = int(snapshot["counters"][7])
+    assert inserted > before["counters"]["chunks_inserted"] * 50  # warm: old + new contents
+    assert leftover_processes() == ""
+
+
+def test_killed_shard_loses_no_chunk_that_was_in_redis(redis_url, tmp_path):
+    client = redis.Redis.from_url(redis_url)
+    keys = RedisKeys("kill-test")
+    # samples_per_insert ≈ 0: the rate limiter never holds inserts back (no learner here)
+    config = ReplayConfig(capacity=20_000, min_size_to_sample=10, samples_per_insert=1e-6)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        shard = ShardActor.remote(0, config, redis_url, "kill-test", 4, 5)
+        rng = np.random.default_rng(0)
+        message = encode_chunk(synthetic_chunk(rng, 20), "kill-test")
+        written = 0
+
+        def write(count):
+            nonlocal written
+            for _ in range(count):
+                pipe = client.pipeline(transaction=True)
+                pipe.xadd(keys.experience, {b"c": message})
+                pipe.hincrby(keys.counters, "chunks_written", 1)
+                pipe.execute()
+                written += 1
+                time.sleep(0.002)
+
+        writer = threading.Thread(target=write, args=(400,))
+        writer.start()
+        time.sleep(0.3)
+        first_pid = ray.get(shard.pid.remote())
+        os.kill(first_pid, signal.SIGKILL)  # a crash mid-ingest; Ray restarts the shard
+        writer.join()
+        assert ray.get(shard.pid.remote()) != first_pid
+        client.xadd(keys.experience, {b"c": b"garbage"})  # one reject for the books
+        written += 1
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            counters = {k.decode(): int(v) for k, v in client.hgetall(keys.counters).items()}
+            done = counters.get("chunks_inserted", 0) + counters.get("chunks_rejected", 0)
+            if done >= written:
+                break
+            time.sleep(0.2)
+        assert counters["chunks_written"] == written - 1
+        assert counters["chunks_inserted"] + counters["chunks_rejected"] == written
+        assert counters["chunks_rejected"] == 1
+        assert client.xpending(keys.experience, REPLAY_GROUP)["pending"] == 0
+    finally:
+        ray.shutdown()
