@@ -185,3 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     bad = " ".join(argv) if argv else "(none)"
     print(f"mario: unknown command {bad!r}\n\n{_usage()}", file=sys.stderr)
     raise SystemExit(2)
+
+
+if __name__ == "__main__":
+    main()

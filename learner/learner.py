@@ -32,6 +32,12 @@ class LearnerConfig:
     """Huber loss threshold."""
     device: str = "auto"
     """Torch device: auto (cuda when available, else cpu), cpu, cuda, cuda:1, …"""
+    compile: bool | None = None
+    """torch.compile the networks (None: on CUDA only)."""
+    bf16: bool | None = None
+    """bf16 autocast for forward passes (None: on CUDA only)."""
+    channels_last: bool | None = None
+    """channels-last memory format for the convolutions (None: on CUDA only)."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -68,9 +74,27 @@ class Learner:
             self.online.parameters(), lr=config.learning_rate, eps=config.adam_epsilon
         )
         self.updates = 0
+        on_cuda = self.device.type == "cuda"
+        self.use_bf16 = on_cuda if config.bf16 is None else config.bf16
+        self.channels_last = on_cuda if config.channels_last is None else config.channels_last
+        if self.channels_last:
+            self.online.to(memory_format=torch.channels_last)
+            self.target.to(memory_format=torch.channels_last)
+        use_compile = on_cuda if config.compile is None else config.compile
+        # Compiled callables share parameters with the modules; state_dict()s stay plain.
+        self._online_forward = torch.compile(self.online) if use_compile else self.online
+        self._target_forward = torch.compile(self.target) if use_compile else self.target
+
+    def _frames(self, array: np.ndarray) -> torch.Tensor:
+        frames = self._tensor(array)
+        if self.channels_last:
+            frames = frames.contiguous(memory_format=torch.channels_last)
+        return frames
 
     def _tensor(self, array: np.ndarray, dtype: torch.dtype | None = None) -> torch.Tensor:
         tensor = torch.from_numpy(np.ascontiguousarray(array))
+        if self.device.type == "cuda":
+            tensor = tensor.pin_memory()  # page-locked: the copy below runs asynchronously
         return tensor.to(self.device, dtype=dtype, non_blocking=True)
 
     def update(self, sample) -> tuple[dict[str, float], np.ndarray]:
@@ -79,16 +103,19 @@ class Learner:
         Returns:
             (metrics, |TD| per sample as new priorities).
         """
-        obs = self._tensor(sample.obs)  # [B, S, 84, 84] uint8; scaled inside the net
-        next_obs = self._tensor(sample.next_obs)
+        obs = self._frames(sample.obs)  # [B, S, 84, 84] uint8; scaled inside the net
+        next_obs = self._frames(sample.next_obs)
         actions = self._tensor(sample.actions, torch.int64)
         returns = self._tensor(sample.returns, torch.float32)
         discounts = self._tensor(sample.discounts, torch.float32)
         weights = self._tensor(sample.weights, torch.float32)
-        q_tm1 = self.online(obs)  # [B, A]
-        with torch.no_grad():
-            q_t_selector = self.online(next_obs) if self.config.double else None  # [B, A]
-            q_t_target = self.target(next_obs)  # [B, A]
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
+            q_tm1 = self._online_forward(obs).float()  # [B, A]
+            with torch.no_grad():
+                q_t_target = self._target_forward(next_obs).float()  # [B, A]
+                q_t_selector = (
+                    self._online_forward(next_obs).float() if self.config.double else None
+                )  # [B, A]
         loss, extra = double_dqn_loss(
             q_tm1,
             actions,

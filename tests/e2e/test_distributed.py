@@ -128,3 +128,29 @@ def test_killed_shard_loses_no_chunk_that_was_in_redis(redis_url, tmp_path):
         assert client.xpending(keys.experience, REPLAY_GROUP)["pending"] == 0
     finally:
         ray.shutdown()
+
+
+def test_sigterm_stops_every_role_and_writes_a_checkpoint(tmp_path):
+    import sys
+
+    run_dir = tmp_path / "sigterm"
+    command = [sys.executable, "-m", "common.cli", *TINY, "--total-env-steps", "100000000",
+               "--run-dir", str(run_dir)]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        metrics = run_dir / "metrics.jsonl"
+        while time.monotonic() < deadline:  # wait until actors report
+            if metrics.exists() and "actors/frames_per_s" in metrics.read_text():
+                break
+            assert process.poll() is None, process.stderr.read().decode()[-2000:]
+            time.sleep(1)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=180) == 0
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    counters = load_checkpoint(run_dir)["counters"]
+    assert counters["env_steps"] > 0
+    assert leftover_processes() == ""
