@@ -141,8 +141,11 @@ def test_sigterm_stops_every_role_and_writes_a_checkpoint(tmp_path):
     try:
         deadline = time.monotonic() + 240
         metrics = run_dir / "metrics.jsonl"
-        while time.monotonic() < deadline:  # wait until actors report
-            if metrics.exists() and "actors/frames_per_s" in metrics.read_text():
+        while time.monotonic() < deadline:  # wait until actors have reported steps
+            if metrics.exists() and any(
+                json.loads(line).get("counters/env_steps", 0) > 0
+                for line in metrics.read_text().splitlines()
+            ):
                 break
             assert process.poll() is None, process.stderr.read().decode()[-2000:]
             time.sleep(1)
