@@ -40,9 +40,11 @@ TINY = [
 ]  # fmt: skip
 
 
-def leftover_processes() -> str:
+def leftover_processes(run_dir) -> str:
+    """Ray's daemons, and the run's embedded redis-server (its title names its port)."""
+    port = (run_dir / "redis_url").read_text().strip().rsplit(":", 1)[1].split("/")[0]
     result = subprocess.run(
-        ["pgrep", "-af", "raylet|gcs_server|redis-server .*--bind 127.0.0.1"],
+        ["pgrep", "-af", f"raylet|gcs_server|redis-server 127.0.0.1:{port}"],
         capture_output=True,
         text=True,
     )
@@ -69,7 +71,7 @@ def test_experience_flows_learner_updates_actors_get_new_weights(distributed_run
     assert system and {"policy_lag", "stream_lag_chunks", "replay/size"} <= set(system[-1])
     assert (distributed_run / "replay-0.npz").exists()
     assert list((distributed_run / "wandb").glob("offline-run-*"))
-    assert leftover_processes() == ""
+    assert leftover_processes(distributed_run) == ""
 
 
 def test_resume_continues_counters_and_replay(distributed_run):
@@ -81,7 +83,7 @@ def test_resume_continues_counters_and_replay(distributed_run):
     with np.load(distributed_run / "replay-0.npz") as snapshot:
         inserted = int(snapshot["counters"][7])
     assert inserted > before["counters"]["chunks_inserted"] * 50  # warm: old + new contents
-    assert leftover_processes() == ""
+    assert leftover_processes(distributed_run) == ""
 
 
 def test_killed_shard_loses_no_chunk_that_was_in_redis(redis_url, tmp_path):
@@ -156,4 +158,4 @@ def test_sigterm_stops_every_role_and_writes_a_checkpoint(tmp_path):
             os.killpg(process.pid, signal.SIGKILL)
     counters = load_checkpoint(run_dir)["counters"]
     assert counters["env_steps"] > 0
-    assert leftover_processes() == ""
+    assert leftover_processes(run_dir) == ""

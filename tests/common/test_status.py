@@ -1,0 +1,33 @@
+"""`mario status` reads a run's state from a real redis-server."""
+
+import time
+
+import msgpack
+import redis
+from rich.console import Console
+
+from common.redis_io import RedisKeys
+from common.status import StatusConfig, show
+
+
+def test_status_shows_counters_roles_and_lag(redis_url, tmp_path):
+    client = redis.Redis.from_url(redis_url)
+    keys = RedisKeys("run-x")
+    client.hset(keys.counters, mapping={"env_steps": 1234, "chunks_written": 12})
+    client.hset(keys.heartbeats, mapping={"actor-0": time.time() - 3, "learner": time.time()})
+    client.hset(keys.stats, "actor-0", msgpack.packb({"frames_per_s": 812.5, "policy_version": 7}))
+    client.hset(keys.stats, "learner", msgpack.packb({"learner/updates_per_s": 9.5,
+                                                      "learner/loss": 0.25}))  # fmt: skip
+    client.set(keys.weights_version, 9)
+    client.xadd(keys.experience, {b"c": b"x"})
+    run_dir = tmp_path / "run-x"
+    run_dir.mkdir()
+    (run_dir / "redis_url").write_text(redis_url + "\n")
+    console = Console(record=True, width=120)
+    state = show(StatusConfig(run_dir=run_dir), console)
+    assert state["counters"]["env_steps"] == 1234
+    assert state["stream_lag_chunks"] == 1 and state["weights_version"] == 9
+    assert 2.5 < state["heartbeat_age_s"]["actor-0"] < 30
+    text = console.export_text()
+    for expected in ("run run-x", "1,234", "actor-0", "812", "learner", "9.5", "0.250"):
+        assert expected in text
