@@ -125,7 +125,12 @@ def free_port() -> int:
 class EmbeddedRedis:
     """A redis-server child process on a free loopback port; stop() ends it."""
 
-    def __init__(self, data_dir: pathlib.Path | None = None, port: int | None = None):
+    def __init__(
+        self,
+        data_dir: pathlib.Path | None = None,
+        port: int | None = None,
+        password: str | None = None,
+    ):
         self.port = port or free_port()
         self._tmp = None
         if data_dir is None:
@@ -148,13 +153,14 @@ class EmbeddedRedis:
                 str(data_dir),
                 "--protected-mode",
                 "yes",
+                *(["--requirepass", password] if password else []),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             start_new_session=True,  # Ctrl-C goes to us; we stop it in order
         )
         self.url = f"redis://127.0.0.1:{self.port}/0"
-        client = redis.Redis.from_url(self.url)
+        client = redis.Redis.from_url(self.url, password=password)
         deadline = time.monotonic() + 15
         while True:
             try:

@@ -1,6 +1,7 @@
 """Replay shard on a real redis-server: ingest, ack-after-insert, pending recovery, fuzz."""
 
 import numpy as np
+import pytest
 import redis
 
 from common.bench_replay import synthetic_chunk
@@ -96,3 +97,17 @@ def test_fuzzed_stream_never_crashes_the_shard_and_every_reject_is_counted(redis
     counters = client.hgetall(keys.counters)
     assert int(counters[b"chunks_rejected"]) == bad
     assert shard.replay.size == 100  # the good chunks went in, nothing was lost
+
+
+def test_password_protected_redis(monkeypatch, tmp_path):
+    from common.redis_io import EmbeddedRedis, RedisConfig
+
+    with EmbeddedRedis(password="s3cret") as server:
+        with pytest.raises(redis.AuthenticationError):
+            make_shard(server.url)  # no password: refused
+        monkeypatch.setenv("MARIO_TEST_REDIS_PASSWORD", "s3cret")
+        config = RedisConfig(password_env="MARIO_TEST_REDIS_PASSWORD")
+        shard = ReplayShard(0, CONFIG, server.url, RUN, 4, 5, redis_config=config)
+        client = redis.Redis.from_url(server.url, password="s3cret")
+        write_chunks(client, 3, np.random.default_rng(4))
+        assert drain(shard) == 3
