@@ -312,9 +312,7 @@ def train_distributed(config, console: Console | None = None) -> dict:
                 counters = read_counters(client, keys)
                 if counters.get("env_steps", 0) >= config.total_env_steps:
                     break
-                done = [ref for ref in components.run_refs if _finished(ref)]
-                for ref in done:  # a role loop should only end on stop(): surface errors
-                    ray.get(ref)
+                _restart_dead_actors(components)
                 response = client.xread({keys.telemetry: last_telemetry}, count=1000)
                 for _, entries in response or []:
                     for entry_id, fields in entries:
@@ -364,6 +362,24 @@ def train_distributed(config, console: Console | None = None) -> dict:
     summary = {"run_dir": str(run_dir), **counters}
     console.print(f"checkpoint written to {run_dir}; {summary}")
     return summary
+
+
+def _restart_dead_actors(components: Components) -> None:
+    """Role loops end only on stop(). A dead actor is restarted by Ray on its next call, so
+    its loop is started again (its env state is lost, nothing else); the learner's death is
+    fatal and raises here."""
+    for index, ref in enumerate(components.run_refs):
+        if not _finished(ref):
+            continue
+        if index == 0:
+            ray.get(ref)  # the learner: re-raise its error
+            raise RuntimeError("the learner loop ended without being stopped")
+        try:
+            ray.get(ref)
+            logger.warning("actor %d loop ended without being stopped; restarting it", index - 1)
+        except ray.exceptions.RayError as error:
+            logger.warning("actor %d died (%s); Ray restarts it", index - 1, error)
+        components.run_refs[index] = components.actors[index - 1].run.remote()
 
 
 def _finished(ref) -> bool:

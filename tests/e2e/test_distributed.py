@@ -132,30 +132,49 @@ def test_killed_shard_loses_no_chunk_that_was_in_redis(redis_url, tmp_path):
         ray.shutdown()
 
 
-def test_sigterm_stops_every_role_and_writes_a_checkpoint(tmp_path):
+def _env_steps(metrics) -> int:
+    if not metrics.exists():
+        return 0
+    steps = [json.loads(line).get("counters/env_steps", 0) for line in
+             metrics.read_text().splitlines()]  # fmt: skip
+    return max(steps, default=0)
+
+
+def _wait_for_steps(process, metrics, target, timeout_s=240):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if _env_steps(metrics) > target:
+            return
+        assert process.poll() is None, process.stderr.read().decode()[-2000:]
+        time.sleep(1)
+    raise AssertionError(f"env steps did not pass {target} in {timeout_s} s")
+
+
+def test_dead_actor_is_restarted_and_sigterm_stops_everything(tmp_path):
     import sys
 
     run_dir = tmp_path / "sigterm"
+    metrics = run_dir / "metrics.jsonl"
     command = [sys.executable, "-m", "common.cli", *TINY, "--total-env-steps", "100000000",
                "--run-dir", str(run_dir)]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                start_new_session=True)  # fmt: skip
     try:
-        deadline = time.monotonic() + 240
-        metrics = run_dir / "metrics.jsonl"
-        while time.monotonic() < deadline:  # wait until actors have reported steps
-            if metrics.exists() and any(
-                json.loads(line).get("counters/env_steps", 0) > 0
-                for line in metrics.read_text().splitlines()
-            ):
-                break
-            assert process.poll() is None, process.stderr.read().decode()[-2000:]
-            time.sleep(1)
+        _wait_for_steps(process, metrics, 0)
+        actors = subprocess.run(["pgrep", "-f", "ray::ActorActor"], capture_output=True,
+                                text=True).stdout.split()  # fmt: skip
+        assert len(actors) == 2
+        os.kill(int(actors[0]), signal.SIGKILL)  # an actor crashes; training goes on
+        time.sleep(3)
+        _wait_for_steps(process, metrics, _env_steps(metrics) + 200)
+        restarted = subprocess.run(["pgrep", "-f", "ray::ActorActor"], capture_output=True,
+                                   text=True).stdout.split()  # fmt: skip
+        assert len(restarted) == 2 and actors[0] not in restarted
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=180) == 0
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
     counters = load_checkpoint(run_dir)["counters"]
-    assert counters["env_steps"] > 0
+    assert counters["env_steps"] > 200
     assert leftover_processes(run_dir) == ""
