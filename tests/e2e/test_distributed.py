@@ -150,13 +150,13 @@ def _wait_for_steps(process, metrics, target, timeout_s=240):
     raise AssertionError(f"env steps did not pass {target} in {timeout_s} s")
 
 
-def test_dead_actor_is_restarted_and_sigterm_stops_everything(tmp_path):
+def test_two_shards_dead_actor_restarted_sigterm_stops_everything(tmp_path):
     import sys
 
     run_dir = tmp_path / "sigterm"
     metrics = run_dir / "metrics.jsonl"
     command = [sys.executable, "-m", "common.cli", *TINY, "--total-env-steps", "100000000",
-               "--run-dir", str(run_dir)]  # fmt: skip
+               "--distributed.num-shards", "2", "--run-dir", str(run_dir)]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                start_new_session=True)  # fmt: skip
     try:
@@ -177,4 +177,8 @@ def test_dead_actor_is_restarted_and_sigterm_stops_everything(tmp_path):
             os.killpg(process.pid, signal.SIGKILL)
     counters = load_checkpoint(run_dir)["counters"]
     assert counters["env_steps"] > 200
+    # two shards shared the stream through the consumer group; both got chunks
+    for shard in (0, 1):
+        with np.load(run_dir / f"replay-{shard}.npz") as snapshot:
+            assert int(snapshot["counters"][7]) > 0
     assert leftover_processes(run_dir) == ""
