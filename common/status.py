@@ -7,6 +7,7 @@ import pathlib
 import time
 
 import msgpack
+import redis
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
@@ -89,7 +90,13 @@ def show(config: StatusConfig, console: Console) -> dict:
     url, run_id = _resolve(config)
     client = connect(url, config.redis)
     keys = RedisKeys(run_id)
-    state = snapshot(client, keys)
+    try:
+        state = snapshot(client, keys)
+    except redis.RedisError as error:
+        raise ConnectionError(
+            f"cannot read run {run_id} from Redis at {url} ({error}); an embedded Redis "
+            "stops when its run stops"
+        ) from error
     if not config.watch:
         console.print(render(run_id, state))
         return state
