@@ -19,7 +19,7 @@ from common.networks import build_network
 class ActorConfig:
     """Actors: vectorized envs, exploration, n-step returns, chunking."""
 
-    envs_per_actor: int = 4
+    envs_per_actor: int = 8
     """Envs stepped together by one actor (one batched forward pass for all)."""
     n_step: int = 3
     """n of the n-step return."""
