@@ -219,6 +219,7 @@ def train_serial(config: TrainConfig, console: Console | None = None) -> dict:
             "resumed %s at %d env steps, %d updates", run_dir, counters.env_steps, counters.updates
         )
     actor.set_weights(learner.cpu_weights(), learner.updates)
+    frames_before = counters.frames
     metrics = MetricsLogger(
         run_dir, config_to_dict(config), config.wandb, resume=payload is not None
     )
@@ -285,7 +286,7 @@ def train_serial(config: TrainConfig, console: Console | None = None) -> dict:
                             },
                             counters.env_steps,
                         )
-                counters.frames = actor.frames
+                counters.frames = frames_before + actor.frames  # the actor counts from 0
                 counters.elapsed_s = now - start
                 if now - last_rate_time >= 1.0:
                     interval = now - last_rate_time

@@ -56,6 +56,7 @@ def test_resume_continues_counters_and_replay(trained_run):
     main([*TINY, "--total-env-steps", "600", "--resume", str(trained_run)])
     after = load_checkpoint(trained_run)["counters"]
     assert after["env_steps"] >= 600
+    assert after["frames"] > before["frames"] + 4 * 150  # frames continue from the checkpoint
     assert after["updates"] > before["updates"]
     assert after["episodes"] >= before["episodes"]
     # The replay was restored warm: what both runs inserted is counted. Each exit flushes
