@@ -120,6 +120,9 @@ class LearnerRunner:
                     / interval,
                     "learner/waiting_fraction": waited_s / interval,
                 }
+                gpu_utilization = _gpu_utilization(self.learner.device)
+                if gpu_utilization is not None:
+                    stats["learner/gpu_utilization"] = gpu_utilization
                 pipe = self.client.pipeline(transaction=False)
                 pipe.hset(self.keys.heartbeats, "learner", time.time())
                 pipe.hset(self.keys.stats, "learner", msgpack.packb(stats))
@@ -127,3 +130,15 @@ class LearnerRunner:
                 last_report, last_updates, waited_s = now, learner.updates, 0.0
         self.publish()
         return {"updates": learner.updates}
+
+
+def _gpu_utilization(device) -> float | None:
+    """Percent busy of the learner's GPU over the last sample period (None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    try:
+        import torch
+
+        return float(torch.cuda.utilization(device))
+    except Exception:  # needs NVML (pynvml); a missing library must not stop learning
+        return None
