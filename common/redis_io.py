@@ -28,7 +28,7 @@ class RedisConfig:
     """Environment variable holding the password (kept out of configs and logs)."""
     tls_ca_file: pathlib.Path | None = None
     """CA bundle to verify a rediss:// server."""
-    max_stream_chunks: int = 2000
+    max_stream_chunks: int = 256
     """Actors pause while the experience stream holds this many unconsumed chunks."""
 
     def __post_init__(self) -> None:
