@@ -319,14 +319,7 @@ def train_distributed(config, console: Console | None = None) -> dict:
                         last_telemetry = entry_id
                         record = msgpack.unpackb(fields[b"m"])
                         recent.append(record)
-                        metrics.log(
-                            {
-                                f"episode/{k}": v
-                                for k, v in record.items()
-                                if isinstance(v, int | float)
-                            },
-                            counters.get("env_steps", 0),
-                        )
+                        metrics.log(_episode_metrics(record), counters.get("env_steps", 0))
                 now = time.monotonic()
                 if now - last_log >= config.log_every_s or live:
                     stats = read_stats(client, keys)
@@ -362,6 +355,20 @@ def train_distributed(config, console: Console | None = None) -> dict:
     summary = {"run_dir": str(run_dir), **counters}
     console.print(f"checkpoint written to {run_dir}; {summary}")
     return summary
+
+
+def _episode_metrics(record: dict) -> dict:
+    """An actor's episode telemetry under the same names the serial trainer logs."""
+    return {
+        "episode/return": record["episode_return"],
+        "episode/length": record["length"],
+        "episode/x_pos": record["max_x_pos"],
+        "episode/flag_get": int(record["flag_get"]),
+        "episode/level": record["level"],
+        "episode/epsilon": record["epsilon"],
+        "episode/policy_version": record["policy_version"],
+        "episode/actor": record["actor"],
+    }
 
 
 def _restart_dead_actors(components: Components) -> None:

@@ -47,6 +47,11 @@ def plot(config: PlotConfig) -> pathlib.Path:
     figure, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     for run_dir in config.run_dirs:
         records = load_metrics(run_dir)
+        # (runs before 2026-11-24 04:15 logged distributed episodes as max_x_pos/episode_return)
+        for record in records:
+            if "episode/max_x_pos" in record:
+                record["episode/x_pos"] = record["episode/max_x_pos"]
+                record["episode/return"] = record["episode/episode_return"]
         episodes = [r for r in records if "episode/x_pos" in r]
         steps = np.array([r["step"] for r in episodes])
         x_pos = np.array([r["episode/x_pos"] for r in episodes], dtype=float)
