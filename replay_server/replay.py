@@ -305,6 +305,25 @@ class PrioritizedReplay:
             "replay/beta": self.beta,
         }
 
+    # Stored after (capacity, frame slots, stack); index 3 + i in the snapshot's counters.
+    _SNAPSHOT_COUNTERS = (
+        "frames_inserted",
+        "transitions_inserted",
+        "oldest_key",
+        "size",
+        "limiter.inserts",
+        "limiter.samples",
+        "evicted_by_frames",
+    )
+
+    def _get_counter(self, name: str) -> int:
+        owner, _, attribute = name.rpartition(".")
+        return int(getattr(self.limiter if owner else self, attribute))
+
+    def _set_counter(self, name: str, value: int) -> None:
+        owner, _, attribute = name.rpartition(".")
+        setattr(self.limiter if owner else self, attribute, value)
+
     _SNAPSHOT_ARRAYS = (
         "frames",
         "obs_ids",
@@ -322,18 +341,8 @@ class PrioritizedReplay:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp.npz")
         counters = np.array(
-            [
-                self.config.capacity,
-                self.frame_capacity,
-                self.stack,
-                self.frames_inserted,
-                self.transitions_inserted,
-                self.oldest_key,
-                self.size,
-                self.limiter.inserts,
-                self.limiter.samples,
-                self.evicted_by_frames,
-            ],
+            [self.config.capacity, self.frame_capacity, self.stack]
+            + [self._get_counter(name) for name in self._SNAPSHOT_COUNTERS],
             dtype=np.int64,
         )
         np.savez(
@@ -371,14 +380,7 @@ class PrioritizedReplay:
             if arrays[name].shape != getattr(self, name).shape:
                 raise SnapshotError(f"replay snapshot {path}: {name} has the wrong shape")
             getattr(self, name)[...] = arrays[name]
-        (
-            self.frames_inserted,
-            self.transitions_inserted,
-            self.oldest_key,
-            self.size,
-            self.limiter.inserts,
-            self.limiter.samples,
-            self.evicted_by_frames,
-        ) = (int(v) for v in counters[3:])
+        for name, value in zip(self._SNAPSHOT_COUNTERS, counters[3:], strict=True):
+            self._set_counter(name, int(value))
         self.tree.set(np.arange(self.config.capacity), arrays["leaves"])
         self.max_priority = float(arrays["max_priority"][0])
