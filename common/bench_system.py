@@ -43,25 +43,37 @@ def _window(records: list[dict], time_key: str) -> tuple[dict, dict] | None:
     return (kept[0], kept[-1]) if len(kept) >= 2 else (records[0], records[-1])
 
 
+def _rates(first: dict, last: dict, keys: dict[str, str], batch_size: int) -> dict:
+    """Rates between two metric records; `keys` names each quantity in this mode's records."""
+
+    def delta(name: str) -> float:
+        return last.get(keys[name], 0) - first.get(keys[name], 0)
+
+    seconds = delta("time")
+    updates = delta("updates")
+    return {
+        "env_frames_per_s": delta("frames") / seconds,
+        "env_steps_per_s": delta("steps") / seconds,
+        "learner_updates_per_s": updates / seconds,
+        "learner_samples_per_s": updates * batch_size / seconds,
+        "replay_ratio_samples_per_insert": updates * batch_size / max(delta("inserted"), 1),
+        "measured_seconds": seconds,
+    }
+
+
 def measure_distributed(run_dir: pathlib.Path, batch_size: int) -> dict:
     records = load_metrics(run_dir)
     window = _window(records, "wall_time")
     if window is None:
         raise RuntimeError("the distributed run logged too few records to measure")
     first, last = window
-    seconds = last["wall_time"] - first["wall_time"]
-    inserted = last.get("replay/inserted", 0) - first.get("replay/inserted", 0)
-    updates = last.get("learner/updates", 0) - first.get("learner/updates", 0)
+    keys = {"time": "wall_time", "frames": "counters/frames", "steps": "counters/env_steps",
+            "updates": "learner/updates", "inserted": "replay/inserted"}  # fmt: skip
     kept = [r for r in records if first["wall_time"] <= r.get("wall_time", -1) <= last["wall_time"]]
     return {
-        "env_frames_per_s": (last["counters/frames"] - first["counters/frames"]) / seconds,
-        "env_steps_per_s": (last["counters/env_steps"] - first["counters/env_steps"]) / seconds,
-        "learner_updates_per_s": updates / seconds,
-        "learner_samples_per_s": updates * batch_size / seconds,
-        "replay_ratio_samples_per_insert": updates * batch_size / max(inserted, 1),
+        **_rates(first, last, keys, batch_size),
         "stream_lag_chunks_mean": float(np.mean([r["stream_lag_chunks"] for r in kept])),
         "policy_lag_updates_mean": float(np.mean([r.get("policy_lag", 0) for r in kept])),
-        "measured_seconds": seconds,
     }
 
 
@@ -70,18 +82,9 @@ def measure_serial(run_dir: pathlib.Path, batch_size: int) -> dict:
     window = _window(records, "elapsed_s")
     if window is None:
         raise RuntimeError("the serial run logged too few records to measure")
-    first, last = window
-    seconds = last["elapsed_s"] - first["elapsed_s"]
-    updates = last["updates"] - first["updates"]
-    inserted = last.get("replay/inserted", 0) - first.get("replay/inserted", 0)
-    return {
-        "env_frames_per_s": (last["frames"] - first["frames"]) / seconds,
-        "env_steps_per_s": (last["step"] - first["step"]) / seconds,
-        "learner_updates_per_s": updates / seconds,
-        "learner_samples_per_s": updates * batch_size / seconds,
-        "replay_ratio_samples_per_insert": updates * batch_size / max(inserted, 1),
-        "measured_seconds": seconds,
-    }
+    keys = {"time": "elapsed_s", "frames": "frames", "steps": "step", "updates": "updates",
+            "inserted": "replay/inserted"}  # fmt: skip
+    return _rates(*window, keys, batch_size)
 
 
 def run(config: BenchSystemConfig, console: Console) -> dict:
