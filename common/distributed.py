@@ -14,6 +14,8 @@ import datetime
 import logging
 import os
 import pathlib
+import subprocess
+import sys
 import threading
 import time
 
@@ -21,6 +23,7 @@ import msgpack
 import numpy as np
 import ray
 import torch
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
@@ -41,7 +44,11 @@ class DistributedConfig:
     """Processes of the distributed trainer."""
 
     num_actors: int | None = None
-    """Actor processes (1 CPU each); None: CPU count − 1, at least 1."""
+    """Actor processes at the start (1 CPU each); None: one per CPU the cluster has free once the
+    learner holds its CPU, at least 1."""
+    max_actors: int | None = None
+    """Elastic actors: when CPUs join the cluster during the run, start actors on them up to this
+    many in all. None: --distributed.num-actors when that is given (a fixed pool), else no cap."""
     num_shards: int = 1
     """Replay shards."""
     prefetch: int = 4
@@ -52,6 +59,10 @@ class DistributedConfig:
     def __post_init__(self) -> None:
         if self.num_actors is not None and self.num_actors < 1:
             raise ValueError(f"num_actors ({self.num_actors}) must be >= 1")
+        if self.max_actors is not None and self.max_actors < max(1, self.num_actors or 1):
+            raise ValueError(
+                f"max_actors ({self.max_actors}) must be >= 1 and >= num_actors ({self.num_actors})"
+            )
         if self.num_shards < 1:
             raise ValueError(f"num_shards ({self.num_shards}) must be >= 1")
         if self.prefetch < 1:
@@ -59,7 +70,12 @@ class DistributedConfig:
 
     @property
     def resolved_num_actors(self) -> int:
+        """The initial count on this machine alone (a local Ray: every CPU but the learner's)."""
         return self.num_actors or max(1, (os.cpu_count() or 2) - 1)
+
+    @property
+    def resolved_max_actors(self) -> int | None:
+        return self.max_actors if self.max_actors is not None else self.num_actors
 
 
 # -- Ray wrappers: thin, one per role ------------------------------------------------------------
@@ -151,7 +167,7 @@ class RayReplayClient:
         self.shards[shard_id].update_priorities.remote(keys, td_abs)  # fire and forget
 
 
-@ray.remote(num_cpus=0, max_concurrency=4)
+@ray.remote(num_cpus=1, max_concurrency=4)
 class LearnerActor:
     def __init__(self, shards: list, prefetch: int, seed: int, *args, **kwargs):
         torch.manual_seed(seed)
@@ -170,7 +186,7 @@ class LearnerActor:
         return self.runner.learner.updates
 
 
-@ray.remote(num_cpus=1, max_restarts=-1, max_concurrency=2)
+@ray.remote(num_cpus=1, max_restarts=-1, max_concurrency=3)
 class ActorActor:
     def __init__(self, *args, **kwargs):
         self.runner = ActorRunner(*args, **kwargs)
@@ -181,16 +197,131 @@ class ActorActor:
     def stop(self) -> None:
         self.runner.stop()
 
+    def node(self) -> tuple[str, str]:
+        """(Ray node id, IP) of the node this actor runs on."""
+        context = ray.get_runtime_context()
+        return context.get_node_id(), ray.util.get_node_ip_address()
+
 
 # -- wiring ----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Slot:
+    handle: object
+    run_ref: object
+    node_ref: object
+    node: tuple[str, str] | None = None  # (node id, IP) once placed
+
+
+class ActorPool:
+    """The actor processes, elastic. Starts `initial`; later starts one on every CPU that is free
+    in the cluster (a node joined), up to `maximum` in all (None: no cap); restarts an actor's
+    loop after a crash (Ray restarts the process); drops, with a log line, the actors of a node
+    that left the cluster, and the run goes on with the others."""
+
+    def __init__(self, make_actor, initial: int, maximum: int | None, grow_every_s: float = 2.0):
+        self._make = make_actor  # (index, count for its ε) → Ray actor handle
+        self.initial = initial
+        self.maximum = maximum
+        self.grow_every_s = grow_every_s
+        self.slots: dict[int, _Slot] = {}
+        self.started = 0
+        self.lost = 0
+        self._next_grow = time.monotonic() + grow_every_s
+        for _ in range(initial):
+            self._start()
+
+    def _start(self) -> None:
+        index = self.started
+        self.started += 1
+        # ε: spread over the initial actors; later ones take the low end of a wider spread.
+        handle = self._make(index, max(self.initial, index + 1))
+        self.slots[index] = _Slot(handle, handle.run.remote(), handle.node.remote())
+
+    @property
+    def handles(self) -> list:
+        return [slot.handle for slot in self.slots.values()]
+
+    @property
+    def run_refs(self) -> list:
+        return [slot.run_ref for slot in self.slots.values()]
+
+    def tick(self) -> None:
+        self._placed()
+        self._reap()
+        if time.monotonic() >= self._next_grow:
+            self._next_grow = time.monotonic() + self.grow_every_s
+            self._grow()
+
+    def _placed(self) -> None:
+        for index, slot in self.slots.items():
+            if slot.node is not None or not _finished(slot.node_ref):
+                continue
+            try:
+                slot.node = tuple(ray.get(slot.node_ref))
+            except ray.exceptions.RayError:  # died before it answered; ask again after restart
+                slot.node_ref = slot.handle.node.remote()
+                continue
+            logger.info("actor %d runs on node %s (%s)", index, slot.node[1], slot.node[0][:12])
+
+    def _reap(self) -> None:
+        alive = None
+        for index, slot in list(self.slots.items()):
+            if not _finished(slot.run_ref):
+                continue
+            try:
+                ray.get(slot.run_ref)
+                logger.warning("actor %d loop ended without being stopped; restarting it", index)
+            except ray.exceptions.RayError as error:
+                if alive is None:
+                    alive = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
+                if slot.node is not None and slot.node[0] not in alive:
+                    ray.kill(slot.handle, no_restart=True)
+                    del self.slots[index]
+                    self.lost += 1
+                    logger.warning(
+                        "actor %d lost: its node %s left the cluster; %d actors go on",
+                        index, slot.node[1], len(self.slots),
+                    )  # fmt: skip
+                    continue
+                logger.warning("actor %d died (%s); Ray restarts it", index, error)
+                slot.node, slot.node_ref = None, slot.handle.node.remote()
+            slot.run_ref = slot.handle.run.remote()
+
+    def _grow(self) -> None:
+        if self.maximum is not None and len(self.slots) >= self.maximum:
+            return
+        if any(slot.node is None for slot in self.slots.values()):
+            return  # the resource view catches up once every actor is placed
+        free = int(ray.available_resources().get("CPU", 0))
+        room = free if self.maximum is None else min(free, self.maximum - len(self.slots))
+        for _ in range(room):
+            self._start()
+        if room > 0:
+            logger.info("%d free CPUs: started %d actors (%d in all)", free, room, len(self.slots))
+
+    def stop(self, timeout: float = 60) -> None:
+        for handle in self.handles:
+            handle.stop.remote()
+        refs = self.run_refs
+        ray.wait(refs, num_returns=len(refs), timeout=timeout)
+
+    def kill(self) -> None:
+        for handle in self.handles:
+            ray.kill(handle, no_restart=True)
 
 
 @dataclasses.dataclass
 class Components:
     shards: list
     learner: object
-    actors: list
-    run_refs: list
+    learner_ref: object
+    actors: ActorPool
+
+
+def free_cpus() -> int:
+    return int(ray.available_resources().get("CPU", 0))
 
 
 def connect_components(
@@ -199,17 +330,25 @@ def connect_components(
     """Starts shards, then the learner (it publishes weights first), then the actors."""
     distributed = config.distributed
     stack, num_actions = config.env.frame_stack, config.env.num_actions
-    # Replay shards: consume the experience stream through one consumer group.
+    # Shards write their snapshots into the run directory: keep them on this (the driver's) node.
+    here = ray.get_runtime_context().get_node_id()
+    on_this_node = NodeAffinitySchedulingStrategy(here, soft=False)
     shards = [
-        ShardActor.options(name=f"mario-{run_id}-shard-{i}").remote(
+        ShardActor.options(
+            name=f"mario-{run_id}-shard-{i}", scheduling_strategy=on_this_node
+        ).remote(
             i, config.replay, redis_url, run_id, stack, num_actions, config.redis,
             seed=config.seed, snapshot=str(run_dir / f"replay-{i}.npz"),
         )
         for i in range(distributed.num_shards)
     ]  # fmt: skip
-    # The learner: on the GPU when the cluster has one.
+    # The learner: on a GPU when the cluster has one, else on this node; it holds one CPU.
+    cpus_before_learner = free_cpus()
     use_gpu = ray.cluster_resources().get("GPU", 0) >= 1 and config.learner.device != "cpu"
-    learner = LearnerActor.options(num_gpus=1 if use_gpu else 0).remote(
+    learner = LearnerActor.options(
+        num_gpus=1 if use_gpu else 0,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True),
+    ).remote(
         shards,
         distributed.prefetch,
         config.seed,
@@ -224,18 +363,21 @@ def connect_components(
         state=learner_state,
     )
     ray.get(learner.updates.remote())  # weights are published before any actor starts
-    # Actors: one CPU each, restarted by Ray if they die.
-    count = distributed.resolved_num_actors
+    # Actors: one CPU each, restarted by Ray if they die, more as CPUs join.
+    maximum = distributed.resolved_max_actors
+    initial = distributed.num_actors or max(1, cpus_before_learner - 1)
+    initial = min(initial, maximum) if maximum is not None else initial
     runner_config = ActorRunnerConfig(weights_poll_frames=distributed.weights_poll_frames)
-    actors = [
-        ActorActor.remote(
-            i, count, config.env, config.actor, config.network, runner_config, redis_url,
+
+    def make_actor(index: int, count: int):
+        return ActorActor.remote(
+            index, count, config.env, config.actor, config.network, runner_config, redis_url,
             run_id, config.redis, seed=config.seed,
-        )
-        for i in range(count)
-    ]  # fmt: skip
-    run_refs = [learner.run.remote()] + [actor.run.remote() for actor in actors]
-    return Components(shards, learner, actors, run_refs)
+        )  # fmt: skip
+
+    actors = ActorPool(make_actor, initial, maximum)
+    logger.info("started %d actors (max %s)", initial, maximum or "no cap")
+    return Components(shards, learner, learner.run.remote(), actors)
 
 
 def read_counters(client, keys: RedisKeys) -> dict[str, int]:
@@ -244,6 +386,59 @@ def read_counters(client, keys: RedisKeys) -> dict[str, int]:
 
 def read_stats(client, keys: RedisKeys) -> dict[str, dict]:
     return {k.decode(): msgpack.unpackb(v) for k, v in client.hgetall(keys.stats).items()}
+
+
+class RayHead:
+    """`ray start --head --block` as a child process: a Ray head node that other machines join
+    with `ray start --address HOST:PORT` (the docker-compose trainer). stop() ends its node."""
+
+    def __init__(self, port: int, cpus: int | None, dashboard_port: int, run_dir: pathlib.Path):
+        ray_cli = pathlib.Path(sys.executable).with_name("ray")
+        command = [
+            str(ray_cli) if ray_cli.exists() else "ray", "start", "--head", f"--port={port}",
+            "--dashboard-host=0.0.0.0", f"--dashboard-port={dashboard_port}",
+            "--disable-usage-stats", "--block",
+            *([f"--num-cpus={cpus}"] if cpus is not None else []),
+        ]  # fmt: skip
+        self.log_path = run_dir / "ray-head.log"
+        self.address = f"{ray.util.get_node_ip_address()}:{port}"
+        # Ray's token authentication, on unless RAY_AUTH_MODE says otherwise: the token is
+        # $RAY_AUTH_TOKEN or ~/.ray/auth_token (made here if missing); joining nodes need it too.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        if os.environ["RAY_AUTH_MODE"] == "token" and not os.environ.get("RAY_AUTH_TOKEN"):
+            subprocess.run([command[0], "get-auth-token", "--generate"], check=True,
+                           stdout=subprocess.DEVNULL)  # fmt: skip
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while b"Ray runtime started" not in self.log_path.read_bytes():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                tail = self.log_path.read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"ray start --head --port={port} failed:\n{tail}")
+            time.sleep(0.5)
+        logger.info("Ray head at %s (dashboard port %d)", self.address, dashboard_port)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()  # `ray start --block` ends its node's processes on SIGTERM
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def _warn_if_redis_unreachable(redis_url: str) -> None:
+    """A loopback Redis serves only this machine's nodes."""
+    ips = {node["NodeManagerAddress"] for node in ray.nodes() if node["Alive"]}
+    if len(ips) > 1 and ("127.0.0.1" in redis_url or "localhost" in redis_url):
+        logger.warning(
+            "Redis %s is on loopback but the cluster spans %d machines: actors elsewhere cannot "
+            "reach it; pass --redis-url with an address every node can reach",
+            redis_url,
+            len(ips),
+        )
 
 
 def train_distributed(config, console: Console | None = None) -> dict:
@@ -265,13 +460,23 @@ def train_distributed(config, console: Console | None = None) -> dict:
         if saved:
             client.hset(keys.counters, mapping=saved)
     started_ray = not ray.is_initialized()
+    head = None
     if started_ray:
+        if config.ray_head_port is not None:
+            head = RayHead(
+                config.ray_head_port, config.ray_head_cpus, config.ray_dashboard_port, run_dir
+            )
+        address = head.address if head else config.ray_address or os.environ.get("RAY_ADDRESS")
+        # A private local Ray gets CPUs for the learner and every requested actor.
+        wanted = 1 + (config.distributed.num_actors or 1)
         ray.init(
-            address=config.ray_address,
+            address=address,
+            num_cpus=None if address else max(os.cpu_count() or 1, wanted),
             include_dashboard=False,
             log_to_driver=False,
             configure_logging=False,
         )
+        _warn_if_redis_unreachable(redis_url)
     metrics = MetricsLogger(
         run_dir, config_to_dict(config), config.wandb, resume=payload is not None
     )
@@ -312,7 +517,8 @@ def train_distributed(config, console: Console | None = None) -> dict:
                 counters = read_counters(client, keys)
                 if counters.get("env_steps", 0) >= config.total_env_steps:
                     break
-                _restart_dead_actors(components)
+                _check_learner(components)
+                components.actors.tick()
                 response = client.xread({keys.telemetry: last_telemetry}, count=1000)
                 for _, entries in response or []:
                     for entry_id, fields in entries:
@@ -327,6 +533,8 @@ def train_distributed(config, console: Console | None = None) -> dict:
                         ray.get([s.stats.remote() for s in components.shards])
                     )
                     record = _system_metrics(client, keys, counters, stats)
+                    record["actors/running"] = len(components.actors.slots)
+                    record["actors/lost"] = components.actors.lost
                     if now - last_log >= config.log_every_s:
                         metrics.log(record, counters.get("env_steps", 0))
                         last_log = now
@@ -345,10 +553,11 @@ def train_distributed(config, console: Console | None = None) -> dict:
             for shard in components.shards:
                 ray.kill(shard)
             ray.kill(components.learner)
-            for actor in components.actors:
-                ray.kill(actor)
+            components.actors.kill()
             if started_ray:
                 ray.shutdown()
+            if head:
+                head.stop()
             client.close()
             if embedded:
                 embedded.stop()
@@ -371,22 +580,11 @@ def _episode_metrics(record: dict) -> dict:
     }
 
 
-def _restart_dead_actors(components: Components) -> None:
-    """Role loops end only on stop(). A dead actor is restarted by Ray on its next call, so
-    its loop is started again (its env state is lost, nothing else); the learner's death is
-    fatal and raises here."""
-    for index, ref in enumerate(components.run_refs):
-        if not _finished(ref):
-            continue
-        if index == 0:
-            ray.get(ref)  # the learner: re-raise its error
-            raise RuntimeError("the learner loop ended without being stopped")
-        try:
-            ray.get(ref)
-            logger.warning("actor %d loop ended without being stopped; restarting it", index - 1)
-        except ray.exceptions.RayError as error:
-            logger.warning("actor %d died (%s); Ray restarts it", index - 1, error)
-        components.run_refs[index] = components.actors[index - 1].run.remote()
+def _check_learner(components: Components) -> None:
+    """The learner's loop ends only on stop(): its death is fatal and raises here."""
+    if _finished(components.learner_ref):
+        ray.get(components.learner_ref)  # re-raises the learner's error
+        raise RuntimeError("the learner loop ended without being stopped")
 
 
 def _finished(ref) -> bool:
@@ -396,11 +594,9 @@ def _finished(ref) -> bool:
 
 def _shutdown(components: Components) -> None:
     """Actors first (they flush their last chunks), then the learner, then ingest threads."""
-    for actor in components.actors:
-        actor.stop.remote()
-    ray.wait(components.run_refs[1:], num_returns=len(components.run_refs) - 1, timeout=60)
+    components.actors.stop(timeout=60)
     components.learner.stop.remote()
-    ray.wait(components.run_refs[:1], timeout=60)
+    ray.wait([components.learner_ref], timeout=60)
     # Let the shards ingest what the actors flushed, then stop their threads.
     time.sleep(1.0)
     ray.get([shard.stop.remote() for shard in components.shards], timeout=60)

@@ -60,11 +60,17 @@ class MetricsLogger:
     def _start_wandb(self):
         if self._mode == "disabled":
             return None
+        env_mode = os.environ.get("WANDB_MODE")
+        if env_mode is not None and env_mode not in ("online", "offline", "disabled"):
+            # e.g. an empty WANDB_MODE from a compose file: W&B itself would refuse to start
+            logger.warning("ignoring WANDB_MODE=%r (not online, offline or disabled)", env_mode)
+            del os.environ["WANDB_MODE"]
         try:
             import wandb
 
             return wandb.init(
-                project="mario-apex",
+                project=os.environ.get("WANDB_PROJECT") or "mario-apex",
+                entity=os.environ.get("WANDB_ENTITY") or None,
                 dir=str(self._run_dir),
                 config=self._config,
                 mode=self._mode,

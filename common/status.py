@@ -27,6 +27,9 @@ class StatusConfig:
     """Run id (default: the run directory's name)."""
     watch: bool = False
     """Refresh every 2 s until Ctrl-C."""
+    healthy_within: float | None = None
+    """Health check (a container's HEALTHCHECK): exit 1 unless the learner and at least one actor
+    sent a heartbeat within this many seconds."""
     redis: RedisConfig = dataclasses.field(default_factory=RedisConfig)
 
 
@@ -64,6 +67,22 @@ def snapshot(client, keys: RedisKeys) -> dict:
     }
 
 
+def health_problems(state: dict, within_s: float) -> list[str]:
+    """Why the run is not healthy (empty: healthy): stale or missing heartbeats."""
+    ages = state["heartbeat_age_s"]
+    problems = []
+    if "learner" not in ages:
+        problems.append("no learner heartbeat")
+    elif ages["learner"] > within_s:
+        problems.append(f"learner heartbeat {ages['learner']:.0f} s old")
+    actor_ages = [age for role, age in ages.items() if role.startswith("actor-")]
+    if not actor_ages:
+        problems.append("no actor heartbeat")
+    elif min(actor_ages) > within_s:
+        problems.append(f"newest actor heartbeat {min(actor_ages):.0f} s old")
+    return problems
+
+
 def render(run_id: str, state: dict) -> Group:
     overview = Table(title=f"run {run_id}", show_header=False)
     for key, value in sorted(state["counters"].items()):
@@ -97,6 +116,12 @@ def show(config: StatusConfig, console: Console) -> dict:
             f"cannot read run {run_id} from Redis at {url} ({error}); an embedded Redis "
             "stops when its run stops"
         ) from error
+    if config.healthy_within is not None:
+        problems = health_problems(state, config.healthy_within)
+        console.print(f"run {run_id}: " + ("; ".join(problems) if problems else "healthy"))
+        if problems:
+            raise SystemExit(1)
+        return state
     if not config.watch:
         console.print(render(run_id, state))
         return state

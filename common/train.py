@@ -26,7 +26,12 @@ from common.config import EnvConfig, NetworkConfig, config_from_dict, config_to_
 from common.distributed import DistributedConfig
 from common.metrics import MetricsLogger
 from common.redis_io import RedisConfig
-from learner.checkpoint import REPLAY_SNAPSHOT_NAME, load_checkpoint, save_checkpoint
+from learner.checkpoint import (
+    CHECKPOINT_NAME,
+    REPLAY_SNAPSHOT_NAME,
+    load_checkpoint,
+    save_checkpoint,
+)
 from learner.learner import Learner, LearnerConfig
 from replay_server.replay import PrioritizedReplay, ReplayConfig
 
@@ -49,7 +54,16 @@ class TrainConfig:
     redis_url: str | None = None
     """redis:// or rediss:// (TLS) URL of an existing Redis; None starts an embedded one."""
     ray_address: str | None = None
-    """Address of an existing Ray cluster (None: start a local Ray)."""
+    """Address of an existing Ray cluster (None: $RAY_ADDRESS, e.g. inside `ray job submit`, else
+    a private local Ray)."""
+    ray_head_port: int | None = None
+    """Start a Ray head node on this port that other machines join with `ray start --address
+    HOST:PORT` (the docker-compose trainer); None: see --ray-address."""
+    ray_head_cpus: int | None = None
+    """CPUs the head started by --ray-head-port offers (one for the learner, the rest for actors);
+    None: all of this machine's."""
+    ray_dashboard_port: int = 8265
+    """Dashboard (and job API) port of the head started by --ray-head-port."""
     total_env_steps: int = 5_000_000
     """Stop after this many agent steps (over all envs)."""
     minutes: float | None = None
@@ -64,6 +78,9 @@ class TrainConfig:
     """Run directory (default: runs/<date-time>)."""
     resume: pathlib.Path | None = None
     """Continue the run in this directory with its saved config and counters."""
+    resume_existing: bool = False
+    """If --run-dir already holds a checkpoint, continue it (as --resume does); else start a new
+    run there. For services that restart (docker compose, RayJob)."""
     seed: int = 0
     """Random seed."""
     wandb: str = "auto"
@@ -82,6 +99,19 @@ class TrainConfig:
             raise ValueError(
                 f"redis_url {self.redis_url!r} must start with redis://, rediss:// or unix://"
             )
+        if self.ray_head_port is not None and self.ray_address is not None:
+            raise ValueError(
+                f"ray_head_port ({self.ray_head_port}) and ray_address ({self.ray_address!r}) "
+                "exclude each other: start a head, or join one"
+            )
+        for name in ("ray_head_port", "ray_dashboard_port"):
+            port = getattr(self, name)
+            if port is not None and not 1 <= port <= 65535:
+                raise ValueError(f"{name} ({port}) must be a TCP port, 1..65535")
+        if self.ray_head_cpus is not None and self.ray_head_cpus < 1:
+            raise ValueError(f"ray_head_cpus ({self.ray_head_cpus}) must be >= 1 (the learner's)")
+        if self.resume_existing and self.run_dir is None:
+            raise ValueError("resume_existing needs --run-dir (the directory to continue)")
         if self.total_env_steps < 1:
             raise ValueError(f"total_env_steps ({self.total_env_steps}) must be >= 1")
         if self.minutes is not None and self.minutes <= 0:
@@ -141,6 +171,14 @@ class _Counters:
 
 def _prepare(config: TrainConfig) -> tuple[TrainConfig, pathlib.Path, dict | None]:
     """Resolves the run directory; on --resume loads the checkpoint and its saved config."""
+    existing = config.run_dir is not None and (config.run_dir / CHECKPOINT_NAME).exists()
+    if config.resume is None and existing:
+        if not config.resume_existing:
+            raise ValueError(
+                f"run_dir {config.run_dir} already holds a checkpoint: continue it with "
+                f"--resume {config.run_dir} (or --resume-existing), or pick another --run-dir"
+            )
+        config = dataclasses.replace(config, resume=config.run_dir)
     if config.resume is None:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         run_dir = config.run_dir or pathlib.Path("runs") / stamp
@@ -157,8 +195,13 @@ def _prepare(config: TrainConfig) -> tuple[TrainConfig, pathlib.Path, dict | Non
         wandb=config.wandb,
         redis_url=config.redis_url,
         ray_address=config.ray_address,
+        ray_head_port=config.ray_head_port,
+        ray_head_cpus=config.ray_head_cpus,
+        ray_dashboard_port=config.ray_dashboard_port,
+        resume_existing=config.resume_existing,
     )
     run_dir = pathlib.Path(config.resume)
+    logger.info("resuming run %s at %s env steps", run_dir, payload["counters"].get("env_steps", 0))
     return config, run_dir, payload
 
 
