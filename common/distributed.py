@@ -461,28 +461,38 @@ def train_distributed(config, console: Console | None = None) -> dict:
             client.hset(keys.counters, mapping=saved)
     started_ray = not ray.is_initialized()
     head = None
-    if started_ray:
-        if config.ray_head_port is not None:
-            head = RayHead(
-                config.ray_head_port, config.ray_head_cpus, config.ray_dashboard_port, run_dir
+    try:
+        if started_ray:
+            if config.ray_head_port is not None:
+                head = RayHead(
+                    config.ray_head_port, config.ray_head_cpus, config.ray_dashboard_port, run_dir
+                )
+            address = head.address if head else config.ray_address or os.getenv("RAY_ADDRESS")
+            # A private local Ray gets CPUs for the learner and every requested actor.
+            wanted = 1 + (config.distributed.num_actors or 1)
+            ray.init(
+                address=address,
+                num_cpus=None if address else max(os.cpu_count() or 1, wanted),
+                include_dashboard=False,
+                log_to_driver=False,
+                configure_logging=False,
             )
-        address = head.address if head else config.ray_address or os.environ.get("RAY_ADDRESS")
-        # A private local Ray gets CPUs for the learner and every requested actor.
-        wanted = 1 + (config.distributed.num_actors or 1)
-        ray.init(
-            address=address,
-            num_cpus=None if address else max(os.cpu_count() or 1, wanted),
-            include_dashboard=False,
-            log_to_driver=False,
-            configure_logging=False,
+            _warn_if_redis_unreachable(redis_url)
+        metrics = MetricsLogger(
+            run_dir, config_to_dict(config), config.wandb, resume=payload is not None
         )
-        _warn_if_redis_unreachable(redis_url)
-    metrics = MetricsLogger(
-        run_dir, config_to_dict(config), config.wandb, resume=payload is not None
-    )
-    components = connect_components(
-        config, redis_url, run_id, run_dir, payload["learner"] if payload else None
-    )
+        components = connect_components(
+            config, redis_url, run_id, run_dir, payload["learner"] if payload else None
+        )
+    except BaseException:  # a failed start leaves no Ray node or Redis behind
+        if started_ray:
+            ray.shutdown()
+        if head:
+            head.stop()
+        client.close()
+        if embedded:
+            embedded.stop()
+        raise
     recent: collections.deque = collections.deque(maxlen=100)
     last_telemetry = "0-0"
     start = time.monotonic()
