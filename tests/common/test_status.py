@@ -3,11 +3,12 @@
 import time
 
 import msgpack
+import pytest
 import redis
 from rich.console import Console
 
 from common.redis_io import RedisKeys
-from common.status import StatusConfig, show
+from common.status import StatusConfig, health_problems, show
 
 
 def test_status_shows_counters_roles_and_lag(redis_url, tmp_path):
@@ -31,3 +32,19 @@ def test_status_shows_counters_roles_and_lag(redis_url, tmp_path):
     text = console.export_text()
     for expected in ("run run-x", "1,234", "actor-0", "812", "learner", "9.5", "0.250"):
         assert expected in text
+
+
+@pytest.mark.parametrize(
+    ("ages", "problems"),
+    [
+        ({"learner": 1.0, "actor-0": 2.0}, []),
+        ({"learner": 1.0, "actor-0": 500.0, "actor-1": 3.0}, []),  # one fresh actor is enough
+        ({"actor-0": 2.0}, ["no learner heartbeat"]),
+        ({"learner": 61.0, "actor-0": 2.0}, ["learner heartbeat 61 s old"]),
+        ({"learner": 1.0}, ["no actor heartbeat"]),
+        ({"learner": 1.0, "actor-0": 90.0}, ["newest actor heartbeat 90 s old"]),
+        ({}, ["no learner heartbeat", "no actor heartbeat"]),
+    ],
+)
+def test_health_problems(ages, problems):
+    assert health_problems({"heartbeat_age_s": ages}, within_s=60) == problems

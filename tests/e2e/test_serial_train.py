@@ -100,3 +100,14 @@ def test_bad_train_arguments_name_the_value():
         main(["train", "--serial", "--learner.batch-size", "0"])
     with pytest.raises(SystemExit):
         main(["train", "--redis-url", "http://localhost:6379"])
+
+
+def test_existing_run_dir_needs_resume_and_resume_existing_continues(trained_run, capsys):
+    before = load_checkpoint(trained_run)["counters"]["env_steps"]
+    with pytest.raises(SystemExit):  # would overwrite a checkpoint
+        main([*TINY, "--total-env-steps", "10", "--run-dir", str(trained_run)])
+    assert f"run_dir {trained_run} already holds a checkpoint" in capsys.readouterr().out
+    budget = before + 100
+    main([*TINY, "--total-env-steps", str(budget), "--run-dir", str(trained_run),
+          "--resume-existing"])  # fmt: skip
+    assert load_checkpoint(trained_run)["counters"]["env_steps"] >= budget

@@ -1,0 +1,52 @@
+"""Bad deployment settings of `mario train` are clear errors that name the value."""
+
+import pathlib
+
+import pytest
+
+from common.distributed import DistributedConfig
+from common.train import TrainConfig
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"ray_head_port": 6380, "ray_address": "auto"}, r"ray_head_port \(6380\) and ray_address"),
+        ({"ray_head_port": 70000}, r"ray_head_port \(70000\) must be a TCP port"),
+        ({"ray_dashboard_port": 0}, r"ray_dashboard_port \(0\) must be a TCP port"),
+        ({"ray_head_cpus": 0}, r"ray_head_cpus \(0\) must be >= 1"),
+        ({"resume_existing": True}, "resume_existing needs --run-dir"),
+    ],
+)
+def test_bad_deploy_settings_name_the_value(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"max_actors": 0}, r"max_actors \(0\)"),
+        ({"num_actors": 4, "max_actors": 2}, r"max_actors \(2\) must be >= 1 and >= num_actors"),
+    ],
+)
+def test_bad_actor_counts_name_the_value(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DistributedConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("num_actors", "max_actors", "resolved"),
+    [(None, None, None), (3, None, 3), (None, 8, 8), (2, 5, 5)],
+)
+def test_max_actors_defaults_to_a_fixed_pool_only_when_num_actors_is_given(
+    num_actors, max_actors, resolved
+):
+    config = DistributedConfig(num_actors=num_actors, max_actors=max_actors)
+    assert config.resolved_max_actors == resolved
+
+
+def test_valid_head_settings():
+    config = TrainConfig(ray_head_port=6380, ray_head_cpus=2, run_dir=pathlib.Path("runs/x"),
+                         resume_existing=True)  # fmt: skip
+    assert config.ray_dashboard_port == 8265
