@@ -461,18 +461,31 @@ def train_distributed(config, console: Console | None = None) -> dict:
             client.hset(keys.counters, mapping=saved)
     started_ray = not ray.is_initialized()
     head = None
+
+    def release() -> None:
+        """Ends what this function started: Ray (and its head node), the Redis connection."""
+        if started_ray:
+            ray.shutdown()
+        if head:
+            head.stop()
+        client.close()
+        if embedded:
+            embedded.stop()
+
     try:
         if started_ray:
             if config.ray_head_port is not None:
                 head = RayHead(
                     config.ray_head_port, config.ray_head_cpus, config.ray_dashboard_port, run_dir
                 )
+            # "local": a private Ray even where `ray start` left its address in /tmp/ray.
             address = head.address if head else config.ray_address or os.getenv("RAY_ADDRESS")
+            address = address or "local"
             # A private local Ray gets CPUs for the learner and every requested actor.
             wanted = 1 + (config.distributed.num_actors or 1)
             ray.init(
                 address=address,
-                num_cpus=None if address else max(os.cpu_count() or 1, wanted),
+                num_cpus=max(os.cpu_count() or 1, wanted) if address == "local" else None,
                 include_dashboard=False,
                 log_to_driver=False,
                 configure_logging=False,
@@ -485,13 +498,7 @@ def train_distributed(config, console: Console | None = None) -> dict:
             config, redis_url, run_id, run_dir, payload["learner"] if payload else None
         )
     except BaseException:  # a failed start leaves no Ray node or Redis behind
-        if started_ray:
-            ray.shutdown()
-        if head:
-            head.stop()
-        client.close()
-        if embedded:
-            embedded.stop()
+        release()
         raise
     recent: collections.deque = collections.deque(maxlen=100)
     last_telemetry = "0-0"
@@ -564,13 +571,7 @@ def train_distributed(config, console: Console | None = None) -> dict:
                 ray.kill(shard)
             ray.kill(components.learner)
             components.actors.kill()
-            if started_ray:
-                ray.shutdown()
-            if head:
-                head.stop()
-            client.close()
-            if embedded:
-                embedded.stop()
+            release()
     summary = {"run_dir": str(run_dir), **counters}
     console.print(f"checkpoint written to {run_dir}; {summary}")
     return summary

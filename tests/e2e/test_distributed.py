@@ -91,7 +91,7 @@ def test_killed_shard_loses_no_chunk_that_was_in_redis(redis_url, tmp_path):
     keys = RedisKeys("kill-test")
     # samples_per_insert ≈ 0: the rate limiter never holds inserts back (no learner here)
     config = ReplayConfig(capacity=20_000, min_size_to_sample=10, samples_per_insert=1e-6)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         shard = ShardActor.remote(0, config, redis_url, "kill-test", 4, 5)
         rng = np.random.default_rng(0)
