@@ -97,7 +97,13 @@ class ActorCore:
         actor_index: int = 0,
         num_actors: int = 1,
         seed: int = 0,
+        epsilon_actor: int | None = None,
     ):
+        """`epsilon_actor`: whose Ape-X ε band (of `num_actors`) this actor's envs take; default
+        its own index. Actors started later in a run (elastic) share an initial actor's band."""
+        band = actor_index if epsilon_actor is None else epsilon_actor
+        if not 0 <= band < max(num_actors, 1) and actor_config.epsilon is None:
+            raise ValueError(f"epsilon band {band} is outside 0..{num_actors - 1} (num_actors)")
         self.env_config = env_config
         self.config = actor_config
         self.actor_index = actor_index
@@ -116,7 +122,7 @@ class ActorCore:
                 epsilon = actor_config.epsilon
             else:
                 epsilon = apex_epsilon(
-                    global_index,
+                    band * k + slot_index,
                     num_actors * k,
                     actor_config.epsilon_base,
                     actor_config.epsilon_alpha,

@@ -47,11 +47,12 @@ class ActorRunner:
         run_id: str,
         redis_config: RedisConfig | None = None,
         seed: int = 0,
+        epsilon_actor: int | None = None,
     ):
         torch.set_num_threads(1)  # one CPU per actor
         self.name = f"actor-{actor_index}"
         self.core = ActorCore(
-            env_config, actor_config, network_config, actor_index, num_actors, seed
+            env_config, actor_config, network_config, actor_index, num_actors, seed, epsilon_actor
         )
         self.config = runner_config
         self.redis_config = redis_config or RedisConfig()

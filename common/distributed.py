@@ -221,7 +221,7 @@ class ActorPool:
     that left the cluster, and the run goes on with the others."""
 
     def __init__(self, make_actor, initial: int, maximum: int | None, grow_every_s: float = 2.0):
-        self._make = make_actor  # (index, count for its ε) → Ray actor handle
+        self._make = make_actor  # (index, actor count, ε band) → Ray actor handle
         self.initial = initial
         self.maximum = maximum
         self.grow_every_s = grow_every_s
@@ -235,8 +235,9 @@ class ActorPool:
     def _start(self) -> None:
         index = self.started
         self.started += 1
-        # ε: spread over the initial actors; later ones take the low end of a wider spread.
-        handle = self._make(index, max(self.initial, index + 1))
+        # ε: Ape-X's spread over the initial actors; an actor started later takes the band of
+        # initial actor index mod initial, so the mix of exploration stays what it was.
+        handle = self._make(index, self.initial, index % self.initial)
         self.slots[index] = _Slot(handle, handle.run.remote(), handle.node.remote())
 
     @property
@@ -369,10 +370,10 @@ def connect_components(
     initial = min(initial, maximum) if maximum is not None else initial
     runner_config = ActorRunnerConfig(weights_poll_frames=distributed.weights_poll_frames)
 
-    def make_actor(index: int, count: int):
+    def make_actor(index: int, count: int, band: int):
         return ActorActor.remote(
             index, count, config.env, config.actor, config.network, runner_config, redis_url,
-            run_id, config.redis, seed=config.seed,
+            run_id, config.redis, seed=config.seed, epsilon_actor=band,
         )  # fmt: skip
 
     actors = ActorPool(make_actor, initial, maximum)

@@ -21,6 +21,15 @@ def test_apex_epsilon(index, count, expected):
     assert apex_epsilon(index, count) == pytest.approx(expected, rel=1e-4)
 
 
+def test_an_actor_started_later_shares_an_initial_actors_epsilon_band():
+    actor_config = ActorConfig(envs_per_actor=2)
+    late = ActorCore(EnvConfig(), actor_config, NetworkConfig(), actor_index=5, num_actors=2,
+                     epsilon_actor=1)  # fmt: skip
+    assert late.epsilons == pytest.approx([apex_epsilon(2, 4), apex_epsilon(3, 4)])
+    with pytest.raises(ValueError, match=r"epsilon band 2 is outside 0\.\.1"):
+        ActorCore(EnvConfig(), actor_config, NetworkConfig(), actor_index=2, num_actors=2)
+
+
 def test_actor_emits_valid_chunks_with_its_own_priorities():
     env_config = EnvConfig(max_episode_steps=25)  # truncations happen too
     actor_config = ActorConfig(envs_per_actor=2, chunk_length=20)
