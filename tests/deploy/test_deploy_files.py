@@ -33,7 +33,8 @@ from tests.deploy.compose import (
 from tests.deploy.processes import BIN
 
 KUBERAY = ROOT / "deploy" / "kuberay"
-CRDS = ROOT.parent / "shared" / "data" / "kuberay"
+SCHEMAS = pathlib.Path(__file__).parent / "kuberay_schemas"  # from KubeRay's CRDs (SOURCE.md)
+CRDS = ROOT.parent / "shared" / "data" / "kuberay"  # the CRDs themselves, where present
 CLUSTER_YAML = ROOT / "deploy" / "ray-cluster.yaml"
 
 
@@ -161,15 +162,24 @@ def strict(schema: dict) -> dict:
 
 
 def crd_schema(file: str) -> dict:
-    crd = yaml.safe_load((CRDS / file).read_text())
-    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
-    return strict(version["schema"]["openAPIV3Schema"])
+    return strict(json.loads((SCHEMAS / file).read_text()))
+
+
+@pytest.mark.skipif(not CRDS.is_dir(), reason="KubeRay's CRD files are not beside this checkout")
+@pytest.mark.parametrize(
+    ("crd", "vendored"),
+    [("ray.io_rayclusters.yaml", "raycluster-v1.json"), ("ray.io_rayjobs.yaml", "rayjob-v1.json")],
+)
+def test_vendored_crd_schemas_match_the_crds(crd, vendored):
+    definition = yaml.safe_load((CRDS / crd).read_text())
+    version = next(v for v in definition["spec"]["versions"] if v["name"] == "v1")
+    assert json.loads((SCHEMAS / vendored).read_text()) == version["schema"]["openAPIV3Schema"]
 
 
 @pytest.mark.parametrize(
     ("file", "kind", "crd"),
-    [("raycluster.yaml", "RayCluster", "ray.io_rayclusters.yaml"),
-     ("rayjob.yaml", "RayJob", "ray.io_rayjobs.yaml")],
+    [("raycluster.yaml", "RayCluster", "raycluster-v1.json"),
+     ("rayjob.yaml", "RayJob", "rayjob-v1.json")],
 )  # fmt: skip
 def test_kuberay_manifests_validate_against_kuberay_crds(file, kind, crd):
     docs = [doc for doc in manifests(file) if doc["kind"] == kind]
@@ -183,7 +193,7 @@ def test_strict_crd_schema_rejects_an_unknown_field():
     doc = next(doc for doc in manifests("raycluster.yaml") if doc["kind"] == "RayCluster")
     doc["spec"]["headGroupSpec"]["rayStartParms"] = {}  # a typo
     with pytest.raises(jsonschema.ValidationError, match="rayStartParms"):
-        jsonschema.validate(doc, crd_schema("ray.io_rayclusters.yaml"))
+        jsonschema.validate(doc, crd_schema("raycluster-v1.json"))
 
 
 def test_core_objects_validate_with_kubernetes_validate():
