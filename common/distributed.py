@@ -14,6 +14,7 @@ import datetime
 import logging
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 import threading
@@ -401,6 +402,8 @@ class RayHead:
             "--disable-usage-stats", "--block",
             *([f"--num-cpus={cpus}"] if cpus is not None else []),
         ]  # fmt: skip
+        for name, number in (("ray_head_port", port), ("ray_dashboard_port", dashboard_port)):
+            _check_port_free(name, number)
         self.log_path = run_dir / "ray-head.log"
         self.address = f"{ray.util.get_node_ip_address()}:{port}"
         # Ray's token authentication, on unless RAY_AUTH_MODE says otherwise: the token is
@@ -416,7 +419,7 @@ class RayHead:
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 tail = self.log_path.read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"ray start --head --port={port} failed:\n{tail}")
+                raise ConnectionError(f"ray start --head --port={port} failed:\n{tail}")
             time.sleep(0.5)
         logger.info("Ray head at %s (dashboard port %d)", self.address, dashboard_port)
 
@@ -428,6 +431,16 @@ class RayHead:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+def _check_port_free(name: str, port: int) -> None:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("", port))
+        except OSError as error:
+            raise ConnectionError(
+                f"{name} {port} is not free on this machine ({error.strerror}): pick another"
+            ) from None
 
 
 def _warn_if_redis_unreachable(redis_url: str) -> None:

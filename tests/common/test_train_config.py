@@ -1,9 +1,12 @@
 """Bad deployment settings of `mario train` are clear errors that name the value."""
 
 import pathlib
+import socket
 
 import pytest
+import redis
 
+from common.cli import main
 from common.distributed import DistributedConfig
 from common.train import TrainConfig
 
@@ -50,3 +53,18 @@ def test_valid_head_settings():
     config = TrainConfig(ray_head_port=6380, ray_head_cpus=2, run_dir=pathlib.Path("runs/x"),
                          resume_existing=True)  # fmt: skip
     assert config.ray_dashboard_port == 8265
+
+
+def test_a_busy_head_port_is_a_clear_error_and_leaves_nothing_running(tmp_path, capsys):
+    with socket.socket() as busy:
+        busy.bind(("", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(SystemExit) as exit_info:
+            main(["train", "--ray-head-port", str(port), "--run-dir", str(tmp_path / "run"),
+                  "--wandb", "disabled", "--no-live-display"])  # fmt: skip
+    assert exit_info.value.code == 1
+    assert f"ray_head_port {port} is not free" in capsys.readouterr().out
+    url = (tmp_path / "run" / "redis_url").read_text().strip()
+    with pytest.raises(redis.ConnectionError):  # the embedded Redis was stopped
+        redis.Redis.from_url(url, socket_connect_timeout=2).ping()
