@@ -435,6 +435,8 @@ class RayHead:
 
 def _check_port_free(name: str, port: int) -> None:
     with socket.socket() as probe:
+        # As gRPC binds: a port held only by closed connections (TIME_WAIT) is free.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(("", port))
         except OSError as error:
