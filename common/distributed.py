@@ -207,6 +207,11 @@ class ActorActor:
 # -- wiring ----------------------------------------------------------------------------------
 
 
+def free_cpus() -> int:
+    """Whole CPUs free in the Ray cluster now."""
+    return int(ray.available_resources().get("CPU", 0))
+
+
 @dataclasses.dataclass
 class _Slot:
     handle: object
@@ -296,7 +301,7 @@ class ActorPool:
             return
         if any(slot.node is None for slot in self.slots.values()):
             return  # the resource view catches up once every actor is placed
-        free = int(ray.available_resources().get("CPU", 0))
+        free = free_cpus()
         room = free if self.maximum is None else min(free, self.maximum - len(self.slots))
         for _ in range(room):
             self._start()
@@ -320,10 +325,6 @@ class Components:
     learner: object
     learner_ref: object
     actors: ActorPool
-
-
-def free_cpus() -> int:
-    return int(ray.available_resources().get("CPU", 0))
 
 
 def connect_components(
@@ -526,19 +527,22 @@ def train_distributed(config, console: Console | None = None) -> dict:
     stats: dict[str, dict] = {}
     last_log = 0.0
 
-    def checkpoint() -> None:
+    def checkpoint() -> dict:
+        """Writes the checkpoint; returns the counters it holds."""
         state = ray.get(components.learner.state_dict.remote())
         ray.get([
             shard.snapshot.remote(str(run_dir / f"replay-{i}.npz"))
             for i, shard in enumerate(components.shards)
         ])  # fmt: skip
+        saved = {**read_counters(client, keys), "updates": state["updates"],
+                 "elapsed_s": round(elapsed_before + time.monotonic() - start, 1)}  # fmt: skip
         save_checkpoint(run_dir, {
             "learner": state,
             "config": config_to_dict(config),
-            "counters": {**read_counters(client, keys), "updates": state["updates"],
-                         "elapsed_s": elapsed_before + time.monotonic() - start},
+            "counters": saved,
             "rng": {"torch": torch.get_rng_state()},
         })  # fmt: skip
+        return saved
 
     live = Live(console=console, auto_refresh=False) if config.live_display else None
     if live:
@@ -580,8 +584,7 @@ def train_distributed(config, console: Console | None = None) -> dict:
             if live:
                 live.stop()
             _shutdown(components)
-            checkpoint()
-            counters = read_counters(client, keys)
+            counters = checkpoint()
             metrics.close()
             for shard in components.shards:
                 ray.kill(shard)
