@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -54,6 +55,28 @@ def apex_epsilon(index: int, count: int, base: float = 0.4, alpha: float = 7.0) 
     return base ** (1 + alpha * index / (count - 1))
 
 
+def slot_epsilons(config: ActorConfig, band: int, bands: int) -> list[float]:
+    """The ε of each env of one actor.
+
+    Ape-X's ladder is spread over the env slots of `bands` actors (bands × envs_per_actor
+    values); this actor's envs take the values of band `band`. An actor started later in a run
+    (elastic) takes an initial actor's band, so the mix of exploration stays what it was.
+    With `config.epsilon` set, every env uses it.
+
+    Raises:
+        ValueError: if band is not in 0..bands−1.
+    """
+    k = config.envs_per_actor
+    if config.epsilon is not None:
+        return [config.epsilon] * k
+    if not 0 <= band < bands:
+        raise ValueError(f"epsilon band {band} is outside 0..{bands - 1} (bands)")
+    return [
+        apex_epsilon(band * k + slot, bands * k, config.epsilon_base, config.epsilon_alpha)
+        for slot in range(k)
+    ]
+
+
 @dataclasses.dataclass(frozen=True)
 class EpisodeResult:
     """One finished episode, for telemetry."""
@@ -68,7 +91,7 @@ class EpisodeResult:
     truncated: bool
 
 
-class _Slot:
+class _EnvSlot:
     """Per-env state: the adder, the chunk builder, frame ids and episode counters."""
 
     def __init__(self, env: MarioEnv, adder: NStepAdder, builder: ChunkBuilder, epsilon: float):
@@ -94,54 +117,45 @@ class ActorCore:
         env_config: EnvConfig,
         actor_config: ActorConfig,
         network_config: NetworkConfig,
-        actor_index: int = 0,
-        num_actors: int = 1,
+        *,
+        epsilons: Sequence[float],
+        actor_id: int = 0,
         seed: int = 0,
-        epsilon_actor: int | None = None,
     ):
-        """`epsilon_actor`: whose Ape-X ε band (of `num_actors`) this actor's envs take; default
-        its own index. Actors started later in a run (elastic) share an initial actor's band."""
-        band = actor_index if epsilon_actor is None else epsilon_actor
-        if not 0 <= band < max(num_actors, 1) and actor_config.epsilon is None:
-            raise ValueError(f"epsilon band {band} is outside 0..{num_actors - 1} (num_actors)")
+        """`epsilons`: the ε of each env (see slot_epsilons); `actor_id` tags its chunks and
+        seeds its envs and its random numbers."""
+        if len(epsilons) != actor_config.envs_per_actor:
+            raise ValueError(
+                f"{len(epsilons)} epsilons for {actor_config.envs_per_actor} envs_per_actor"
+            )
         self.env_config = env_config
         self.config = actor_config
-        self.actor_index = actor_index
+        self.actor_id = actor_id
         self.network = build_network(network_config, env_config.num_actions, env_config.frame_stack)
         self.network.eval()
         self.policy_version = 0
-        self.rng = np.random.default_rng([seed, actor_index])
+        self.rng = np.random.default_rng([seed, actor_id])
         self.env_steps = 0
         self.frames = 0
         self._ready: list[Chunk] = []
         k = actor_config.envs_per_actor
-        self.slots: list[_Slot] = []
-        for slot_index in range(k):
-            global_index = actor_index * k + slot_index
-            if actor_config.epsilon is not None:
-                epsilon = actor_config.epsilon
-            else:
-                epsilon = apex_epsilon(
-                    band * k + slot_index,
-                    num_actors * k,
-                    actor_config.epsilon_base,
-                    actor_config.epsilon_alpha,
-                )
+        self.slots: list[_EnvSlot] = []
+        for slot_index, epsilon in enumerate(epsilons):
             env = make_env(env_config)
-            slot = _Slot(
+            slot = _EnvSlot(
                 env,
                 NStepAdder(actor_config.n_step, actor_config.gamma),
                 ChunkBuilder(
                     env_config.frame_stack,
                     actor_config.chunk_length,
                     actor_config.n_step,
-                    actor_index,
+                    actor_id,
                     slot_index,
                 ),
-                epsilon,
+                float(epsilon),
             )
             self.slots.append(slot)
-            self._begin_episode(slot, *env.reset(seed=seed * 100_003 + global_index))
+            self._begin_episode(slot, *env.reset(seed=seed * 100_003 + actor_id * k + slot_index))
 
     @property
     def epsilons(self) -> list[float]:
@@ -152,13 +166,13 @@ class ActorCore:
         self.network.load_state_dict(state_dict)
         self.policy_version = version
 
-    def _new_frame(self, slot: _Slot, frame: np.ndarray) -> int:
+    def _new_frame(self, slot: _EnvSlot, frame: np.ndarray) -> int:
         frame_id = slot.next_frame_id
         slot.builder.add_frame(frame_id, frame)
         slot.next_frame_id += 1
         return frame_id
 
-    def _begin_episode(self, slot: _Slot, obs: np.ndarray, info: dict) -> None:
+    def _begin_episode(self, slot: _EnvSlot, obs: np.ndarray, info: dict) -> None:
         first = self._new_frame(slot, obs[-1])
         slot.ids = collections.deque([first] * self.env_config.frame_stack)
         slot.obs = obs
@@ -178,7 +192,7 @@ class ActorCore:
         q_max = q.max(axis=1)
         greedy = q.argmax(axis=1)
         finished: list[EpisodeResult] = []
-        truncated_finals: list[tuple[_Slot, list[Transition], np.ndarray]] = []
+        truncated_finals: list[tuple[_EnvSlot, list[Transition], np.ndarray]] = []
         for index, slot in enumerate(self.slots):
             # Transitions that were waiting for the value of this state get their priority.
             self._prioritize(slot, slot.awaiting, float(q_max[index]))
@@ -226,7 +240,7 @@ class ActorCore:
                 self._prioritize(slot, emitted, float(value))
         return finished
 
-    def _prioritize(self, slot: _Slot, transitions: list[Transition], next_q_max: float) -> None:
+    def _prioritize(self, slot: _EnvSlot, transitions: list[Transition], next_q_max: float) -> None:
         for transition in transitions:
             target = transition.n_step_return + transition.discount * next_q_max
             slot.builder.add(transition, abs(target - transition.q_taken))

@@ -111,9 +111,6 @@ class ChunkBuilder:
         self._transitions.append(transition)
         self._priorities.append(priority)
 
-    def __len__(self) -> int:
-        return len(self._transitions)
-
     def ready(self) -> bool:
         return len(self._transitions) >= self.chunk_length
 

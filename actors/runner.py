@@ -1,6 +1,6 @@
 """The distributed actor loop around ActorCore: chunks to Redis, weights from Redis, telemetry.
 
-No Ray here: common/distributed.py wraps this class as a Ray actor (1 CPU, restarted on death).
+No Ray here: launch/ray_backend.py wraps it as a Ray actor (1 CPU, restarted on death).
 """
 
 from __future__ import annotations
@@ -10,26 +10,12 @@ import logging
 import threading
 import time
 
-import msgpack
-import torch
-
-from actors.actor import ActorConfig, ActorCore
-from common.config import EnvConfig, NetworkConfig
-from common.redis_io import RedisConfig, RedisKeys, connect
-from common.wire import WireError, decode_weights, encode_chunk
+from actors.actor import ActorCore
+from common.redis_io import RedisEndpoint
+from common.wire import WireError, decode_weights, encode_chunk, encode_record
 
 logger = logging.getLogger("actor")
 TELEMETRY_MAXLEN = 100_000
-
-
-@dataclasses.dataclass(frozen=True)
-class ActorRunnerConfig:
-    """Distributed actors."""
-
-    weights_poll_frames: int = 400
-    """Emulator frames between checks of the published weights version."""
-    heartbeat_s: float = 2.0
-    """Seconds between heartbeats and rate reports."""
 
 
 class ActorRunner:
@@ -37,28 +23,22 @@ class ActorRunner:
 
     def __init__(
         self,
-        actor_index: int,
-        num_actors: int,
-        env_config: EnvConfig,
-        actor_config: ActorConfig,
-        network_config: NetworkConfig,
-        runner_config: ActorRunnerConfig,
-        redis_url: str,
-        run_id: str,
-        redis_config: RedisConfig | None = None,
-        seed: int = 0,
-        epsilon_actor: int | None = None,
+        core: ActorCore,
+        endpoint: RedisEndpoint,
+        *,
+        weights_poll_frames: int = 400,
+        heartbeat_s: float = 2.0,
     ):
-        torch.set_num_threads(1)  # one CPU per actor
-        self.name = f"actor-{actor_index}"
-        self.core = ActorCore(
-            env_config, actor_config, network_config, actor_index, num_actors, seed, epsilon_actor
-        )
-        self.config = runner_config
-        self.redis_config = redis_config or RedisConfig()
-        self.client = connect(redis_url, self.redis_config)
-        self.keys = RedisKeys(run_id)
-        self.run_id = run_id
+        """`weights_poll_frames`: emulator frames between checks of the weights version;
+        `heartbeat_s`: seconds between heartbeats and rate reports."""
+        self.core = core
+        self.name = f"actor-{core.actor_id}"
+        self.weights_poll_frames = weights_poll_frames
+        self.heartbeat_s = heartbeat_s
+        self.redis_config = endpoint.config
+        self.client = endpoint.connect()
+        self.redis_keys = endpoint.keys
+        self.run_id = endpoint.run_id
         self._stop = threading.Event()
         self.chunks_written = 0
         self.weight_updates = 0
@@ -68,10 +48,10 @@ class ActorRunner:
         self._stop.set()
 
     def _poll_weights(self) -> None:
-        version = self.client.get(self.keys.weights_version)
+        version = self.client.get(self.redis_keys.weights_version)
         if version is None or int(version) == self.core.policy_version:
             return
-        blob = self.client.get(self.keys.weights)
+        blob = self.client.get(self.redis_keys.weights)
         if blob is None:
             return
         try:
@@ -87,18 +67,21 @@ class ActorRunner:
         backlog_limit = self.redis_config.max_stream_chunks
         # Backpressure: wait while the replay shards are this far behind (XLEN is the backlog,
         # since shards trim what they consumed). The MAXLEN ~ cap is only a safety net.
-        while self.client.xlen(self.keys.experience) >= backlog_limit and not self._stop.is_set():
+        while (
+            self.client.xlen(self.redis_keys.experience) >= backlog_limit
+            and not self._stop.is_set()
+        ):
             self._stop.wait(0.05)
         pipe = self.client.pipeline(transaction=True)
         for chunk in chunks:
             pipe.xadd(
-                self.keys.experience,
+                self.redis_keys.experience,
                 {b"c": encode_chunk(chunk, self.run_id)},
                 maxlen=4 * backlog_limit,
                 approximate=True,
             )
-        pipe.hincrby(self.keys.counters, "chunks_written", len(chunks))
-        pipe.hincrby(self.keys.counters, "transitions_written", sum(len(c) for c in chunks))
+        pipe.hincrby(self.redis_keys.counters, "chunks_written", len(chunks))
+        pipe.hincrby(self.redis_keys.counters, "transitions_written", sum(len(c) for c in chunks))
         pipe.execute()
         self.chunks_written += len(chunks)
 
@@ -106,7 +89,7 @@ class ActorRunner:
         """Acts until stop() (or max_env_steps); returns final counters."""
         core = self.core
         self._poll_weights()
-        next_poll = core.frames + self.config.weights_poll_frames
+        next_poll = core.frames + self.weights_poll_frames
         last_beat, last_steps, last_frames = time.monotonic(), core.env_steps, core.frames
         while not self._stop.is_set():
             if max_env_steps is not None and core.env_steps >= max_env_steps:
@@ -123,17 +106,17 @@ class ActorRunner:
                         kind="episode", actor=self.name, policy_version=core.policy_version
                     )
                     pipe.xadd(
-                        self.keys.telemetry,
-                        {b"m": msgpack.packb(record)},
+                        self.redis_keys.telemetry,
+                        {b"m": encode_record(record)},
                         maxlen=TELEMETRY_MAXLEN,
                         approximate=True,
                     )
                 pipe.execute()
             if core.frames >= next_poll:
                 self._poll_weights()
-                next_poll = core.frames + self.config.weights_poll_frames
+                next_poll = core.frames + self.weights_poll_frames
             now = time.monotonic()
-            if now - last_beat >= self.config.heartbeat_s:
+            if now - last_beat >= self.heartbeat_s:
                 interval = now - last_beat
                 stats = {
                     "env_steps": core.env_steps,
@@ -144,18 +127,18 @@ class ActorRunner:
                     "chunks_written": self.chunks_written,
                 }
                 pipe = self.client.pipeline(transaction=False)
-                pipe.hset(self.keys.heartbeats, self.name, time.time())
-                pipe.hset(self.keys.stats, self.name, msgpack.packb(stats))
-                pipe.hincrby(self.keys.counters, "env_steps", core.env_steps - last_steps)
-                pipe.hincrby(self.keys.counters, "frames", core.frames - last_frames)
+                pipe.hset(self.redis_keys.heartbeats, self.name, time.time())
+                pipe.hset(self.redis_keys.stats, self.name, encode_record(stats))
+                pipe.hincrby(self.redis_keys.counters, "env_steps", core.env_steps - last_steps)
+                pipe.hincrby(self.redis_keys.counters, "frames", core.frames - last_frames)
                 pipe.execute()
                 last_beat, last_steps, last_frames = now, core.env_steps, core.frames
         chunks = core.take_chunks(flush=True)
         if chunks:
             self._push(chunks)
         pipe = self.client.pipeline(transaction=False)
-        pipe.hincrby(self.keys.counters, "env_steps", core.env_steps - last_steps)
-        pipe.hincrby(self.keys.counters, "frames", core.frames - last_frames)
+        pipe.hincrby(self.redis_keys.counters, "env_steps", core.env_steps - last_steps)
+        pipe.hincrby(self.redis_keys.counters, "frames", core.frames - last_frames)
         pipe.execute()
         core.close()
         return {

@@ -76,3 +76,20 @@ class Chunk:
             raise ChunkError("discounts must lie in [0, 1]")
         if np.any(self.priorities < 0):
             raise ChunkError("priorities must be >= 0")
+
+
+def synthetic_chunk(rng: np.random.Generator, length: int, stack: int = 4, n: int = 3) -> Chunk:
+    """A chunk of random frames shaped like an actor's (length+stack−1+n frames, overlapping
+    stacks), for the replay bench and the tests."""
+    frames = rng.integers(0, 256, (length + stack - 1 + n, 84, 84), dtype=np.uint8)
+    steps = np.arange(length)[:, None]
+    obs_index = (steps + np.arange(stack)).astype(np.uint16)
+    return Chunk(
+        frames=frames,
+        obs_index=obs_index,
+        next_index=(obs_index + n).astype(np.uint16),
+        actions=rng.integers(0, 5, length).astype(np.uint8),
+        returns=rng.normal(size=length).astype(np.float32),
+        discounts=np.full(length, 0.97, np.float32),
+        priorities=rng.random(length).astype(np.float32),
+    )

@@ -76,7 +76,7 @@ class RedisKeys:
 
     @property
     def telemetry(self) -> str:
-        """Stream of msgpack telemetry records (episodes, rates)."""
+        """Stream of episode records (common.wire.encode_record)."""
         return self._key("telemetry")
 
     @property
@@ -91,11 +91,27 @@ class RedisKeys:
 
     @property
     def stats(self) -> str:
-        """Hash role-name → msgpack of its latest stats (for `mario status`)."""
+        """Hash role-name → its latest stats (common.wire.encode_record), for `mario status`."""
         return self._key("stats")
 
 
 REPLAY_GROUP = "replay"
+
+
+@dataclasses.dataclass(frozen=True)
+class RedisEndpoint:
+    """Where one run's roles meet: the server, the run's key namespace, the client settings."""
+
+    url: str
+    run_id: str
+    config: RedisConfig = dataclasses.field(default_factory=RedisConfig)
+
+    @property
+    def keys(self) -> RedisKeys:
+        return RedisKeys(self.run_id)
+
+    def connect(self) -> redis.Redis:
+        return connect(self.url, self.config)
 
 
 def find_redis_server() -> str:

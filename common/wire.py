@@ -1,9 +1,13 @@
-"""Wire format for everything that crosses Redis: msgpack header + raw little-endian arrays, lz4.
+"""Wire format for everything that crosses Redis.
 
-A message is `MAGIC | u32 header length | msgpack header | lz4 frame of the concatenated array
-bytes`. The header names each array's dtype and shape; decoding checks every field against
+Chunks and weights: a msgpack header + raw little-endian arrays, lz4. A message is
+`MAGIC | u32 header length | msgpack header | lz4 frame of the concatenated array bytes`.
+The header names each array's dtype and shape; decoding checks every field against
 what is allowed before a single array is built, so a corrupt or hostile message raises a
 WireError and never reaches pickle (nothing here unpickles).
+
+Records (episode telemetry, role stats): a msgpack map of names to numbers, strings or booleans,
+checked on decoding the same way.
 """
 
 from __future__ import annotations
@@ -226,3 +230,30 @@ def decode_weights(
             if tuple(state[name].shape) != tuple(tensor.shape):
                 raise WireError(f"tensor {name!r} has shape {tuple(state[name].shape)}")
     return state, version
+
+
+# -- records: episode telemetry and role stats ------------------------------------------------
+
+_MAX_RECORD_BYTES = 64 * 1024
+_RECORD_VALUE_TYPES = (int, float, str, bool)
+
+
+def encode_record(record: dict[str, int | float | str | bool]) -> bytes:
+    """A flat record (names to scalars) as msgpack."""
+    return msgpack.packb(record, use_bin_type=True)
+
+
+def decode_record(message: bytes) -> dict[str, int | float | str | bool]:
+    """Parses a record; raises WireError unless it is a flat map of names to scalars."""
+    if not isinstance(message, bytes | bytearray) or len(message) > _MAX_RECORD_BYTES:
+        raise WireError("record is not bytes of at most 64 KiB")
+    try:
+        record = msgpack.unpackb(message, raw=False, strict_map_key=True)
+    except Exception as error:  # msgpack raises several exception types on garbage
+        raise WireError(f"record is not valid msgpack: {error}") from error
+    if not isinstance(record, dict):
+        raise WireError("record is not a map")
+    for name, value in record.items():
+        if not isinstance(value, _RECORD_VALUE_TYPES):
+            raise WireError(f"record field {name!r} is {type(value).__name__}, not a scalar")
+    return record

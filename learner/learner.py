@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 import torch
@@ -10,6 +11,9 @@ import torch
 from common.config import NetworkConfig
 from common.networks import build_network
 from learner.loss import double_dqn_loss
+
+FAILURE_AT_UPDATE_ENV = "MARIO_LEARNER_FAILURE_AT_UPDATE"
+"""Fault injection for tests: when set to N, the learner's N-th update raises RuntimeError."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +88,7 @@ class Learner:
         # Compiled callables share parameters with the modules; state_dict()s stay plain.
         self._online_forward = torch.compile(self.online) if use_compile else self.online
         self._target_forward = torch.compile(self.target) if use_compile else self.target
+        self._failure_at_update = int(os.environ.get(FAILURE_AT_UPDATE_ENV) or 0)
 
     def _frames(self, array: np.ndarray) -> torch.Tensor:
         frames = self._tensor(array)
@@ -103,6 +108,8 @@ class Learner:
         Returns:
             (metrics, |TD| per sample as new priorities).
         """
+        if self.updates + 1 == self._failure_at_update:
+            raise RuntimeError(f"injected failure at update {self._failure_at_update}")
         obs = self._frames(sample.obs)  # [B, S, 84, 84] uint8; scaled inside the net
         next_obs = self._frames(sample.next_obs)
         actions = self._tensor(sample.actions, torch.int64)
@@ -164,3 +171,15 @@ class Learner:
         self.target.load_state_dict(state["target"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.updates = int(state["updates"])
+
+
+def cpu_copy(state):
+    """A deep copy of a (nested) state dict with every tensor on the CPU: a snapshot that later
+    updates cannot change and that holds no GPU memory."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {key: cpu_copy(value) for key, value in state.items()}
+    if isinstance(state, list | tuple):
+        return type(state)(cpu_copy(value) for value in state)
+    return state

@@ -14,8 +14,6 @@ class LossExtra:
 
     td_abs: torch.Tensor
     """|TD error| per sample [B] (detached): the new replay priorities."""
-    target: torch.Tensor
-    """Bootstrapped n-step target per sample [B] (detached)."""
     q_taken: torch.Tensor
     """Q_online(s, a) per sample [B] (detached)."""
 
@@ -49,7 +47,7 @@ def double_dqn_loss(
         huber_delta: where the Huber loss turns from quadratic to linear.
 
     Returns:
-        (scalar loss, LossExtra with per-sample |TD|, targets and Q(s, a)).
+        (scalar loss, LossExtra with per-sample |TD| and Q(s, a)).
     """
     q_t_selector = q_t_selector.detach()
     q_t_target = q_t_target.detach()
@@ -65,12 +63,5 @@ def double_dqn_loss(
     if importance_weights is not None:
         per_sample = per_sample * importance_weights
     loss = per_sample.mean()
-    extra = LossExtra(
-        td_abs=td_error.detach().abs(), target=target.detach(), q_taken=q_taken.detach()
-    )
+    extra = LossExtra(td_abs=td_error.detach().abs(), q_taken=q_taken.detach())
     return loss, extra
-
-
-def n_step_discount(gamma: float, n: int, terminated: torch.Tensor) -> torch.Tensor:
-    """γ^n where the n-step window did not reach a termination, else 0 ([B])."""
-    return (gamma**n) * (1.0 - terminated.float())

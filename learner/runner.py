@@ -1,24 +1,21 @@
 """The distributed learner loop: batches from the replay client, updates, weight publishing.
 
 No Ray here: the replay client passed in hides where batches come from (Ray calls to the
-shards in common/distributed.py, several requests in flight).
+shards in launch/ray_backend.py, several requests in flight).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
 from typing import Protocol
 
-import msgpack
 import numpy as np
 
-from common.config import NetworkConfig
-from common.redis_io import RedisConfig, RedisKeys, connect
-from common.wire import encode_weights
-from learner.learner import Learner, LearnerConfig
+from common.redis_io import RedisEndpoint
+from common.wire import encode_record, encode_weights
+from learner.learner import Learner, cpu_copy
 from replay_server.replay import Sample
 
 logger = logging.getLogger("learner")
@@ -34,43 +31,30 @@ class ReplayClient(Protocol):
         """Sends new priorities without waiting for the shard."""
 
 
-@dataclasses.dataclass(frozen=True)
-class LearnerRunnerConfig:
-    """Distributed learner."""
-
-    publish_every_updates: int = 50
-    """Publish weights to Redis every this many updates."""
-    report_every_s: float = 2.0
-    """Seconds between stats reports to Redis."""
-
-
 class LearnerRunner:
     """Updates until stop(); publishes weights as version = number of updates."""
 
     def __init__(
         self,
-        learner_config: LearnerConfig,
-        network_config: NetworkConfig,
-        num_actions: int,
-        stack: int,
-        runner_config: LearnerRunnerConfig,
-        redis_url: str,
-        run_id: str,
+        learner: Learner,
         replay: ReplayClient,
-        redis_config: RedisConfig | None = None,
-        state: dict | None = None,
+        endpoint: RedisEndpoint,
+        *,
+        publish_every_updates: int = 50,
+        report_every_s: float = 2.0,
     ):
-        self.learner = Learner(learner_config, network_config, num_actions, stack)
-        if state is not None:
-            self.learner.load_state_dict(state)
-        self.config = runner_config
-        self.batch_size = learner_config.batch_size
-        self.client = connect(redis_url, redis_config)
-        self.keys = RedisKeys(run_id)
+        """`publish_every_updates`: weights go to Redis every this many updates;
+        `report_every_s`: seconds between stats reports (and heartbeats)."""
+        self.learner = learner
         self.replay = replay
+        self.publish_every_updates = publish_every_updates
+        self.report_every_s = report_every_s
+        self.batch_size = learner.config.batch_size
+        self.client = endpoint.connect()
+        self.redis_keys = endpoint.keys
         self._stop = threading.Event()
         self._lock = threading.Lock()  # state_dict() for checkpoints vs the update loop
-        self.last_metrics: dict = {}
+        self.meter = LearnerMeter(learner)
         self.publish()
 
     def stop(self) -> None:
@@ -81,55 +65,79 @@ class LearnerRunner:
         version = self.learner.updates
         blob = encode_weights(self.learner.cpu_weights(), version)
         pipe = self.client.pipeline(transaction=True)
-        pipe.set(self.keys.weights, blob)
-        pipe.set(self.keys.weights_version, version)
+        pipe.set(self.redis_keys.weights, blob)
+        pipe.set(self.redis_keys.weights_version, version)
         pipe.execute()
         return version
 
     def state_dict(self) -> dict:
+        """A CPU copy of the learner's state, taken between two updates."""
         with self._lock:
-            return {k: v for k, v in self.learner.state_dict().items()}
+            return cpu_copy(self.learner.state_dict())
 
     def run(self, max_updates: int | None = None) -> dict:
         """Learns until stop() (or max_updates); returns final counters."""
         learner = self.learner
-        last_report, last_updates, waited_s = time.monotonic(), learner.updates, 0.0
+        last_report = time.monotonic()
         while not self._stop.is_set():
             if max_updates is not None and learner.updates >= max_updates:
                 break
             wait_start = time.monotonic()
             item = self.replay.next_sample(self.batch_size)
             if item is None:
-                waited_s += time.monotonic() - wait_start
+                self.meter.waited(time.monotonic() - wait_start)
                 continue
             shard_id, sample = item
             with self._lock:
                 metrics, td_abs = learner.update(sample)
             self.replay.update_priorities(shard_id, sample.keys, td_abs)
-            self.last_metrics = metrics
-            if learner.updates % self.config.publish_every_updates == 0:
+            if learner.updates % self.publish_every_updates == 0:
                 self.publish()
             now = time.monotonic()
-            if now - last_report >= self.config.report_every_s:
-                interval = now - last_report
-                stats = {
-                    **metrics,
-                    "learner/updates_per_s": (learner.updates - last_updates) / interval,
-                    "learner/samples_per_s": (learner.updates - last_updates)
-                    * self.batch_size
-                    / interval,
-                    "learner/waiting_fraction": waited_s / interval,
-                }
-                gpu_utilization = _gpu_utilization(self.learner.device)
-                if gpu_utilization is not None:
-                    stats["learner/gpu_utilization"] = gpu_utilization
+            if now - last_report >= self.report_every_s:
                 pipe = self.client.pipeline(transaction=False)
-                pipe.hset(self.keys.heartbeats, "learner", time.time())
-                pipe.hset(self.keys.stats, "learner", msgpack.packb(stats))
+                pipe.hset(self.redis_keys.heartbeats, "learner", time.time())
+                pipe.hset(
+                    self.redis_keys.stats, "learner", encode_record(self.meter.report(metrics))
+                )
+                pipe.hset(self.redis_keys.counters, "updates", learner.updates)
                 pipe.execute()
-                last_report, last_updates, waited_s = now, learner.updates, 0.0
+                last_report = now
         self.publish()
+        self.client.hset(self.redis_keys.counters, "updates", learner.updates)
         return {"updates": learner.updates}
+
+
+class LearnerMeter:
+    """The learner's rates between two reports: updates/s, samples/s and the fraction of the
+    time it waited for batches. The same stats in both backends."""
+
+    def __init__(self, learner: Learner):
+        self.learner = learner
+        self._since = time.monotonic()
+        self._updates = learner.updates
+        self._waited_s = 0.0
+
+    def waited(self, seconds: float) -> None:
+        """Counts time spent without a batch to learn from."""
+        self._waited_s += seconds
+
+    def report(self, metrics: dict[str, float]) -> dict[str, float]:
+        """The last update's metrics plus the rates since the previous report."""
+        now = time.monotonic()
+        interval = max(now - self._since, 1e-9)
+        updates = self.learner.updates - self._updates
+        stats = {
+            **metrics,
+            "learner/updates_per_s": updates / interval,
+            "learner/samples_per_s": updates * self.learner.config.batch_size / interval,
+            "learner/waiting_fraction": min(self._waited_s / interval, 1.0),
+        }
+        gpu_utilization = _gpu_utilization(self.learner.device)
+        if gpu_utilization is not None:
+            stats["learner/gpu_utilization"] = gpu_utilization
+        self._since, self._updates, self._waited_s = now, self.learner.updates, 0.0
+        return stats
 
 
 def _gpu_utilization(device) -> float | None:

@@ -133,7 +133,6 @@ class PrioritizedReplay:
         self.transitions_inserted = 0
         self.oldest_key = 0  # eviction sweep position
         self.size = 0  # valid transitions
-        self.max_priority = 1.0
         self.evicted_by_frames = 0
 
     # -- inserting ----------------------------------------------------------------------------
@@ -206,8 +205,6 @@ class PrioritizedReplay:
         priority = (np.asarray(td_abs, dtype=np.float64) + self.config.priority_epsilon) ** (
             self.config.alpha
         )
-        if priority.size:
-            self.max_priority = max(self.max_priority, float(priority.max()))
         return priority
 
     # -- sampling -----------------------------------------------------------------------------
@@ -303,6 +300,7 @@ class PrioritizedReplay:
             "replay/sample_to_insert_ratio": self.limiter.samples / inserts,
             "replay/evicted_by_frames": self.evicted_by_frames,
             "replay/beta": self.beta,
+            "replay/total_priority": self.tree.total,
         }
 
     # Stored after (capacity, frame slots, stack); index 3 + i in the snapshot's counters.
@@ -349,7 +347,6 @@ class PrioritizedReplay:
             tmp,
             counters=counters,
             leaves=self.tree.nodes[self.tree.size : self.tree.size + self.config.capacity],
-            max_priority=np.array([self.max_priority]),
             **{name: getattr(self, name) for name in self._SNAPSHOT_ARRAYS},
         )
         tmp.replace(path)
@@ -366,7 +363,7 @@ class PrioritizedReplay:
                 arrays = {name: data[name] for name in data.files}
         except (OSError, ValueError, KeyError) as error:
             raise SnapshotError(f"cannot read replay snapshot {path}: {error}") from error
-        missing = {"counters", "leaves", "max_priority", *self._SNAPSHOT_ARRAYS} - set(arrays)
+        missing = {"counters", "leaves", *self._SNAPSHOT_ARRAYS} - set(arrays)
         if missing:
             raise SnapshotError(f"replay snapshot {path} lacks {sorted(missing)}")
         counters = arrays["counters"]
@@ -383,4 +380,3 @@ class PrioritizedReplay:
         for name, value in zip(self._SNAPSHOT_COUNTERS, counters[3:], strict=True):
             self._set_counter(name, int(value))
         self.tree.set(np.arange(self.config.capacity), arrays["leaves"])
-        self.max_priority = float(arrays["max_priority"][0])

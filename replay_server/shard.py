@@ -16,9 +16,9 @@ import time
 import numpy as np
 import redis
 
-from common.redis_io import REPLAY_GROUP, RedisConfig, RedisKeys, connect
+from common.redis_io import REPLAY_GROUP, RedisEndpoint
 from common.wire import WireError, decode_chunk
-from replay_server.replay import PrioritizedReplay, ReplayConfig, Sample
+from replay_server.replay import PrioritizedReplay, Sample
 
 logger = logging.getLogger("replay_shard")
 CHUNK_FIELD = b"c"
@@ -29,29 +29,27 @@ class ReplayShard:
 
     def __init__(
         self,
+        replay: PrioritizedReplay,
+        endpoint: RedisEndpoint,
+        *,
         shard_id: int,
-        replay_config: ReplayConfig,
-        redis_url: str,
-        run_id: str,
         stack: int,
         num_actions: int,
-        redis_config: RedisConfig | None = None,
-        seed: int = 0,
     ):
         self.shard_id = shard_id
-        self.replay = PrioritizedReplay(replay_config, stack=stack, seed=seed + 7919 * shard_id)
-        self.client = connect(redis_url, redis_config)
-        self.keys = RedisKeys(run_id)
-        self.run_id = run_id
+        self.replay = replay
+        self.client = endpoint.connect()
+        self.redis_keys = endpoint.keys
+        self.run_id = endpoint.run_id
         self.stack = stack
         self.num_actions = num_actions
         self.consumer = f"shard-{shard_id}"
-        self.inserted_chunks = 0
-        self.rejected_chunks = 0
         self._reading_own_pending = True
         self._last_trim = 0.0
         try:
-            self.client.xgroup_create(self.keys.experience, REPLAY_GROUP, id="0", mkstream=True)
+            self.client.xgroup_create(
+                self.redis_keys.experience, REPLAY_GROUP, id="0", mkstream=True
+            )
         except redis.ResponseError as error:
             if "BUSYGROUP" not in str(error):
                 raise
@@ -82,14 +80,12 @@ class ReplayShard:
                 logger.warning("shard %d dropped entry %s: %s", self.shard_id, entry_id, error)
         if ids:
             pipe = self.client.pipeline(transaction=True)
-            pipe.xack(self.keys.experience, REPLAY_GROUP, *ids)
+            pipe.xack(self.redis_keys.experience, REPLAY_GROUP, *ids)
             if inserted:
-                pipe.hincrby(self.keys.counters, "chunks_inserted", inserted)
+                pipe.hincrby(self.redis_keys.counters, "chunks_inserted", inserted)
             if rejected:
-                pipe.hincrby(self.keys.counters, "chunks_rejected", rejected)
+                pipe.hincrby(self.redis_keys.counters, "chunks_rejected", rejected)
             pipe.execute()
-        self.inserted_chunks += inserted
-        self.rejected_chunks += rejected
         self._maybe_trim()
         return len(ids)
 
@@ -97,7 +93,7 @@ class ReplayShard:
         response = self.client.xreadgroup(
             REPLAY_GROUP,
             self.consumer,
-            {self.keys.experience: stream_id},
+            {self.redis_keys.experience: stream_id},
             count=count,
             block=block_ms,
         )
@@ -109,19 +105,19 @@ class ReplayShard:
         if now - self._last_trim < 1.0:
             return
         self._last_trim = now
-        groups = self.client.xinfo_groups(self.keys.experience)
+        groups = self.client.xinfo_groups(self.redis_keys.experience)
         boundary = None
         for group in groups:
             delivered = group.get("last-delivered-id", b"0-0")
             candidates = [_next_id(delivered)]
             if group.get("pending", 0):
-                summary = self.client.xpending(self.keys.experience, group["name"])
+                summary = self.client.xpending(self.redis_keys.experience, group["name"])
                 if summary.get("min"):
                     candidates.append(_as_str(summary["min"]))
             low = min(candidates, key=_id_key)
             boundary = low if boundary is None else min(boundary, low, key=_id_key)
         if boundary is not None:
-            self.client.xtrim(self.keys.experience, minid=boundary, approximate=False)
+            self.client.xtrim(self.redis_keys.experience, minid=boundary, approximate=False)
 
     def sample(self, batch_size: int) -> Sample | None:
         """A prioritized batch, or None while the rate limiter (or emptiness) holds it back."""
@@ -135,16 +131,8 @@ class ReplayShard:
     def total_priority(self) -> float:
         return self.replay.tree.total
 
-    def stats(self) -> dict:
-        stats = {f"{key}": value for key, value in self.replay.stats().items()}
-        stats.update(
-            {
-                "replay/chunks_inserted": self.inserted_chunks,
-                "replay/chunks_rejected": self.rejected_chunks,
-                "replay/total_priority": self.replay.tree.total,
-            }
-        )
-        return stats
+    def stats(self) -> dict[str, float]:
+        return self.replay.stats()
 
     def snapshot(self, path: pathlib.Path) -> None:
         self.replay.snapshot(path)

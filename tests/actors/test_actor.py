@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from actors.actor import ActorConfig, ActorCore, apex_epsilon
+from actors.actor import ActorConfig, ActorCore, apex_epsilon, slot_epsilons
 from common.config import EnvConfig, NetworkConfig
 
 
@@ -21,19 +21,30 @@ def test_apex_epsilon(index, count, expected):
     assert apex_epsilon(index, count) == pytest.approx(expected, rel=1e-4)
 
 
-def test_an_actor_started_later_shares_an_initial_actors_epsilon_band():
-    actor_config = ActorConfig(envs_per_actor=2)
-    late = ActorCore(EnvConfig(), actor_config, NetworkConfig(), actor_index=5, num_actors=2,
-                     epsilon_actor=1)  # fmt: skip
-    assert late.epsilons == pytest.approx([apex_epsilon(2, 4), apex_epsilon(3, 4)])
+@pytest.mark.parametrize(
+    ("band", "bands", "expected"),
+    [
+        # 2 envs per actor, 2 bands: the ladder has 4 slots, 0.4^(1 + 7·i/3)
+        (0, 2, [0.4, 0.4 ** (1 + 7 / 3)]),  # 0.4, 0.0466
+        (1, 2, [0.4 ** (1 + 14 / 3), 0.4**8]),  # 0.00543, 0.000655
+        (0, 1, [0.4, 0.4**8]),
+    ],
+)
+def test_slot_epsilons_spread_apex_ladder_over_bands(band, bands, expected):
+    assert slot_epsilons(ActorConfig(envs_per_actor=2), band, bands) == pytest.approx(expected)
+
+
+def test_a_fixed_epsilon_and_a_bad_band():
+    assert slot_epsilons(ActorConfig(envs_per_actor=3, epsilon=0.05), 0, 1) == [0.05] * 3
     with pytest.raises(ValueError, match=r"epsilon band 2 is outside 0\.\.1"):
-        ActorCore(EnvConfig(), actor_config, NetworkConfig(), actor_index=2, num_actors=2)
+        slot_epsilons(ActorConfig(envs_per_actor=2), band=2, bands=2)
 
 
 def test_actor_emits_valid_chunks_with_its_own_priorities():
     env_config = EnvConfig(max_episode_steps=25)  # truncations happen too
     actor_config = ActorConfig(envs_per_actor=2, chunk_length=20)
-    actor = ActorCore(env_config, actor_config, NetworkConfig(), actor_index=1, num_actors=2)
+    epsilons = slot_epsilons(actor_config, band=1, bands=2)
+    actor = ActorCore(env_config, actor_config, NetworkConfig(), epsilons=epsilons, actor_id=1)
     assert actor.epsilons == pytest.approx([apex_epsilon(2, 4), apex_epsilon(3, 4)])
     episodes, chunks = [], []
     for _ in range(150):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.bench_replay import synthetic_chunk
+from common.experience import synthetic_chunk
 from common.networks import QNetwork
 from common.wire import WireError, decode_chunk, decode_weights, encode_chunk, encode_weights
 

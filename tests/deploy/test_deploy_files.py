@@ -20,7 +20,7 @@ import tyro
 import yaml
 
 from common.redis_io import RedisConfig
-from common.train import TrainConfig
+from launch.config import TrainConfig
 from tests.deploy.compose import (
     COMPOSE_FILE,
     DOCKERFILE,

@@ -99,7 +99,7 @@ class Cluster:
         return out
 
     def actor_nodes(self) -> set[str]:
-        actors = self.list("actors", "class_name=ActorActor", "state=ALIVE")
+        actors = self.list("actors", "class_name=ActorWorker", "state=ALIVE")
         return {actor["node_id"] for actor in actors}
 
     def job_status(self, job_id: str) -> str:

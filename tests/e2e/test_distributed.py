@@ -12,11 +12,12 @@ import pytest
 import ray
 import redis
 
-from common.bench_replay import synthetic_chunk
-from common.cli import main
-from common.distributed import ShardActor
-from common.redis_io import REPLAY_GROUP, RedisKeys
+from common.experience import synthetic_chunk
+from common.redis_io import REPLAY_GROUP, RedisEndpoint, RedisKeys
 from common.wire import encode_chunk
+from launch.cli import main
+from launch.ray_backend import ShardWorker
+from launch.roles import ReplaySpec
 from learner.checkpoint import load_checkpoint
 from replay_server.replay import ReplayConfig
 
@@ -93,7 +94,9 @@ def test_killed_shard_loses_no_chunk_that_was_in_redis(redis_url, tmp_path):
     config = ReplayConfig(capacity=20_000, min_size_to_sample=10, samples_per_insert=1e-6)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        shard = ShardActor.remote(0, config, redis_url, "kill-test", 4, 5)
+        spec = ReplaySpec(shard_id=0, replay=config, stack=4, num_actions=5, seed=0)
+        endpoint = RedisEndpoint(redis_url, "kill-test")
+        shard = ShardWorker.remote(spec, endpoint, str(tmp_path / "replay-0.npz"))
         rng = np.random.default_rng(0)
         message = encode_chunk(synthetic_chunk(rng, 20), "kill-test")
         written = 0
@@ -155,19 +158,19 @@ def test_two_shards_dead_actor_restarted_sigterm_stops_everything(tmp_path):
 
     run_dir = tmp_path / "sigterm"
     metrics = run_dir / "metrics.jsonl"
-    command = [sys.executable, "-m", "common.cli", *TINY, "--total-env-steps", "100000000",
+    command = [sys.executable, "-m", "launch.cli", *TINY, "--total-env-steps", "100000000",
                "--distributed.num-shards", "2", "--run-dir", str(run_dir)]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                start_new_session=True)  # fmt: skip
     try:
         _wait_for_steps(process, metrics, 0)
-        actors = subprocess.run(["pgrep", "-f", "ray::ActorActor"], capture_output=True,
+        actors = subprocess.run(["pgrep", "-f", "ray::ActorWorker"], capture_output=True,
                                 text=True).stdout.split()  # fmt: skip
         assert len(actors) == 2
         os.kill(int(actors[0]), signal.SIGKILL)  # an actor crashes; training goes on
         time.sleep(3)
         _wait_for_steps(process, metrics, _env_steps(metrics) + 200)
-        restarted = subprocess.run(["pgrep", "-f", "ray::ActorActor"], capture_output=True,
+        restarted = subprocess.run(["pgrep", "-f", "ray::ActorWorker"], capture_output=True,
                                    text=True).stdout.split()  # fmt: skip
         assert len(restarted) == 2 and actors[0] not in restarted
         process.send_signal(signal.SIGTERM)

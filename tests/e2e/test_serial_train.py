@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.cli import main
+from launch.cli import main
 from learner.checkpoint import CheckpointError, load_checkpoint
 
 TINY = [
@@ -42,7 +42,7 @@ def test_train_writes_checkpoint_metrics_and_wandb(trained_run):
     assert counters["updates"] > 0
     # the rate limiter holds the replay ratio near samples_per_insert / batch = 1/8 per step
     assert counters["updates"] <= (counters["env_steps"] - 200) * 2 / 16 + 64 / 16 + 1
-    assert (trained_run / "replay.npz").exists()
+    assert (trained_run / "replay-0.npz").exists()
     records = [
         json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()
     ]
@@ -61,7 +61,7 @@ def test_resume_continues_counters_and_replay(trained_run):
     assert after["episodes"] >= before["episodes"]
     # The replay was restored warm: what both runs inserted is counted. Each exit flushes
     # partial chunks; only the ≤ n = 3 transitions per env awaiting a value are lost.
-    with np.load(trained_run / "replay.npz") as snapshot:
+    with np.load(trained_run / "replay-0.npz") as snapshot:
         inserted = int(snapshot["counters"][7])
     assert after["env_steps"] - 2 * 2 * 3 <= inserted <= after["env_steps"]
 

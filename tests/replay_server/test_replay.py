@@ -187,7 +187,7 @@ def test_snapshot_round_trip(tmp_path):
 
 
 def test_bytes_per_transition_at_capacity_below_8kb():
-    from common.bench_replay import synthetic_chunk
+    from common.experience import synthetic_chunk
 
     replay = PrioritizedReplay(ReplayConfig(capacity=20_000, min_size_to_sample=1))
     rng = np.random.default_rng(0)

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import redis
 
-from common.bench_replay import synthetic_chunk
-from common.redis_io import REPLAY_GROUP, RedisKeys
+from common.experience import synthetic_chunk
+from common.redis_io import REPLAY_GROUP, RedisConfig, RedisEndpoint, RedisKeys
 from common.wire import encode_chunk
-from replay_server.replay import ReplayConfig
+from replay_server.replay import PrioritizedReplay, ReplayConfig
 from replay_server.shard import ReplayShard
 
 RUN = "test-run"
@@ -15,8 +15,10 @@ RUN = "test-run"
 CONFIG = ReplayConfig(capacity=5000, min_size_to_sample=10, samples_per_insert=1e-6)
 
 
-def make_shard(url, shard_id=0):
-    return ReplayShard(shard_id, CONFIG, url, RUN, stack=4, num_actions=5)
+def make_shard(url, shard_id=0, redis_config=None):
+    endpoint = RedisEndpoint(url, RUN, redis_config or RedisConfig())
+    replay = PrioritizedReplay(CONFIG, stack=4)
+    return ReplayShard(replay, endpoint, shard_id=shard_id, stack=4, num_actions=5)
 
 
 def write_chunks(client, count, rng, length=20):
@@ -92,22 +94,21 @@ def test_fuzzed_stream_never_crashes_the_shard_and_every_reject_is_counted(redis
     pipe.execute()
     write_chunks(client, 5, rng)
     drain(shard)
-    assert shard.inserted_chunks == 5
-    assert shard.rejected_chunks == bad
     counters = client.hgetall(keys.counters)
+    assert int(counters[b"chunks_inserted"]) == 5
     assert int(counters[b"chunks_rejected"]) == bad
     assert shard.replay.size == 100  # the good chunks went in, nothing was lost
 
 
 def test_password_protected_redis(monkeypatch, tmp_path):
-    from common.redis_io import EmbeddedRedis, RedisConfig
+    from common.redis_io import EmbeddedRedis
 
     with EmbeddedRedis(password="s3cret") as server:
         with pytest.raises(redis.AuthenticationError):
             make_shard(server.url)  # no password: refused
         monkeypatch.setenv("MARIO_TEST_REDIS_PASSWORD", "s3cret")
         config = RedisConfig(password_env="MARIO_TEST_REDIS_PASSWORD")
-        shard = ReplayShard(0, CONFIG, server.url, RUN, 4, 5, redis_config=config)
+        shard = make_shard(server.url, redis_config=config)
         client = redis.Redis.from_url(server.url, password="s3cret")
         write_chunks(client, 3, np.random.default_rng(4))
         assert drain(shard) == 3

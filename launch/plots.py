@@ -9,7 +9,7 @@ import pathlib
 import numpy as np
 import tyro
 
-from common.grid_world import rolling_mean
+from launch.grid_world import rolling_mean
 
 
 @dataclasses.dataclass(frozen=True)

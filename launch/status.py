@@ -6,13 +6,13 @@ import dataclasses
 import pathlib
 import time
 
-import msgpack
 import redis
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
 from common.redis_io import RedisConfig, RedisKeys, connect
+from common.wire import decode_record
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +55,7 @@ def snapshot(client, keys: RedisKeys) -> dict:
     """Everything `mario status` shows, as plain data."""
     now = time.time()
     counters = {k.decode(): int(v) for k, v in client.hgetall(keys.counters).items()}
-    stats = {k.decode(): msgpack.unpackb(v) for k, v in client.hgetall(keys.stats).items()}
+    stats = {k.decode(): decode_record(v) for k, v in client.hgetall(keys.stats).items()}
     beats = {k.decode(): now - float(v) for k, v in client.hgetall(keys.heartbeats).items()}
     version = int(client.get(keys.weights_version) or 0)
     return {

@@ -10,9 +10,9 @@ import time
 
 import torch
 
-from actors.actor import ActorConfig, ActorCore
-from common.bench_env import raw_emulator_fps
+from actors.actor import ActorConfig, ActorCore, slot_epsilons
 from common.config import EnvConfig, NetworkConfig
+from launch.bench.env import raw_emulator_fps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +35,8 @@ def run(config: BenchActorConfig) -> dict:
         os.sched_setaffinity(0, {config.cpu})
     torch.set_num_threads(1)
     raw_fps = raw_emulator_fps(config.env.levels[0], config.seconds)
-    actor = ActorCore(config.env, config.actor, config.network, seed=0)
+    epsilons = slot_epsilons(config.actor, band=0, bands=1)
+    actor = ActorCore(config.env, config.actor, config.network, epsilons=epsilons)
     for _ in range(5):  # warm-up: first forward passes allocate
         actor.step()
     steps0, frames0, chunks, transitions = actor.env_steps, actor.frames, 0, 0

@@ -6,9 +6,8 @@ import socket
 import pytest
 import redis
 
-from common.cli import main
-from common.distributed import DistributedConfig
-from common.train import TrainConfig
+from launch.cli import main
+from launch.config import DistributedConfig, TrainConfig
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ import redis
 from rich.console import Console
 
 from common.redis_io import RedisKeys
-from common.status import StatusConfig, health_problems, show
+from launch.status import StatusConfig, health_problems, show
 
 
 def test_status_shows_counters_roles_and_lag(redis_url, tmp_path):

@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from common.experience import Chunk
+from common.experience import synthetic_chunk
 from replay_server.replay import PrioritizedReplay, ReplayConfig
 
 
@@ -30,22 +30,6 @@ class BenchReplayConfig:
     """CPU core to pin to (None: do not pin)."""
     out: pathlib.Path = pathlib.Path("runs/bench/replay.json")
     """Where the JSON result is written."""
-
-
-def synthetic_chunk(rng: np.random.Generator, length: int, stack: int = 4, n: int = 3) -> Chunk:
-    """A chunk shaped like an actor's: length+stack−1+n frames, overlapping stacks."""
-    frames = rng.integers(0, 256, (length + stack - 1 + n, 84, 84), dtype=np.uint8)
-    steps = np.arange(length)[:, None]
-    obs_index = (steps + np.arange(stack)).astype(np.uint16)
-    return Chunk(
-        frames=frames,
-        obs_index=obs_index,
-        next_index=(obs_index + n).astype(np.uint16),
-        actions=rng.integers(0, 5, length).astype(np.uint8),
-        returns=rng.normal(size=length).astype(np.float32),
-        discounts=np.full(length, 0.97, np.float32),
-        priorities=rng.random(length).astype(np.float32),
-    )
 
 
 def run(config: BenchReplayConfig) -> dict:

@@ -2,7 +2,7 @@
 
 import json
 
-from common.cli import main
+from launch.cli import main
 
 
 def test_bench_env_writes_all_rates(tmp_path, capsys):

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.cli import main
-from common.grid_world import GridConfig, GridWorld, greedy_path, rolling_mean, run, train
+from launch.cli import main
+from launch.grid_world import GridConfig, GridWorld, greedy_path, rolling_mean, run, train
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,206 @@
+"""The `mario` command line: one entry point, subcommands dispatched to frozen-dataclass configs.
+
+A command's module is imported only when that command runs, so `mario grid`, `mario eval`,
+`mario plot` and the env/replay/actor benches never import Ray.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import json
+import logging
+import sys
+from collections.abc import Callable
+
+import tyro
+from rich.console import Console
+from rich.table import Table
+
+from launch.errors import RoleFailed
+
+console = Console()
+
+
+def _print_result(title: str, result: dict, path) -> None:
+    table = Table(title=title, show_header=False)
+    for key, value in result.items():
+        table.add_row(key, f"{value:,.3f}" if isinstance(value, float) else str(value))
+    console.print(table)
+    console.print(f"written: {path}")
+
+
+def _train(module, config) -> None:
+    module.train(config, console)
+
+
+def _eval(module, config) -> None:
+    summary = module.evaluate(config)
+    shown = {k: v for k, v in summary.items() if k not in ("per_episode", "videos")}
+    _print_result(f"eval of {config.checkpoint}", shown, summary["videos"])
+    for index, episode in enumerate(summary["per_episode"]):
+        console.print(f"episode {index}: {episode}")
+
+
+def _status(module, config) -> None:
+    module.show(config, console)
+
+
+def _plot(module, config) -> None:
+    console.print(f"written: {module.plot(config)}")
+
+
+def _grid(module, config) -> None:
+    results, plot_path = module.run(config)
+    for algorithm, result in results.items():
+        console.print(f"[bold]{algorithm}[/bold] greedy policy (start top-left, G = goal):")
+        console.print(result["arrows"])
+        console.print(
+            f"greedy path {result['path']} return {result['greedy_return']:.0f}; "
+            f"mean return of the last 100 training episodes {result['mean_return_last_100']:.2f}\n"
+        )
+    console.print(f"reward curves: {plot_path}")
+
+
+def _bench_env(module, config) -> None:
+    result = module.run(config)
+    table = Table(
+        title=f"env speed, level {result['level']}, one core ({config.seconds:.0f} s each)"
+    )
+    table.add_column("measurement")
+    table.add_column("frames/s", justify="right")
+    table.add_column("agent steps/s", justify="right")
+    table.add_column("of raw", justify="right")
+    raw = result["raw_emulator_frames_per_s"]
+    table.add_row("raw emulator (frame_advance loop)", f"{raw:,.0f}", "", "100 %")
+    package = result["package_step_frames_per_s"]
+    table.add_row("package env step() per frame", f"{package:,.0f}", "", f"{package / raw:.1%}")
+    table.add_row(
+        "wrapped pipeline (ours)",
+        f"{result['pipeline_frames_per_s']:,.0f}",
+        f"{result['pipeline_agent_steps_per_s']:,.1f}",
+        f"{result['pipeline_fraction_of_raw']:.1%}",
+    )
+    console.print(table)
+    console.print(f"written: {config.out}")
+    console.print_json(json.dumps(result))
+
+
+def _bench_replay(module, config) -> None:
+    _print_result("replay speed (one core)", module.run(config), config.out)
+
+
+def _bench_actor(module, config) -> None:
+    _print_result("actor path vs raw emulator (one core)", module.run(config), config.out)
+
+
+def _bench_system(module, config) -> None:
+    result = module.run(config, console)
+    modes = [mode for mode in ("distributed", "serial") if mode in result]
+    table = Table(title=f"system, {result['seconds_each']:.0f} s per mode")
+    table.add_column("metric")
+    for mode in modes:
+        table.add_column(mode, justify="right")
+    for key in result["distributed"]:
+        table.add_row(key, *(f"{result[mode][key]:,.2f}" for mode in modes))
+    console.print(table)
+    console.print(f"written: {config.out}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Command:
+    module: str
+    """Module holding the config class and the work (imported only when the command runs)."""
+    config: str
+    """Name of the frozen config dataclass in `module`."""
+    run: Callable
+    """(module, parsed config) → None."""
+    help: str
+
+
+COMMANDS: dict[tuple[str, ...], _Command] = {
+    ("train",): _Command("launch.trainer", "TrainConfig", _train,
+                         "train double DQN on Mario (Ray; --serial: one process)"),
+    ("eval",): _Command("launch.evaluate", "EvalConfig", _eval,
+                        "evaluate a checkpoint; stats and mp4"),
+    ("status",): _Command("launch.status", "StatusConfig", _status,
+                          "a run's state, read from Redis (or its status.json)"),
+    ("plot",): _Command("launch.plots", "PlotConfig", _plot, "learning curve of runs as PNG"),
+    ("grid",): _Command("launch.grid_world", "GridConfig", _grid,
+                        "tabular Q vs double Q on the 3×3 grid"),
+    ("bench", "env"): _Command("launch.bench.env", "BenchEnvConfig", _bench_env,
+                               "emulator vs wrapped-env speed"),
+    ("bench", "replay"): _Command("launch.bench.replay", "BenchReplayConfig", _bench_replay,
+                                  "replay insert/sample rates, bytes/item"),
+    ("bench", "actor"): _Command("launch.bench.actor", "BenchActorConfig", _bench_actor,
+                                 "actor path speed vs raw emulator"),
+    ("bench", "system"): _Command("launch.bench.system", "BenchSystemConfig", _bench_system,
+                                  "Ray vs serial trainer speed"),
+}  # fmt: skip
+
+
+def _usage(group: tuple[str, ...] = ()) -> str:
+    name = " ".join(("mario", *group))
+    lines = [f"usage: {name} COMMAND [--help] [OPTIONS]", "", "commands:"]
+    for words, command in COMMANDS.items():
+        if words[: len(group)] == group:
+            lines.append(f"  {' '.join(words):<14} {command.help}")
+    return "\n".join(lines)
+
+
+def _unknown(argv: list[str]) -> str:
+    """The error for a command line that names no command, with the nearest command."""
+    typed = " ".join(word for word in argv if not word.startswith("-")) or " ".join(argv)
+    names = [" ".join(words) for words in COMMANDS] + sorted({words[0] for words in COMMANDS})
+    nearest = difflib.get_close_matches(typed, names, n=1, cutoff=0.5)
+    hint = f"; did you mean 'mario {nearest[0]}'?" if nearest else ""
+    return f"mario: unknown command {typed!r}{hint}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `mario` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    for words, command in sorted(COMMANDS.items(), key=lambda item: -len(item[0])):
+        if tuple(argv[: len(words)]) == words:
+            _run(words, command, argv[len(words) :])
+            return
+    groups = {words[:-1] for words in COMMANDS if len(words) > 1}
+    for group in groups:  # `mario bench`, `mario bench --help`
+        if tuple(argv[: len(group)]) == group and all(a in ("-h", "--help") for a in argv[1:]):
+            print(_usage(group))
+            if len(argv) == len(group):
+                raise SystemExit(2)
+            return
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        if not argv:
+            raise SystemExit(2)
+        return
+    print(f"{_unknown(argv)}\n\n{_usage()}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _run(words: tuple[str, ...], command: _Command, args: list[str]) -> None:
+    module = importlib.import_module(command.module)
+    prog = "mario " + " ".join(words)
+    try:
+        config = tyro.cli(
+            getattr(module, command.config), args=args, prog=prog, description=command.help
+        )
+    except ValueError as error:  # raised by a config's __post_init__ validation
+        console.print(f"[red]error:[/red] {error}")
+        raise SystemExit(2) from None
+    try:
+        command.run(module, config)
+    except (ValueError, OSError) as error:  # bad checkpoint, snapshot, path or setting
+        console.print(f"[red]error:[/red] {error}")
+        raise SystemExit(1) from None
+    except RoleFailed as error:  # the role's own error; its traceback went to the log
+        console.print(f"[red]error:[/red] {error}")
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,278 @@
+"""`mario train`'s config, and how a run is prepared: a new run directory, or a saved run resumed.
+
+A resumed run takes its mode and every training setting from its checkpoint; only the settings
+of this invocation (budget, where Redis and Ray are, display, logging) come from the command
+line. A command-line value that contradicts the run is an error that names both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import os
+import pathlib
+
+from actors.actor import ActorConfig
+from common.config import EnvConfig, NetworkConfig, config_from_dict
+from common.redis_io import RedisConfig
+from learner.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from learner.learner import LearnerConfig
+from replay_server.replay import ReplayConfig
+
+logger = logging.getLogger("train")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """Processes of the Ray backend."""
+
+    num_actors: int | None = None
+    """Actor processes at the start (1 CPU each); None: one per CPU the cluster has free once the
+    learner holds its CPU, at least 1."""
+    max_actors: int | None = None
+    """Elastic actors: when CPUs join the cluster during the run, start actors on them up to this
+    many in all. None: --distributed.num-actors when that is given (a fixed pool), else no cap."""
+    num_shards: int = 1
+    """Replay shards."""
+    prefetch: int = 4
+    """Sample requests the learner keeps in flight."""
+    weights_poll_frames: int = 400
+    """Emulator frames between an actor's checks of the weights version."""
+
+    def __post_init__(self) -> None:
+        if self.num_actors is not None and self.num_actors < 1:
+            raise ValueError(f"num_actors ({self.num_actors}) must be >= 1")
+        if self.max_actors is not None and self.max_actors < max(1, self.num_actors or 1):
+            raise ValueError(
+                f"max_actors ({self.max_actors}) must be >= 1 and >= num_actors ({self.num_actors})"
+            )
+        if self.num_shards < 1:
+            raise ValueError(f"num_shards ({self.num_shards}) must be >= 1")
+        if self.prefetch < 1:
+            raise ValueError(f"prefetch ({self.prefetch}) must be >= 1")
+        if self.weights_poll_frames < 1:
+            raise ValueError(f"weights_poll_frames ({self.weights_poll_frames}) must be >= 1")
+
+    @property
+    def resolved_num_actors(self) -> int:
+        """The initial count on this machine alone (a local Ray: every CPU but the learner's)."""
+        return self.num_actors or max(1, (os.cpu_count() or 2) - 1)
+
+    @property
+    def resolved_max_actors(self) -> int | None:
+        return self.max_actors if self.max_actors is not None else self.num_actors
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Train a double-DQN agent on Super Mario Bros."""
+
+    env: EnvConfig = dataclasses.field(default_factory=EnvConfig)
+    actor: ActorConfig = dataclasses.field(default_factory=ActorConfig)
+    replay: ReplayConfig = dataclasses.field(default_factory=ReplayConfig)
+    learner: LearnerConfig = dataclasses.field(default_factory=LearnerConfig)
+    network: NetworkConfig = dataclasses.field(default_factory=NetworkConfig)
+    redis: RedisConfig = dataclasses.field(default_factory=RedisConfig)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+    serial: bool = False
+    """Run every role in this one process (the debugging mode; no Redis, no Ray)."""
+    redis_url: str | None = None
+    """redis:// or rediss:// (TLS) URL of an existing Redis; None starts an embedded one."""
+    ray_address: str | None = None
+    """Address of an existing Ray cluster (None: $RAY_ADDRESS, e.g. inside `ray job submit`, else
+    a private local Ray)."""
+    ray_head_port: int | None = None
+    """Start a Ray head node on this port that other machines join with `ray start --address
+    HOST:PORT` (the docker-compose trainer); None: see --ray-address."""
+    ray_head_cpus: int | None = None
+    """CPUs the head started by --ray-head-port offers (one for the learner, the rest for actors);
+    None: all of this machine's."""
+    ray_dashboard_port: int = 8265
+    """Dashboard (and job API) port of the head started by --ray-head-port."""
+    total_env_steps: int = 5_000_000
+    """Stop after this many agent steps (over all envs)."""
+    minutes: float | None = None
+    """Stop after this many minutes of wall-clock time (None: no time limit)."""
+    publish_every_updates: int = 50
+    """Copy the learner's weights to the actors every this many updates."""
+    checkpoint_minutes: float = 10.0
+    """Write a checkpoint (and replay snapshots) every this many minutes, and at exit."""
+    snapshot_replay: bool = True
+    """Include the replay contents in checkpoints (needed for a warm --resume)."""
+    run_dir: pathlib.Path | None = None
+    """Run directory (default: runs/<date-time>)."""
+    resume: pathlib.Path | None = None
+    """Continue the run in this directory: its mode, saved config, counters and replay."""
+    resume_existing: bool = False
+    """If --run-dir already holds a checkpoint, continue it (as --resume does); else start a new
+    run there. For services that restart (docker compose, RayJob)."""
+    seed: int = 0
+    """Random seed."""
+    wandb: str = "auto"
+    """W&B: auto (online with WANDB_API_KEY, else offline), online, offline, disabled."""
+    log_every_s: float = 10.0
+    """Seconds between metric records."""
+    live_display: bool = True
+    """Show the live console table (off for tests and non-terminals)."""
+    torch_threads: int = 0
+    """CPU threads for the learner's torch (0: torch's default)."""
+
+    def __post_init__(self) -> None:
+        if self.redis_url is not None and not self.redis_url.startswith(
+            ("redis://", "rediss://", "unix://")
+        ):
+            raise ValueError(
+                f"redis_url {self.redis_url!r} must start with redis://, rediss:// or unix://"
+            )
+        if self.ray_head_port is not None and self.ray_address is not None:
+            raise ValueError(
+                f"ray_head_port ({self.ray_head_port}) and ray_address ({self.ray_address!r}) "
+                "exclude each other: start a head, or join one"
+            )
+        for name in ("ray_head_port", "ray_dashboard_port"):
+            port = getattr(self, name)
+            if port is not None and not 1 <= port <= 65535:
+                raise ValueError(f"{name} ({port}) must be a TCP port, 1..65535")
+        if self.ray_head_cpus is not None and self.ray_head_cpus < 1:
+            raise ValueError(f"ray_head_cpus ({self.ray_head_cpus}) must be >= 1 (the learner's)")
+        if self.resume_existing and self.run_dir is None:
+            raise ValueError("resume_existing needs --run-dir (the directory to continue)")
+        if self.total_env_steps < 1:
+            raise ValueError(f"total_env_steps ({self.total_env_steps}) must be >= 1")
+        if self.minutes is not None and self.minutes <= 0:
+            raise ValueError(f"minutes ({self.minutes}) must be > 0")
+        if self.publish_every_updates < 1:
+            raise ValueError(f"publish_every_updates ({self.publish_every_updates}) must be >= 1")
+        if self.checkpoint_minutes <= 0:
+            raise ValueError(f"checkpoint_minutes ({self.checkpoint_minutes}) must be > 0")
+        if self.log_every_s <= 0:
+            raise ValueError(f"log_every_s ({self.log_every_s}) must be > 0")
+        if self.torch_threads < 0:
+            raise ValueError(f"torch_threads ({self.torch_threads}) must be >= 0")
+        if self.replay.rate_error_buffer < self.learner.batch_size:
+            raise ValueError(
+                f"replay.rate_error_buffer ({self.replay.rate_error_buffer}) must be >= "
+                f"learner.batch_size ({self.learner.batch_size}), or no batch is ever allowed"
+            )
+        if self.replay.capacity < self.actor.chunk_length:
+            raise ValueError(
+                f"replay.capacity ({self.replay.capacity}) must hold one chunk "
+                f"(actor.chunk_length {self.actor.chunk_length})"
+            )
+        if self.serial:
+            _refuse_ray_only_options(self)
+
+
+# Settings of one invocation, taken from the command line when a run is resumed; every other
+# field comes from the saved run.
+INVOCATION_FIELDS = frozenset({
+    "total_env_steps", "minutes", "resume", "resume_existing", "run_dir", "live_display",
+    "wandb", "log_every_s", "checkpoint_minutes", "redis_url", "ray_address", "ray_head_port",
+    "ray_head_cpus", "ray_dashboard_port", "redis", "distributed.num_actors",
+    "distributed.max_actors",
+})  # fmt: skip
+
+# Options that only the Ray backend has: with --serial they are refused, not ignored.
+_RAY_ONLY_FIELDS = (
+    "redis_url", "ray_address", "ray_head_port", "ray_head_cpus", "ray_dashboard_port", "redis",
+    "distributed.max_actors", "distributed.num_shards", "distributed.prefetch",
+    "distributed.weights_poll_frames",
+)  # fmt: skip
+
+
+def flag(path: str) -> str:
+    """The command-line flag of a config field path: learner.batch_size → --learner.batch-size."""
+    return "--" + path.replace("_", "-")
+
+
+def _leaves(config, prefix: str = "") -> dict[str, object]:
+    """Field path → value, descending into nested configs."""
+    leaves = {}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        path = f"{prefix}{field.name}"
+        if dataclasses.is_dataclass(value) and path not in INVOCATION_FIELDS:
+            leaves.update(_leaves(value, path + "."))
+        else:
+            leaves[path] = value
+    return leaves
+
+
+def _refuse_ray_only_options(config: TrainConfig) -> None:
+    given = _leaves(config)
+    default = _leaves(TrainConfig())
+    bad = [path for path in _RAY_ONLY_FIELDS if given[path] != default[path]]
+    if config.distributed.num_actors not in (None, 1):
+        bad.insert(0, "distributed.num_actors")
+    if bad:
+        names = ", ".join(f"{flag(path)} ({given[path]!r})" for path in bad)
+        raise ValueError(
+            f"{names}: only the Ray backend has this; --serial runs one actor, one replay and "
+            "the learner in this process, without Redis or Ray"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedRun:
+    """What `mario train` runs: the config in force, its directory, the checkpoint to resume."""
+
+    config: TrainConfig
+    run_dir: pathlib.Path
+    checkpoint: dict | None = None
+    """The loaded checkpoint when resuming (None: a new run)."""
+
+
+def prepare_run(requested: TrainConfig) -> PreparedRun:
+    """Resolves the run directory; on --resume loads the checkpoint and takes the saved config.
+
+    Raises:
+        ValueError: a --run-dir that holds a checkpoint without --resume(-existing), or
+            command-line settings that contradict the saved run (each named with both values).
+        CheckpointError: a checkpoint that cannot be read.
+    """
+    existing = requested.run_dir is not None and (requested.run_dir / CHECKPOINT_NAME).exists()
+    if requested.resume is None and existing:
+        if not requested.resume_existing:
+            raise ValueError(
+                f"run_dir {requested.run_dir} already holds a checkpoint: continue it with "
+                f"--resume {requested.run_dir} (or --resume-existing), or pick another --run-dir"
+            )
+        requested = dataclasses.replace(requested, resume=requested.run_dir)
+    if requested.resume is None:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        return PreparedRun(requested, requested.run_dir or pathlib.Path("runs") / stamp)
+    run_dir = pathlib.Path(requested.resume)
+    checkpoint = load_checkpoint(run_dir)
+    saved = config_from_dict(TrainConfig, checkpoint["config"], "checkpoint config")
+    _check_no_contradiction(requested, saved, run_dir)
+    invocation = {name: getattr(requested, name) for name in INVOCATION_FIELDS if "." not in name}
+    invocation["run_dir"] = run_dir
+    distributed = dataclasses.replace(
+        saved.distributed,
+        num_actors=requested.distributed.num_actors,
+        max_actors=requested.distributed.max_actors,
+    )
+    config = dataclasses.replace(saved, **invocation, distributed=distributed)
+    mode = "serial" if config.serial else "Ray"
+    logger.info(
+        "resuming %s run %s at %s env steps", mode, run_dir, checkpoint["counters"]["env_steps"]
+    )
+    return PreparedRun(config, run_dir, checkpoint)
+
+
+def _check_no_contradiction(requested: TrainConfig, saved: TrainConfig, run_dir) -> None:
+    """A setting given on the command line (one that differs from its default) must agree with
+    the saved run."""
+    given, default, kept = _leaves(requested), _leaves(TrainConfig()), _leaves(saved)
+    conflicts = [
+        f"{flag(path)}: the run has {kept[path]!r}, the command line says {value!r}"
+        for path, value in given.items()
+        if path not in INVOCATION_FIELDS and value != default[path] and value != kept[path]
+    ]
+    if conflicts:
+        raise ValueError(
+            f"--resume {run_dir} continues the run with its saved settings; "
+            + "; ".join(conflicts)
+            + " (drop these flags, or start a new run)"
+        )

@@ -1,0 +1,137 @@
+"""The in-process backend (`mario train --serial`): actor, replay and learner in one loop.
+
+The role cores that the Ray backend runs in separate processes run here in this one, without
+Redis or Ray: learn whenever the replay's rate limiter allows a batch, act otherwise. The first
+thing to try when debugging, and the fastest way to run the tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import pathlib
+import time
+
+from launch.config import TrainConfig
+from launch.roles import RoleSpecs, build_actor, build_learner, build_replay
+from launch.trainer import BACKEND_COUNTERS, episode_record, replay_snapshot_path
+from learner.learner import cpu_copy
+from learner.runner import LearnerMeter
+
+logger = logging.getLogger("serial")
+
+
+class LocalBackend:
+    """Every role in this process; the Trainer calls advance() to let them work."""
+
+    name = "serial"
+
+    def __init__(self, config: TrainConfig, run_dir: pathlib.Path):
+        self.config = config
+        self.run_dir = run_dir
+        self.specs = RoleSpecs(config)
+        self._counters = dict.fromkeys(BACKEND_COUNTERS, 0)
+        self._steps_before = self._frames_before = 0
+        self._episodes: list[dict] = []
+        self._last_metrics: dict[str, float] = {}
+        self._actor_rate_base: tuple[float, int, int] | None = None
+
+    def start(self, resources: contextlib.ExitStack, checkpoint: dict | None) -> None:
+        self.learner = build_learner(
+            self.specs.learner(), checkpoint["learner"] if checkpoint else None
+        )
+        self.replay = build_replay(self.specs.replay(0))
+        self.actor = build_actor(self.specs.actor(0, epsilon_band=0, epsilon_bands=1))
+        resources.callback(self.actor.close)
+        self.meter = LearnerMeter(self.learner)
+        if checkpoint is not None:
+            saved = checkpoint["counters"]
+            for name in self._counters:
+                self._counters[name] = int(saved.get(name, 0))
+            self._steps_before, self._frames_before = saved["env_steps"], saved.get("frames", 0)
+            snapshot = replay_snapshot_path(self.run_dir, 0)
+            if snapshot.exists():
+                self.replay.restore(snapshot)
+            rng = checkpoint.get("rng", {})
+            if "actor" in rng and "replay" in rng:
+                self.actor.rng.bit_generator.state = rng["actor"]
+                self.replay.rng.bit_generator.state = rng["replay"]
+        self.actor.set_weights(self.learner.cpu_weights(), self.learner.updates)
+
+    def advance(self, seconds: float) -> None:
+        actor, replay, learner = self.actor, self.replay, self.learner
+        batch_size = self.config.learner.batch_size
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if replay.can_sample(batch_size):
+                sample = replay.sample(batch_size)
+                self._last_metrics, td_abs = learner.update(sample)
+                replay.update_priorities(sample.keys, td_abs)
+                if learner.updates % self.config.publish_every_updates == 0:
+                    actor.set_weights(learner.cpu_weights(), learner.updates)
+                continue
+            acting_since = time.monotonic()
+            finished = actor.step()
+            self._insert(actor.take_chunks())
+            for episode in finished:
+                record = dataclasses.asdict(episode)
+                self._episodes.append(episode_record(record, "actor-0", actor.policy_version))
+            self.meter.waited(time.monotonic() - acting_since)
+
+    def _insert(self, chunks) -> None:
+        for chunk in chunks:
+            self.replay.insert(chunk)
+            self._counters["chunks_written"] += 1
+            self._counters["chunks_inserted"] += 1
+            self._counters["transitions_written"] += len(chunk)
+
+    def counters(self) -> dict[str, int]:
+        return {
+            **self._counters,
+            "env_steps": self._steps_before + self.actor.env_steps,  # the actor counts from 0
+            "frames": self._frames_before + self.actor.frames,
+            "updates": self.learner.updates,
+        }
+
+    def new_episodes(self) -> list[dict]:
+        episodes, self._episodes = self._episodes, []
+        return episodes
+
+    def stats(self) -> dict[str, float]:
+        now, actor = time.monotonic(), self.actor
+        steps_per_s = frames_per_s = 0.0
+        if self._actor_rate_base is not None:
+            then, steps, frames = self._actor_rate_base
+            interval = max(now - then, 1e-9)
+            steps_per_s = (actor.env_steps - steps) / interval
+            frames_per_s = (actor.frames - frames) / interval
+        self._actor_rate_base = (now, actor.env_steps, actor.frames)
+        return {
+            **self.meter.report(self._last_metrics),
+            **self.replay.stats(),
+            "actors/running": 1,
+            "actors/lost": 0,
+            "actors/env_steps_per_s": steps_per_s,
+            "actors/frames_per_s": frames_per_s,
+            "actors/actor-0/frames_per_s": frames_per_s,
+            "policy_lag": self.learner.updates - actor.policy_version,
+            "stream_lag_chunks": 0,
+        }
+
+    def state(self) -> dict:
+        return {
+            "learner": cpu_copy(self.learner.state_dict()),
+            "rng": {
+                "actor": self.actor.rng.bit_generator.state,
+                "replay": self.replay.rng.bit_generator.state,
+            },
+        }
+
+    def snapshot_replay(self, run_dir: pathlib.Path) -> None:
+        self.replay.snapshot(replay_snapshot_path(run_dir, 0))
+
+    def stop_roles(self) -> None:
+        # Partial chunks: keep the experience (only the ≤ n transitions per env that wait for a
+        # value are lost).
+        self._insert(self.actor.take_chunks(flush=True))

@@ -1,0 +1,588 @@
+"""The Ray backend of `mario train`: every role in its own Ray process, meeting in Redis.
+
+All process wiring is here, in one place. Redis carries experience (actors → shards), weights
+(learner → actors), counters, stats and episode telemetry; Ray places and restarts the
+processes and carries sample batches (shards → learner) through its object store. Each Ray
+actor below is a thin wrapper that builds its role from a spec (launch/roles.py); the role
+classes know nothing of Ray.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from common.redis_io import EmbeddedRedis, RedisEndpoint
+from common.wire import WireError, decode_record
+from launch.config import TrainConfig
+from launch.errors import RoleFailed
+from launch.roles import (
+    ActorSpec,
+    LearnerSpec,
+    ReplaySpec,
+    RoleSpecs,
+    build_actor_runner,
+    build_learner_runner,
+    build_shard,
+)
+from launch.trainer import BACKEND_COUNTERS, episode_record, replay_snapshot_path
+
+logger = logging.getLogger("ray_backend")
+
+
+# -- Ray wrappers: thin, one per role ------------------------------------------------------------
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1, max_concurrency=4)
+class ShardWorker:
+    """A ReplayShard plus a thread that keeps ingesting from Redis."""
+
+    def __init__(self, spec: ReplaySpec, endpoint: RedisEndpoint, snapshot: str):
+        self.shard = build_shard(spec, endpoint)
+        if pathlib.Path(snapshot).exists():
+            self.shard.restore(pathlib.Path(snapshot))  # warm start (resume, or a Ray restart)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._ingest_loop, daemon=True)
+        self._thread.start()
+
+    def _ingest_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                with self._lock:
+                    read = self.shard.ingest(max_chunks=8)
+            except Exception as error:  # Redis hiccup: log, back off, go on
+                logger.warning("shard ingest failed: %s", error)
+                read = 0
+            if read == 0:
+                self._stop.wait(0.01)
+
+    def sample(self, batch_size: int):
+        with self._lock:
+            return self.shard.sample(batch_size), self.shard.total_priority()
+
+    def update_priorities(self, keys, td_abs) -> int:
+        with self._lock:
+            return self.shard.update_priorities(keys, td_abs)
+
+    def stats(self) -> dict:
+        with self._lock:
+            return self.shard.stats()
+
+    def snapshot(self, path: str) -> None:
+        with self._lock:
+            self.shard.snapshot(pathlib.Path(path))
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@ray.remote(num_cpus=1, max_concurrency=4)
+class LearnerWorker:
+    """The LearnerRunner, fed by a RayReplayClient over the shards."""
+
+    def __init__(
+        self, spec: LearnerSpec, endpoint: RedisEndpoint, shards: list, prefetch: int,
+        state: dict | None,
+    ):  # fmt: skip
+        replay = RayReplayClient(shards, prefetch, spec.seed)
+        self.runner = build_learner_runner(spec, endpoint, replay, state)
+
+    def run(self) -> dict:
+        return self.runner.run()
+
+    def stop(self) -> None:
+        self.runner.stop()
+
+    def state_dict(self) -> dict:
+        return self.runner.state_dict()
+
+    def updates(self) -> int:
+        return self.runner.learner.updates
+
+
+@ray.remote(num_cpus=1, max_restarts=-1, max_concurrency=3)
+class ActorWorker:
+    """An ActorRunner: one CPU, restarted by Ray if its process dies."""
+
+    def __init__(self, spec: ActorSpec, endpoint: RedisEndpoint):
+        self.runner = build_actor_runner(spec, endpoint)
+
+    def run(self) -> dict:
+        return self.runner.run()
+
+    def stop(self) -> None:
+        self.runner.stop()
+
+    def node(self) -> tuple[str, str]:
+        """(Ray node id, IP) of the node this actor runs on."""
+        context = ray.get_runtime_context()
+        return context.get_node_id(), ray.util.get_node_ip_address()
+
+
+class RayReplayClient:
+    """Keeps `prefetch` sample requests in flight, to shards chosen by their total priority."""
+
+    def __init__(self, shards: list, prefetch: int, seed: int = 0):
+        self.shards = shards
+        self.prefetch = prefetch
+        self.totals = np.ones(len(shards))
+        self.rng = np.random.default_rng(seed)
+        self.inflight: dict = {}  # ObjectRef → shard id
+
+    def _request(self, batch_size: int) -> None:
+        weights = self.totals / self.totals.sum() if self.totals.sum() > 0 else None
+        shard_id = int(self.rng.choice(len(self.shards), p=weights))
+        self.inflight[self.shards[shard_id].sample.remote(batch_size)] = shard_id
+
+    def next_sample(self, batch_size: int):
+        while len(self.inflight) < self.prefetch:
+            self._request(batch_size)
+        ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=1.0)
+        if not ready:
+            return None
+        shard_id = self.inflight.pop(ready[0])
+        try:
+            sample, total = ray.get(ready[0])
+        except ray.exceptions.RayError as error:  # shard restarting: Ray brings it back
+            logger.warning("sample from shard %d failed: %s", shard_id, error)
+            time.sleep(0.5)
+            return None
+        self.totals[shard_id] = max(total, 1e-9)
+        if sample is None:
+            time.sleep(0.01)  # the shard's rate limiter said no; ask again shortly
+            return None
+        return shard_id, sample
+
+    def update_priorities(self, shard_id: int, keys, td_abs) -> None:
+        self.shards[shard_id].update_priorities.remote(keys, td_abs)  # fire and forget
+
+
+# -- the actor pool ------------------------------------------------------------------------------
+
+
+def free_cpus() -> int:
+    """Whole CPUs free in the Ray cluster now."""
+    return int(ray.available_resources().get("CPU", 0))
+
+
+@dataclasses.dataclass
+class _PoolMember:
+    """One actor of the pool: its handle, its running loop, where it runs."""
+
+    handle: object
+    run_ref: object
+    node_ref: object
+    node: tuple[str, str] | None = None  # (node id, IP) once placed
+
+
+class ActorPool:
+    """The actor processes, elastic. Starts `initial`; later starts one on every CPU that is free
+    in the cluster (a node joined), up to `maximum` in all (None: no cap); restarts an actor's
+    loop after a crash (Ray restarts the process); drops, with a log line, the actors of a node
+    that left the cluster, and the run goes on with the others."""
+
+    def __init__(self, make_actor, initial: int, maximum: int | None, grow_every_s: float = 2.0):
+        self._make = make_actor  # (actor id, ε band, ε bands) → Ray actor handle
+        self.initial = initial
+        self.maximum = maximum
+        self.grow_every_s = grow_every_s
+        self.members: dict[int, _PoolMember] = {}
+        self.started = 0
+        self.lost = 0
+        self._next_grow = time.monotonic() + grow_every_s
+        for _ in range(initial):
+            self._start()
+
+    def _start(self) -> None:
+        index = self.started
+        self.started += 1
+        # ε: Ape-X's spread over the initial actors; an actor started later takes the band of
+        # initial actor index mod initial, so the mix of exploration stays what it was.
+        handle = self._make(index, index % self.initial, self.initial)
+        self.members[index] = _PoolMember(handle, handle.run.remote(), handle.node.remote())
+
+    @property
+    def handles(self) -> list:
+        return [member.handle for member in self.members.values()]
+
+    @property
+    def run_refs(self) -> list:
+        return [member.run_ref for member in self.members.values()]
+
+    def tick(self) -> None:
+        self._placed()
+        self._reap()
+        if time.monotonic() >= self._next_grow:
+            self._next_grow = time.monotonic() + self.grow_every_s
+            self._grow()
+
+    def _placed(self) -> None:
+        for index, member in self.members.items():
+            if member.node is not None or not _finished(member.node_ref):
+                continue
+            try:
+                member.node = tuple(ray.get(member.node_ref))
+            except ray.exceptions.RayError:  # died before it answered; ask again after restart
+                member.node_ref = member.handle.node.remote()
+                continue
+            logger.info("actor %d runs on node %s (%s)", index, member.node[1], member.node[0][:12])
+
+    def _reap(self) -> None:
+        alive = None
+        for index, member in list(self.members.items()):
+            if not _finished(member.run_ref):
+                continue
+            try:
+                ray.get(member.run_ref)
+                logger.warning("actor %d loop ended without being stopped; restarting it", index)
+            except ray.exceptions.RayError as error:
+                if alive is None:
+                    alive = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
+                if member.node is not None and member.node[0] not in alive:
+                    ray.kill(member.handle, no_restart=True)
+                    del self.members[index]
+                    self.lost += 1
+                    logger.warning(
+                        "actor %d lost: its node %s left the cluster; %d actors go on",
+                        index, member.node[1], len(self.members),
+                    )  # fmt: skip
+                    continue
+                logger.warning("actor %d died (%s); Ray restarts it", index, error)
+                member.node, member.node_ref = None, member.handle.node.remote()
+            member.run_ref = member.handle.run.remote()
+
+    def _grow(self) -> None:
+        if self.maximum is not None and len(self.members) >= self.maximum:
+            return
+        if any(member.node is None for member in self.members.values()):
+            return  # the resource view catches up once every actor is placed
+        free = free_cpus()
+        room = free if self.maximum is None else min(free, self.maximum - len(self.members))
+        for _ in range(room):
+            self._start()
+        if room > 0:
+            logger.info(
+                "%d free CPUs: started %d actors (%d in all)", free, room, len(self.members)
+            )
+
+    def stop(self, timeout: float = 60) -> None:
+        for handle in self.handles:
+            handle.stop.remote()
+        refs = self.run_refs
+        ray.wait(refs, num_returns=len(refs), timeout=timeout)
+
+    def kill(self) -> None:
+        for handle in self.handles:
+            ray.kill(handle, no_restart=True)
+
+
+# -- the backend ---------------------------------------------------------------------------------
+
+
+class RayBackend:
+    """Starts Redis (unless given) and Ray (unless joined), then the shards, the learner (it
+    publishes weights first) and the actors; reads counters, stats and episodes from Redis."""
+
+    name = "ray"
+
+    def __init__(self, config: TrainConfig, run_dir: pathlib.Path):
+        self.config = config
+        self.run_dir = run_dir
+        self.specs = RoleSpecs(config)
+        self.shards: list = []
+        self.learner = None
+        self.learner_run = None
+        self.actors: ActorPool | None = None
+        self._last_telemetry = "0-0"
+        self.malformed_records = 0
+
+    # -- start: every resource is registered on `resources` as soon as it exists ---------------
+
+    def start(self, resources: contextlib.ExitStack, checkpoint: dict | None) -> None:
+        config = self.config
+        if config.redis_url is None:
+            embedded = EmbeddedRedis()
+            resources.callback(_quietly, "stopping the embedded redis-server", embedded.stop)
+            url = embedded.url
+        else:
+            url = config.redis_url
+        (self.run_dir / "redis_url").write_text(url + "\n")
+        self.endpoint = RedisEndpoint(url, self.run_dir.name, config.redis)
+        self.client = self.endpoint.connect()
+        resources.callback(_quietly, "closing the Redis client", self.client.close)
+        self.redis_keys = self.endpoint.keys
+        if checkpoint is not None:  # the counters continue where the checkpoint left them
+            saved = {k: v for k, v in checkpoint["counters"].items() if isinstance(v, int)}
+            self.client.hset(self.redis_keys.counters, mapping=saved)
+        if not ray.is_initialized():
+            self._start_ray(resources)
+        _warn_if_redis_unreachable(url)
+        self._start_roles(resources, checkpoint["learner"] if checkpoint else None)
+
+    def _start_ray(self, resources: contextlib.ExitStack) -> None:
+        config = self.config
+        head = None
+        if config.ray_head_port is not None:
+            head = RayHead(
+                config.ray_head_port, config.ray_head_cpus, config.ray_dashboard_port, self.run_dir
+            )
+            resources.callback(_quietly, "stopping the Ray head", head.stop)
+        # "local": a private Ray even where `ray start` left its address in /tmp/ray.
+        address = head.address if head else config.ray_address or os.getenv("RAY_ADDRESS")
+        address = address or "local"
+        # A private local Ray gets CPUs for the learner and every requested actor.
+        wanted = 1 + (config.distributed.num_actors or 1)
+        ray.init(
+            address=address,
+            num_cpus=max(os.cpu_count() or 1, wanted) if address == "local" else None,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+        )
+        resources.callback(_quietly, "shutting Ray down", ray.shutdown)
+
+    def _start_roles(self, resources: contextlib.ExitStack, learner_state: dict | None) -> None:
+        config, distributed = self.config, self.config.distributed
+        resources.callback(_quietly, "killing the role processes", self._kill_roles)
+        # Shards write their snapshots into the run directory: keep them on this (the driver's)
+        # node.
+        here = ray.get_runtime_context().get_node_id()
+        on_this_node = NodeAffinitySchedulingStrategy(here, soft=False)
+        self.shards = [
+            ShardWorker.options(
+                name=f"mario-{self.endpoint.run_id}-shard-{i}", scheduling_strategy=on_this_node
+            ).remote(
+                self.specs.replay(i), self.endpoint, str(replay_snapshot_path(self.run_dir, i))
+            )
+            for i in range(distributed.num_shards)
+        ]
+        # The learner: on a GPU when the cluster has one, else on this node; it holds one CPU.
+        cpus_before_learner = free_cpus()
+        use_gpu = ray.cluster_resources().get("GPU", 0) >= 1 and config.learner.device != "cpu"
+        self.learner = LearnerWorker.options(
+            num_gpus=1 if use_gpu else 0,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True),
+        ).remote(self.specs.learner(), self.endpoint, self.shards, distributed.prefetch,
+                 learner_state)  # fmt: skip
+        self._call(self.learner.updates.remote())  # weights are published before actors start
+        self.learner_run = self.learner.run.remote()
+        # Actors: one CPU each, restarted by Ray if they die, more as CPUs join.
+        maximum = distributed.resolved_max_actors
+        initial = distributed.num_actors or max(1, cpus_before_learner - 1)
+        initial = min(initial, maximum) if maximum is not None else initial
+
+        def make_actor(actor_id: int, band: int, bands: int):
+            return ActorWorker.remote(self.specs.actor(actor_id, band, bands), self.endpoint)
+
+        self.actors = ActorPool(make_actor, initial, maximum)
+        logger.info("started %d actors (max %s)", initial, maximum or "no cap")
+
+    # -- while it runs --------------------------------------------------------------------------
+
+    def advance(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while True:
+            self._check_learner()
+            self.actors.tick()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(left, 0.25))
+
+    def _check_learner(self) -> None:
+        """The learner's loop ends only on stop(): its end is fatal, with its own error."""
+        if _finished(self.learner_run):
+            self._call(self.learner_run)
+            raise RoleFailed("the learner loop ended without being stopped")
+
+    def _call(self, ref, timeout: float = 120):
+        """ray.get of the learner's answers, with its failure named as the learner's."""
+        try:
+            return ray.get(ref, timeout=timeout)
+        except ray.exceptions.RayTaskError as error:
+            logger.error("the learner failed:\n%s", error)  # with the learner's traceback
+            cause = error.cause if error.cause is not None else error
+            raise RoleFailed(f"the learner failed: {type(cause).__name__}: {cause}") from error
+        except ray.exceptions.RayError as error:
+            raise RoleFailed(f"the learner is unavailable: {error}") from error
+
+    def counters(self) -> dict[str, int]:
+        raw = self.client.hgetall(self.redis_keys.counters)
+        counters = dict.fromkeys(BACKEND_COUNTERS, 0)
+        counters.update({name.decode(): int(value) for name, value in raw.items()})
+        return counters
+
+    def new_episodes(self) -> list[dict]:
+        response = self.client.xread({self.redis_keys.telemetry: self._last_telemetry}, count=1000)
+        episodes = []
+        for _, entries in response or []:
+            for entry_id, fields in entries:
+                self._last_telemetry = entry_id
+                try:
+                    record = decode_record(fields.get(b"m", b""))
+                    episodes.append(
+                        episode_record(record, record["actor"], record["policy_version"])
+                    )
+                except (WireError, KeyError) as error:
+                    self.malformed_records += 1
+                    logger.warning("dropped telemetry entry %s: %s", entry_id, error)
+        return episodes
+
+    def stats(self) -> dict[str, float]:
+        roles = {}
+        for name, blob in self.client.hgetall(self.redis_keys.stats).items():
+            try:
+                roles[name.decode()] = decode_record(blob)
+            except WireError as error:
+                self.malformed_records += 1
+                logger.warning("dropped stats of %s: %s", name, error)
+        stats = {k: v for k, v in roles.get("learner", {}).items() if isinstance(v, int | float)}
+        shard_stats = ray.get([shard.stats.remote() for shard in self.shards], timeout=60)
+        stats.update(_merge_shard_stats(shard_stats))
+        actors = {name: s for name, s in roles.items() if name.startswith("actor-")}
+        stats["actors/running"] = len(self.actors.members)
+        stats["actors/lost"] = self.actors.lost
+        stats["actors/env_steps_per_s"] = sum(s["env_steps_per_s"] for s in actors.values())
+        stats["actors/frames_per_s"] = sum(s["frames_per_s"] for s in actors.values())
+        for name, s in actors.items():
+            stats[f"actors/{name}/frames_per_s"] = s["frames_per_s"]
+        version = int(self.client.get(self.redis_keys.weights_version) or 0)
+        if actors:
+            stats["policy_lag"] = version - min(s["policy_version"] for s in actors.values())
+        stats["stream_lag_chunks"] = self.client.xlen(self.redis_keys.experience)
+        return stats
+
+    def state(self) -> dict:
+        return {"learner": self._call(self.learner.state_dict.remote()), "rng": {}}
+
+    def snapshot_replay(self, run_dir: pathlib.Path) -> None:
+        ray.get([shard.snapshot.remote(str(replay_snapshot_path(run_dir, i)))
+                 for i, shard in enumerate(self.shards)], timeout=600)  # fmt: skip
+
+    # -- stop ----------------------------------------------------------------------------------
+
+    def stop_roles(self) -> None:
+        """Actors first (they flush their last chunks), then the learner, then ingest threads."""
+        if self.actors is not None:
+            self.actors.stop(timeout=60)
+        if self.learner is not None:
+            self.learner.stop.remote()
+            ray.wait([self.learner_run], timeout=60)
+        # Let the shards ingest what the actors flushed, then stop their threads.
+        time.sleep(1.0)
+        ray.get([shard.stop.remote() for shard in self.shards], timeout=60)
+
+    def _kill_roles(self) -> None:
+        if self.actors is not None:
+            self.actors.kill()
+        for handle in [*self.shards, *([self.learner] if self.learner else [])]:
+            ray.kill(handle, no_restart=True)
+
+
+def _quietly(what: str, release) -> None:
+    """Runs one step of the shutdown; a failure is logged, never hides the run's own error."""
+    try:
+        release()
+    except Exception as error:
+        logger.warning("%s failed: %s", what, error)
+
+
+def _finished(ref) -> bool:
+    ready, _ = ray.wait([ref], timeout=0)
+    return bool(ready)
+
+
+def _merge_shard_stats(per_shard: list[dict]) -> dict:
+    merged: dict = {}
+    for stats in per_shard:
+        for key, value in stats.items():
+            merged[key] = merged.get(key, 0) + value
+    if per_shard:
+        merged["replay/beta"] = per_shard[0]["replay/beta"]
+        inserted = max(merged.get("replay/inserted", 0), 1)
+        merged["replay/sample_to_insert_ratio"] = merged.get("replay/sampled", 0) / inserted
+    return merged
+
+
+class RayHead:
+    """`ray start --head --block` as a child process: a Ray head node that other machines join
+    with `ray start --address HOST:PORT` (the docker-compose trainer). stop() ends its node."""
+
+    def __init__(self, port: int, cpus: int | None, dashboard_port: int, run_dir: pathlib.Path):
+        ray_cli = pathlib.Path(sys.executable).with_name("ray")
+        command = [
+            str(ray_cli) if ray_cli.exists() else "ray", "start", "--head", f"--port={port}",
+            "--dashboard-host=0.0.0.0", f"--dashboard-port={dashboard_port}",
+            "--disable-usage-stats", "--block",
+            *([f"--num-cpus={cpus}"] if cpus is not None else []),
+        ]  # fmt: skip
+        for name, number in (("ray_head_port", port), ("ray_dashboard_port", dashboard_port)):
+            _check_port_free(name, number)
+        self.log_path = run_dir / "ray-head.log"
+        self.address = f"{ray.util.get_node_ip_address()}:{port}"
+        # Ray's token authentication, on unless RAY_AUTH_MODE says otherwise: the token is
+        # $RAY_AUTH_TOKEN or ~/.ray/auth_token (made here if missing); joining nodes need it too.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        if os.environ["RAY_AUTH_MODE"] == "token" and not os.environ.get("RAY_AUTH_TOKEN"):
+            subprocess.run([command[0], "get-auth-token", "--generate"], check=True,
+                           stdout=subprocess.DEVNULL)  # fmt: skip
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while b"Ray runtime started" not in self.log_path.read_bytes():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                tail = self.log_path.read_text(errors="replace")[-2000:]
+                raise ConnectionError(f"ray start --head --port={port} failed:\n{tail}")
+            time.sleep(0.5)
+        logger.info("Ray head at %s (dashboard port %d)", self.address, dashboard_port)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()  # `ray start --block` ends its node's processes on SIGTERM
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def _check_port_free(name: str, port: int) -> None:
+    with socket.socket() as probe:
+        # As gRPC binds: a port held only by closed connections (TIME_WAIT) is free.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("", port))
+        except OSError as error:
+            raise ConnectionError(
+                f"{name} {port} is not free on this machine ({error.strerror}): pick another"
+            ) from None
+
+
+def _warn_if_redis_unreachable(redis_url: str) -> None:
+    """A loopback Redis serves only this machine's nodes."""
+    ips = {node["NodeManagerAddress"] for node in ray.nodes() if node["Alive"]}
+    if len(ips) > 1 and ("127.0.0.1" in redis_url or "localhost" in redis_url):
+        logger.warning(
+            "Redis %s is on loopback but the cluster spans %d machines: actors elsewhere cannot "
+            "reach it; pass --redis-url with an address every node can reach",
+            redis_url,
+            len(ips),
+        )

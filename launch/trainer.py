@@ -1,0 +1,330 @@
+"""The one training loop of `mario train`, over a backend that runs the roles.
+
+The Trainer owns what every run has, whatever runs the roles: the budget (env steps, minutes),
+stop signals, the periodic work (metrics, live display, status file, checkpoints), the final
+checkpoint, the summary, and one shutdown path. It asks its backend only to start the roles,
+let them work, report, hand over their state, and stop. Two backends implement that:
+`LocalBackend` (every role in this process: `--serial`, the debugging mode) and `RayBackend`
+(Ray processes meeting in Redis). Models: Sample Factory's Runner over SerialRunner and
+ParallelRunner; Acme's one builder for local and distributed agents.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import datetime
+import json
+import logging
+import pathlib
+import signal
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from common.config import config_to_dict
+from common.metrics import MetricsLogger
+from launch.config import PreparedRun, TrainConfig, prepare_run
+from learner.checkpoint import save_checkpoint
+
+logger = logging.getLogger("train")
+
+STATUS_NAME = "status.json"
+# Counters a backend reports (the same in both), and those the Trainer keeps itself.
+BACKEND_COUNTERS = ("env_steps", "frames", "updates", "chunks_written", "chunks_inserted",
+                    "chunks_rejected", "transitions_written")  # fmt: skip
+TRAINER_COUNTERS = ("episodes", "flags")
+
+
+def replay_snapshot_path(run_dir: pathlib.Path, shard_id: int) -> pathlib.Path:
+    """Where shard `shard_id` keeps its replay snapshot (the same layout in both backends)."""
+    return run_dir / f"replay-{shard_id}.npz"
+
+
+def episode_record(episode: dict, actor: str, policy_version: int) -> dict:
+    """An actor's finished episode (EpisodeResult as a dict) as the `episode/*` metrics that
+    both backends log."""
+    return {
+        "episode/return": episode["episode_return"],
+        "episode/length": episode["length"],
+        "episode/x_pos": episode["max_x_pos"],
+        "episode/flag_get": int(episode["flag_get"]),
+        "episode/level": episode["level"],
+        "episode/epsilon": episode["epsilon"],
+        "episode/policy_version": policy_version,
+        "episode/actor": actor,
+    }
+
+
+class Backend(Protocol):
+    """What the Trainer needs from a way of running the roles."""
+
+    name: str
+    """"serial" or "ray", for logs and the live display."""
+
+    def start(self, resources: contextlib.ExitStack, checkpoint: dict | None) -> None:
+        """Builds and starts the roles, from `checkpoint` when resuming; registers on
+        `resources` whatever must be released when the run ends, however it ends."""
+
+    def advance(self, seconds: float) -> None:
+        """Lets the roles work for about `seconds`.
+
+        Raises:
+            RoleFailed: a role died for good (its own error in the message).
+        """
+
+    def counters(self) -> dict[str, int]:
+        """Run-wide counters: env_steps, frames, updates, chunks_* and transitions_written."""
+
+    def new_episodes(self) -> list[dict]:
+        """Episodes finished since the last call, as `episode/*` metric records."""
+
+    def stats(self) -> dict[str, float]:
+        """The roles' latest stats (learner/*, replay/*, actors/*, policy and stream lag)."""
+
+    def state(self) -> dict:
+        """For a checkpoint: {"learner": CPU copy of its state, "rng": random states}."""
+
+    def snapshot_replay(self, run_dir: pathlib.Path) -> None:
+        """Writes each replay shard's contents to replay_snapshot_path(run_dir, shard)."""
+
+    def stop_roles(self) -> None:
+        """Stops the roles in order: actors (they flush partial chunks), replay, learner."""
+
+
+class StopSignals:
+    """Turns SIGINT/SIGTERM into a flag the loop checks, so the exit checkpoint gets written."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self) -> StopSignals:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            # signal() raises ValueError outside the main thread (e.g. a test runner's thread).
+            with contextlib.suppress(ValueError):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+@dataclasses.dataclass
+class _Every:
+    """A periodic task: `work` runs when `interval_s` has passed since it last ran."""
+
+    interval_s: float
+    work: Callable[[], None]
+    due: float = 0.0
+
+
+class Trainer:
+    """Runs one prepared run over a backend until its budget is spent or a stop signal."""
+
+    def __init__(self, run: PreparedRun, backend: Backend, console: Console | None = None):
+        self.config: TrainConfig = run.config
+        self.run_dir = run.run_dir
+        self.checkpoint = run.checkpoint
+        self.backend = backend
+        self.console = console or Console()
+        saved = run.checkpoint["counters"] if run.checkpoint else {}
+        self.own_counters = {name: int(saved.get(name, 0)) for name in TRAINER_COUNTERS}
+        self.elapsed_before_s = float(saved.get("elapsed_s", 0.0))
+        self.recent: collections.deque[dict] = collections.deque(maxlen=100)
+        self.counters: dict[str, int] = {}
+        self.rates: dict[str, float] = {}
+        self.stats: dict[str, float] = {}
+        self.last_checkpoint: dict | None = None
+        self._start = time.monotonic()
+        self._rate_base: tuple[float, dict[str, int]] | None = None
+        self._metrics: MetricsLogger | None = None
+        self._live: Live | None = None
+
+    @property
+    def elapsed_s(self) -> float:
+        return self.elapsed_before_s + time.monotonic() - self._start
+
+    def run(self) -> dict:
+        """Trains; returns the final counters and the run directory.
+
+        Raises:
+            RoleFailed: a role died (after the roles were stopped and resources released).
+        """
+        config = self.config
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with contextlib.ExitStack() as resources:
+            stop = resources.enter_context(StopSignals())
+            self.backend.start(resources, self.checkpoint)
+            self._metrics = MetricsLogger(
+                self.run_dir, config_to_dict(config), config.wandb, resume=bool(self.checkpoint)
+            )
+            resources.callback(self._metrics.close)
+            if config.live_display:
+                self._live = Live(console=self.console, auto_refresh=False)
+                self._live.start()
+                resources.callback(self._live.stop)
+            self._start = time.monotonic()
+            failed = True
+            try:
+                self._loop(stop)
+                failed = False
+            finally:
+                self._finish(failed)
+        summary = {"run_dir": str(self.run_dir), **(self.last_checkpoint or self.counters)}
+        self.console.print(f"checkpoint written to {self.run_dir}; {summary}")
+        return summary
+
+    def _loop(self, stop: StopSignals) -> None:
+        config = self.config
+        deadline = self._start + config.minutes * 60 if config.minutes else float("inf")
+        checkpoint_s = config.checkpoint_minutes * 60
+        tasks = [
+            _Every(1.0, self._refresh),
+            _Every(config.log_every_s, self._log_metrics),
+            _Every(checkpoint_s, self._write_checkpoint, due=self._start + checkpoint_s),
+        ]
+        while not stop.requested and time.monotonic() < deadline:
+            self.backend.advance(0.5)
+            self._update_counters()
+            if self.counters["env_steps"] >= config.total_env_steps:
+                break
+            now = time.monotonic()
+            for task in tasks:
+                if now >= task.due:
+                    task.work()
+                    task.due = now + task.interval_s
+
+    def _finish(self, failed: bool) -> None:
+        """Stops the roles and writes the final checkpoint while their state can be read. After
+        a failure both are best effort: the original error is what the user sees."""
+        try:
+            self.backend.stop_roles()
+        except Exception as error:
+            if not failed:
+                raise
+            logger.error("stopping the roles failed too: %s", error)
+        try:
+            self._write_checkpoint()
+        except Exception as error:
+            if not failed:
+                raise
+            stands = (
+                f"the checkpoint of {self.last_checkpoint['env_steps']:,} env steps stands"
+                if self.last_checkpoint
+                else "no checkpoint of this invocation was written"
+            )
+            logger.error("final checkpoint not written (%s); %s", error, stands)
+        if self.counters:
+            self._log_metrics()
+
+    # -- periodic work ----------------------------------------------------------------------------
+
+    def _update_counters(self) -> None:
+        """Reads the backend's counters and counts the episodes that finished meanwhile."""
+        counters = self.backend.counters()
+        for record in self.backend.new_episodes():
+            self.own_counters["episodes"] += 1
+            self.own_counters["flags"] += int(record["episode/flag_get"])
+            self.recent.append(record)
+            self._metrics.log(record, counters["env_steps"])
+        self.counters = {**counters, **self.own_counters}
+
+    def _refresh(self) -> None:
+        """Rates over the last interval, the roles' stats, the live table and the status file."""
+        now, counters = time.monotonic(), self.counters
+        if self._rate_base is not None:
+            then, before = self._rate_base
+            interval = max(now - then, 1e-9)
+            self.rates = {
+                f"rate/{name}_per_s": (counters.get(name, 0) - before.get(name, 0)) / interval
+                for name in ("env_steps", "frames", "updates")
+            }
+        self._rate_base = (now, dict(counters))
+        self.stats = self.backend.stats()
+        if self._live is not None:
+            self._live.update(self._table(), refresh=True)
+        status = {"mode": self.backend.name, "time": time.time(), "elapsed_s": self.elapsed_s,
+                  "counters": counters, "rates": self.rates}  # fmt: skip
+        path = self.run_dir / STATUS_NAME
+        path.with_suffix(".tmp").write_text(json.dumps(status) + "\n")
+        path.with_suffix(".tmp").replace(path)
+
+    def _log_metrics(self) -> None:
+        counters = self.counters
+        record = {f"counters/{name}": value for name, value in counters.items()}
+        record.update(self.stats)
+        record.update(self.rates)
+        record.update(elapsed_s=round(self.elapsed_s, 1), wall_time=time.time())
+        self._metrics.log(record, counters["env_steps"])
+
+    def _write_checkpoint(self) -> None:
+        """Learner state first (read under its lock), then the replay snapshots, then the file
+        that names them: a checkpoint never points at a state newer than its snapshots."""
+        state = self.backend.state()
+        if self.config.snapshot_replay:
+            self.backend.snapshot_replay(self.run_dir)
+        self._update_counters()
+        counters = {**self.counters, "updates": int(state["learner"]["updates"])}
+        counters["elapsed_s"] = round(self.elapsed_s, 1)
+        save_checkpoint(
+            self.run_dir,
+            {
+                "learner": state["learner"],
+                "config": config_to_dict(self.config),
+                "counters": counters,
+                "rng": {"torch": torch.get_rng_state(), **state["rng"]},
+            },
+        )
+        self.last_checkpoint = counters
+
+    def _table(self) -> Table:
+        config, counters, stats = self.config, self.counters, self.stats
+        table = Table(title=f"mario train ({self.backend.name})  level {config.env.level}",
+                      show_header=False)  # fmt: skip
+        x_positions = [r["episode/x_pos"] for r in self.recent]
+        rows = [
+            ("env steps", f"{counters.get('env_steps', 0):,} / {config.total_env_steps:,}"),
+            ("env frames/s", f"{self.rates.get('rate/frames_per_s', 0):,.0f}"),
+            ("updates", f"{counters.get('updates', 0):,} "
+                        f"({self.rates.get('rate/updates_per_s', 0):.1f}/s)"),
+            ("episodes", f"{counters.get('episodes', 0):,}  flags {counters.get('flags', 0)}"),
+            ("mean x_pos (last 100)", f"{np.mean(x_positions) if x_positions else 0:.0f}"),
+            ("flags (last 100)", f"{sum(r['episode/flag_get'] for r in self.recent)}"),
+            ("replay size", f"{stats.get('replay/size', 0):,}"),
+            ("stream lag (chunks)", f"{stats.get('stream_lag_chunks', 0)}"),
+            ("policy lag (updates)", f"{stats.get('policy_lag', 0)}"),
+            ("elapsed", f"{self.elapsed_s / 60:.1f} min"),
+            ("time", datetime.datetime.now().strftime("%H:%M:%S")),
+        ]  # fmt: skip
+        for key, value in rows:
+            table.add_row(key, value)
+        return table
+
+
+def train(requested: TrainConfig, console: Console | None = None) -> dict:
+    """`mario train`: prepares the run (new or resumed), picks its backend, trains.
+
+    The mode comes from the run: a resumed run goes on in the mode it was started in.
+    """
+    run = prepare_run(requested)
+    if run.config.serial:
+        from launch.local_backend import LocalBackend
+
+        backend = LocalBackend(run.config, run.run_dir)
+    else:
+        from launch.ray_backend import RayBackend
+
+        backend = RayBackend(run.config, run.run_dir)
+    return Trainer(run, backend, console).run()
