@@ -31,11 +31,13 @@ def _print_result(title: str, result: dict, path) -> None:
     console.print(f"written: {path}")
 
 
-def _train(module, config) -> None:
-    module.train(config, console)
+def _train(module, config, args: list[str]) -> None:
+    from launch.config import given_fields
+
+    module.train(config, console, given_fields(args))
 
 
-def _eval(module, config) -> None:
+def _eval(module, config, args: list[str]) -> None:
     summary = module.evaluate(config)
     shown = {k: v for k, v in summary.items() if k not in ("per_episode", "videos")}
     _print_result(f"eval of {config.checkpoint}", shown, summary["videos"])
@@ -43,15 +45,15 @@ def _eval(module, config) -> None:
         console.print(f"episode {index}: {episode}")
 
 
-def _status(module, config) -> None:
+def _status(module, config, args: list[str]) -> None:
     module.show(config, console)
 
 
-def _plot(module, config) -> None:
+def _plot(module, config, args: list[str]) -> None:
     console.print(f"written: {module.plot(config)}")
 
 
-def _grid(module, config) -> None:
+def _grid(module, config, args: list[str]) -> None:
     results, plot_path = module.run(config)
     for algorithm, result in results.items():
         console.print(f"[bold]{algorithm}[/bold] greedy policy (start top-left, G = goal):")
@@ -63,7 +65,7 @@ def _grid(module, config) -> None:
     console.print(f"reward curves: {plot_path}")
 
 
-def _bench_env(module, config) -> None:
+def _bench_env(module, config, args: list[str]) -> None:
     result = module.run(config)
     table = Table(
         title=f"env speed, level {result['level']}, one core ({config.seconds:.0f} s each)"
@@ -87,15 +89,15 @@ def _bench_env(module, config) -> None:
     console.print_json(json.dumps(result))
 
 
-def _bench_replay(module, config) -> None:
+def _bench_replay(module, config, args: list[str]) -> None:
     _print_result("replay speed (one core)", module.run(config), config.out)
 
 
-def _bench_actor(module, config) -> None:
+def _bench_actor(module, config, args: list[str]) -> None:
     _print_result("actor path vs raw emulator (one core)", module.run(config), config.out)
 
 
-def _bench_system(module, config) -> None:
+def _bench_system(module, config, args: list[str]) -> None:
     result = module.run(config, console)
     modes = [mode for mode in ("distributed", "serial") if mode in result]
     table = Table(title=f"system, {result['seconds_each']:.0f} s per mode")
@@ -115,7 +117,7 @@ class _Command:
     config: str
     """Name of the frozen config dataclass in `module`."""
     run: Callable
-    """(module, parsed config) → None."""
+    """(module, parsed config, command-line args) → None."""
     help: str
 
 
@@ -193,7 +195,7 @@ def _run(words: tuple[str, ...], command: _Command, args: list[str]) -> None:
         console.print(f"[red]error:[/red] {error}")
         raise SystemExit(2) from None
     try:
-        command.run(module, config)
+        command.run(module, config, args)
     except (ValueError, OSError) as error:  # bad checkpoint, snapshot, path or setting
         console.print(f"[red]error:[/red] {error}")
         raise SystemExit(1) from None

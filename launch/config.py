@@ -223,8 +223,24 @@ class PreparedRun:
     """The loaded checkpoint when resuming (None: a new run)."""
 
 
-def prepare_run(requested: TrainConfig) -> PreparedRun:
+def given_fields(args: list[str]) -> set[str]:
+    """The config field paths a command line sets: ["--learner.batch-size", "64", "--no-serial"]
+    → {"learner.batch_size", "serial"} (tyro's `--no-` form of a boolean counts as given)."""
+    paths = set()
+    for arg in args:
+        if not arg.startswith("--"):
+            continue
+        group, _, name = arg[2:].split("=", 1)[0].rpartition(".")
+        name = name.removeprefix("no-")
+        paths.add(f"{group}.{name}".lstrip(".").replace("-", "_"))
+    return paths
+
+
+def prepare_run(requested: TrainConfig, given: set[str] | None = None) -> PreparedRun:
     """Resolves the run directory; on --resume loads the checkpoint and takes the saved config.
+
+    `given`: the field paths set on the command line (given_fields); None counts every value
+    that differs from its default as given.
 
     Raises:
         ValueError: a --run-dir that holds a checkpoint without --resume(-existing), or
@@ -245,7 +261,7 @@ def prepare_run(requested: TrainConfig) -> PreparedRun:
     run_dir = pathlib.Path(requested.resume)
     checkpoint = load_checkpoint(run_dir)
     saved = config_from_dict(TrainConfig, checkpoint["config"], "checkpoint config")
-    _check_no_contradiction(requested, saved, run_dir)
+    _check_no_contradiction(requested, saved, run_dir, given)
     invocation = {name: getattr(requested, name) for name in INVOCATION_FIELDS if "." not in name}
     invocation["run_dir"] = run_dir
     distributed = dataclasses.replace(
@@ -261,14 +277,17 @@ def prepare_run(requested: TrainConfig) -> PreparedRun:
     return PreparedRun(config, run_dir, checkpoint)
 
 
-def _check_no_contradiction(requested: TrainConfig, saved: TrainConfig, run_dir) -> None:
-    """A setting given on the command line (one that differs from its default) must agree with
-    the saved run."""
-    given, default, kept = _leaves(requested), _leaves(TrainConfig()), _leaves(saved)
+def _check_no_contradiction(
+    requested: TrainConfig, saved: TrainConfig, run_dir: pathlib.Path, given: set[str] | None
+) -> None:
+    """A training setting given on the command line must agree with the saved run."""
+    values, default, kept = _leaves(requested), _leaves(TrainConfig()), _leaves(saved)
+    if given is None:
+        given = {path for path, value in values.items() if value != default[path]}
     conflicts = [
         f"{flag(path)}: the run has {kept[path]!r}, the command line says {value!r}"
-        for path, value in given.items()
-        if path not in INVOCATION_FIELDS and value != default[path] and value != kept[path]
+        for path, value in values.items()
+        if path not in INVOCATION_FIELDS and path in given and value != kept[path]
     ]
     if conflicts:
         raise ValueError(

@@ -14,6 +14,7 @@ import pathlib
 import time
 
 from launch.config import TrainConfig
+from launch.errors import RoleFailed
 from launch.roles import RoleSpecs, build_actor, build_learner, build_replay
 from launch.trainer import BACKEND_COUNTERS, episode_record, replay_snapshot_path
 from learner.learner import cpu_copy
@@ -66,7 +67,13 @@ class LocalBackend:
         while time.monotonic() < deadline:
             if replay.can_sample(batch_size):
                 sample = replay.sample(batch_size)
-                self._last_metrics, td_abs = learner.update(sample)
+                try:
+                    self._last_metrics, td_abs = learner.update(sample)
+                except Exception as error:
+                    logger.exception("the learner failed")
+                    raise RoleFailed(
+                        f"the learner failed: {type(error).__name__}: {error}"
+                    ) from error
                 replay.update_priorities(sample.keys, td_abs)
                 if learner.updates % self.config.publish_every_updates == 0:
                     actor.set_weights(learner.cpu_weights(), learner.updates)

@@ -165,8 +165,9 @@ class Trainer:
         config = self.config
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with contextlib.ExitStack() as resources:
-            stop = resources.enter_context(StopSignals())
             self.backend.start(resources, self.checkpoint)
+            # After the start: ray.init installs a SIGTERM handler of its own, and ours must win.
+            stop = resources.enter_context(StopSignals())
             self._metrics = MetricsLogger(
                 self.run_dir, config_to_dict(config), config.wandb, resume=bool(self.checkpoint)
             )
@@ -313,12 +314,15 @@ class Trainer:
         return table
 
 
-def train(requested: TrainConfig, console: Console | None = None) -> dict:
+def train(
+    requested: TrainConfig, console: Console | None = None, given: set[str] | None = None
+) -> dict:
     """`mario train`: prepares the run (new or resumed), picks its backend, trains.
 
-    The mode comes from the run: a resumed run goes on in the mode it was started in.
+    The mode comes from the run: a resumed run goes on in the mode it was started in. `given`:
+    the config fields set on the command line (see prepare_run).
     """
-    run = prepare_run(requested)
+    run = prepare_run(requested, given)
     if run.config.serial:
         from launch.local_backend import LocalBackend
 

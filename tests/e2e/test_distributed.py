@@ -2,8 +2,10 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 
@@ -154,8 +156,6 @@ def _wait_for_steps(process, metrics, target, timeout_s=240):
 
 
 def test_two_shards_dead_actor_restarted_sigterm_stops_everything(tmp_path):
-    import sys
-
     run_dir = tmp_path / "sigterm"
     metrics = run_dir / "metrics.jsonl"
     command = [sys.executable, "-m", "launch.cli", *TINY, "--total-env-steps", "100000000",
@@ -184,4 +184,41 @@ def test_two_shards_dead_actor_restarted_sigterm_stops_everything(tmp_path):
     for shard in (0, 1):
         with np.load(run_dir / f"replay-{shard}.npz") as snapshot:
             assert int(snapshot["counters"][7]) > 0
+    assert leftover_processes(run_dir) == ""
+
+
+def test_serial_resume_of_a_ray_run_is_an_error_naming_both_modes(distributed_run, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--serial", "--resume", str(distributed_run)])
+    assert exit_info.value.code == 1
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--serial: the run has False, the command line says True" in text
+
+
+def _metric_keys(run_dir) -> set[str]:
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    keys = set().union(*records)
+    return {re.sub(r"actor-\d+", "actor-N", key) for key in keys}  # one per actor
+
+
+def test_serial_and_ray_runs_write_the_same_metric_keys(distributed_run, tmp_path):
+    serial_dir = tmp_path / "serial"
+    drop = {"--distributed.num-actors", "--distributed.weights-poll-frames"}  # Ray's own
+    flags = [a for i, a in enumerate(TINY) if a not in drop and TINY[i - 1] not in drop]
+    main([*flags, "--serial", "--total-env-steps", "1500", "--run-dir", str(serial_dir)])
+    ray_keys, serial_keys = _metric_keys(distributed_run), _metric_keys(serial_dir)
+    assert ray_keys == serial_keys, (ray_keys - serial_keys, serial_keys - ray_keys)
+    assert {"learner/loss", "replay/size", "counters/env_steps", "rate/frames_per_s",
+            "episode/x_pos", "policy_lag", "stream_lag_chunks"} <= ray_keys  # fmt: skip
+
+
+def test_a_failing_learner_ends_the_run_with_its_error_and_leaves_no_process(tmp_path):
+    run_dir = tmp_path / "failing"
+    command = [sys.executable, "-m", "launch.cli", *TINY, "--total-env-steps", "100000000",
+               "--run-dir", str(run_dir)]  # fmt: skip
+    env = {**os.environ, "MARIO_LEARNER_FAILURE_AT_UPDATE": "20"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=400)
+    assert result.returncode == 1
+    assert "the learner failed: RuntimeError: injected failure at update 20" in result.stdout
+    assert "injected failure at update 20" in result.stderr  # its traceback, in the log
     assert leftover_processes(run_dir) == ""

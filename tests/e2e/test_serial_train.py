@@ -1,6 +1,9 @@
 """Tiny-budget end-to-end runs of the real commands: train --serial, resume, eval."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -51,9 +54,13 @@ def test_train_writes_checkpoint_metrics_and_wandb(trained_run):
     assert list((trained_run / "wandb").glob("offline-run-*"))  # W&B wrote its offline files
 
 
-def test_resume_continues_counters_and_replay(trained_run):
+def test_resume_without_serial_continues_serially_with_counters_and_replay(trained_run):
     before = load_checkpoint(trained_run)["counters"]
-    main([*TINY, "--total-env-steps", "600", "--resume", str(trained_run)])
+    # The mode comes from the run: no --serial here, and no Ray or Redis is started.
+    flags = [arg for arg in TINY if arg != "--serial"]
+    main([*flags, "--total-env-steps", "600", "--resume", str(trained_run)])
+    assert json.loads((trained_run / "status.json").read_text())["mode"] == "serial"
+    assert not (trained_run / "redis_url").exists()
     after = load_checkpoint(trained_run)["counters"]
     assert after["env_steps"] >= 600
     assert after["frames"] > before["frames"] + 4 * 150  # frames continue from the checkpoint
@@ -111,3 +118,73 @@ def test_existing_run_dir_needs_resume_and_resume_existing_continues(trained_run
     main([*TINY, "--total-env-steps", str(budget), "--run-dir", str(trained_run),
           "--resume-existing"])  # fmt: skip
     assert load_checkpoint(trained_run)["counters"]["env_steps"] >= budget
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        # 32 is the default: given on the command line, it still contradicts the run's 16
+        (
+            ["--learner.batch-size", "32"],
+            "--learner.batch-size: the run has 16, the command line says 32",
+        ),
+        (["--env.level", "1-2"], "--env.level: the run has '1-1', the command line says '1-2'"),
+    ],
+)
+def test_a_flag_that_contradicts_the_resumed_run_is_an_error_naming_both(
+    trained_run, flags, message, capsys
+):
+    before = load_checkpoint(trained_run)["counters"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", *flags, "--total-env-steps", "10000", "--resume", str(trained_run)])
+    assert exit_info.value.code == 1
+    assert message in capsys.readouterr().out.replace("\n", "")
+    assert load_checkpoint(trained_run)["counters"] == before  # nothing ran
+
+
+def test_serial_refuses_options_only_the_ray_backend_has(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--serial", "--distributed.num-shards", "2", "--redis-url", "redis://x"])
+    captured = capsys.readouterr()
+    text = " ".join((captured.out + captured.err).replace("│", " ").split())  # tyro's error box
+    assert "--redis-url ('redis://x'), --distributed.num-shards (2): only the Ray backend" in text
+
+
+def test_a_failing_learner_ends_the_serial_run_with_its_own_error(tmp_path):
+    command = [sys.executable, "-m", "launch.cli", *TINY, "--total-env-steps", "5000",
+               "--run-dir", str(tmp_path / "run")]  # fmt: skip
+    env = {**os.environ, "MARIO_LEARNER_FAILURE_AT_UPDATE": "3"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 1
+    assert "the learner failed: RuntimeError: injected failure at update 3" in result.stdout
+    # the learner's state could still be read: the final checkpoint holds its 2 updates
+    assert load_checkpoint(tmp_path / "run")["counters"]["updates"] == 2
+
+
+NO_RAY_SCRIPT = """
+import sys
+from launch.cli import main
+main(sys.argv[1:])
+assert "ray" not in sys.modules, "imported ray"
+print("ray not imported")
+"""
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["grid", "--episodes", "50", "--out", "{tmp}/grid"],
+        ["eval", "{run}", "--episodes", "1", "--max-episode-steps", "30", "--out", "{tmp}/eval"],
+        ["plot", "{run}", "--out", "{tmp}/curve.png"],
+        ["bench", "replay", "--capacity", "2000", "--sample-seconds", "0.2", "--out", "{tmp}/r"],
+        ["bench", "env", "--seconds", "0.2", "--out", "{tmp}/e.json"],
+        ["bench", "actor", "--seconds", "0.2", "--out", "{tmp}/a.json"],
+    ],
+    ids=lambda command: " ".join(command[:2]),
+)
+def test_commands_that_need_no_ray_do_not_import_it(trained_run, tmp_path, command):
+    args = [a.format(tmp=tmp_path, run=trained_run) for a in command]
+    result = subprocess.run([sys.executable, "-c", NO_RAY_SCRIPT, *args], capture_output=True,
+                            text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "ray not imported" in result.stdout
