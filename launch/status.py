@@ -1,8 +1,10 @@
-"""`mario status`: a running (or finished) run's state, read from Redis from any terminal."""
+"""`mario status`: a run's state from any terminal: from Redis while a Ray run is up, else from
+the status.json the trainer rewrites every second (serial runs, finished runs)."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 import time
 
@@ -13,6 +15,8 @@ from rich.table import Table
 
 from common.redis_io import RedisConfig, RedisKeys, connect
 from common.wire import decode_record
+
+STATUS_FILE = "status.json"  # rewritten every second by the trainer (launch.trainer)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,11 +37,14 @@ class StatusConfig:
     redis: RedisConfig = dataclasses.field(default_factory=RedisConfig)
 
 
-def _resolve(config: StatusConfig) -> tuple[str, str]:
+def _resolve(config: StatusConfig) -> tuple[pathlib.Path | None, str | None, str]:
+    """(run directory, Redis URL or None, run id)."""
     run_dir = config.run_dir
     if run_dir is None and (config.redis_url is None or config.run_id is None):
+        runs = pathlib.Path("runs")
         candidates = sorted(
-            pathlib.Path("runs").glob("*/redis_url"), key=lambda p: p.stat().st_mtime
+            [*runs.glob("*/redis_url"), *runs.glob(f"*/{STATUS_FILE}")],
+            key=lambda p: p.stat().st_mtime,
         )
         if not candidates:
             raise FileNotFoundError("no run found under runs/; pass --run-dir or --redis-url")
@@ -45,10 +52,33 @@ def _resolve(config: StatusConfig) -> tuple[str, str]:
     url = config.redis_url
     if url is None:
         path = pathlib.Path(run_dir) / "redis_url"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} does not exist; pass --redis-url")
-        url = path.read_text().strip()
-    return url, config.run_id or pathlib.Path(run_dir).name
+        if path.is_file():
+            url = path.read_text().strip()
+        elif not (pathlib.Path(run_dir) / STATUS_FILE).is_file():
+            raise FileNotFoundError(f"{run_dir} has neither redis_url nor {STATUS_FILE}")
+    return run_dir, url, config.run_id or pathlib.Path(run_dir).name
+
+
+def file_snapshot(run_dir: pathlib.Path) -> dict:
+    """The run's status.json, which the trainer rewrites every second (both modes)."""
+    path = pathlib.Path(run_dir) / STATUS_FILE
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise FileNotFoundError(f"cannot read {path}: {error}") from error
+    state["age_s"] = time.time() - float(state["time"])
+    return state
+
+
+def render_file(run_id: str, state: dict) -> Table:
+    table = Table(title=f"run {run_id} ({state['mode']}; {STATUS_FILE} written "
+                        f"{state['age_s']:.0f} s ago)", show_header=False)  # fmt: skip
+    for key, value in sorted(state["counters"].items()):
+        table.add_row(key, f"{value:,}")
+    for key, value in sorted(state["rates"].items()):
+        table.add_row(key, f"{value:,.1f}")
+    table.add_row("elapsed", f"{state['elapsed_s'] / 60:.1f} min")
+    return table
 
 
 def snapshot(client, keys: RedisKeys) -> dict:
@@ -106,31 +136,49 @@ def render(run_id: str, state: dict) -> Group:
 
 
 def show(config: StatusConfig, console: Console) -> dict:
-    url, run_id = _resolve(config)
-    client = connect(url, config.redis)
-    keys = RedisKeys(run_id)
-    try:
-        state = snapshot(client, keys)
-    except redis.RedisError as error:
-        raise ConnectionError(
-            f"cannot read run {run_id} from Redis at {url} ({error}); an embedded Redis "
-            "stops when its run stops"
-        ) from error
+    run_dir, url, run_id = _resolve(config)
+    client, keys = None, RedisKeys(run_id)
+    if url is not None:
+        client = connect(url, config.redis)
+        try:
+            snapshot(client, keys)
+        except redis.RedisError as error:
+            if run_dir is None or not (pathlib.Path(run_dir) / STATUS_FILE).is_file():
+                raise ConnectionError(
+                    f"cannot read run {run_id} from Redis at {url} ({error}); an embedded Redis "
+                    "stops when its run stops"
+                ) from error
+            console.print(f"Redis at {url} is unreachable ({error}): showing {STATUS_FILE}")
+            client = None
+
+    def read() -> tuple[dict, object]:
+        if client is not None:
+            state = snapshot(client, keys)
+            return state, render(run_id, state)
+        state = file_snapshot(run_dir)
+        return state, render_file(run_id, state)
+
+    state, view = read()
     if config.healthy_within is not None:
-        problems = health_problems(state, config.healthy_within)
+        if client is not None:
+            problems = health_problems(state, config.healthy_within)
+        elif state["age_s"] > config.healthy_within:
+            problems = [f"{STATUS_FILE} {state['age_s']:.0f} s old"]
+        else:
+            problems = []
         console.print(f"run {run_id}: " + ("; ".join(problems) if problems else "healthy"))
         if problems:
             raise SystemExit(1)
         return state
     if not config.watch:
-        console.print(render(run_id, state))
+        console.print(view)
         return state
-    with Live(render(run_id, state), console=console, auto_refresh=False) as live:
+    with Live(view, console=console, auto_refresh=False) as live:
         try:
             while True:
                 time.sleep(2)
-                state = snapshot(client, keys)
-                live.update(render(run_id, state), refresh=True)
+                state, view = read()
+                live.update(view, refresh=True)
         except KeyboardInterrupt:
             pass
     return state

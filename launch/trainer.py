@@ -32,11 +32,11 @@ from rich.table import Table
 from common.config import config_to_dict
 from common.metrics import MetricsLogger
 from launch.config import PreparedRun, TrainConfig, prepare_run
+from launch.status import STATUS_FILE
 from learner.checkpoint import save_checkpoint
 
 logger = logging.getLogger("train")
 
-STATUS_NAME = "status.json"
 # Counters a backend reports (the same in both), and those the Trainer keeps itself.
 BACKEND_COUNTERS = ("env_steps", "frames", "updates", "chunks_written", "chunks_inserted",
                     "chunks_rejected", "transitions_written")  # fmt: skip
@@ -258,7 +258,7 @@ class Trainer:
             self._live.update(self._table(), refresh=True)
         status = {"mode": self.backend.name, "time": time.time(), "elapsed_s": self.elapsed_s,
                   "counters": counters, "rates": self.rates}  # fmt: skip
-        path = self.run_dir / STATUS_NAME
+        path = self.run_dir / STATUS_FILE
         path.with_suffix(".tmp").write_text(json.dumps(status) + "\n")
         path.with_suffix(".tmp").replace(path)
 

@@ -54,12 +54,14 @@ def test_train_writes_checkpoint_metrics_and_wandb(trained_run):
     assert list((trained_run / "wandb").glob("offline-run-*"))  # W&B wrote its offline files
 
 
-def test_resume_without_serial_continues_serially_with_counters_and_replay(trained_run):
+def test_resume_without_serial_continues_serially_with_counters_and_replay(trained_run, capsys):
     before = load_checkpoint(trained_run)["counters"]
     # The mode comes from the run: no --serial here, and no Ray or Redis is started.
     flags = [arg for arg in TINY if arg != "--serial"]
     main([*flags, "--total-env-steps", "600", "--resume", str(trained_run)])
     assert json.loads((trained_run / "status.json").read_text())["mode"] == "serial"
+    main(["status", "--run-dir", str(trained_run)])  # a serial run has no Redis: its status.json
+    assert "(serial; status.json written" in " ".join(capsys.readouterr().out.split())
     assert not (trained_run / "redis_url").exists()
     after = load_checkpoint(trained_run)["counters"]
     assert after["env_steps"] >= 600

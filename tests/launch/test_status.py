@@ -1,5 +1,6 @@
-"""`mario status` reads a run's state from a real redis-server."""
+"""`mario status` reads a run's state from a real redis-server, or from its status.json."""
 
+import json
 import time
 
 import msgpack
@@ -48,3 +49,20 @@ def test_status_shows_counters_roles_and_lag(redis_url, tmp_path):
 )
 def test_health_problems(ages, problems):
     assert health_problems({"heartbeat_age_s": ages}, within_s=60) == problems
+
+
+def test_without_redis_status_reads_the_status_file_and_checks_its_age(tmp_path):
+    run_dir = tmp_path / "serial-run"
+    run_dir.mkdir()
+    state = {"mode": "serial", "time": time.time() - 100, "elapsed_s": 600.0,
+             "counters": {"env_steps": 4321}, "rates": {"rate/env_steps_per_s": 81.5}}  # fmt: skip
+    (run_dir / "status.json").write_text(json.dumps(state))
+    console = Console(record=True, width=120)
+    show(StatusConfig(run_dir=run_dir), console)
+    text = " ".join(console.export_text().split())  # the title wraps
+    for expected in ("run serial-run (serial; status.json written 100 s ago)", "4,321", "81.5"):
+        assert expected in text
+    show(StatusConfig(run_dir=run_dir, healthy_within=200), console)
+    with pytest.raises(SystemExit):
+        show(StatusConfig(run_dir=run_dir, healthy_within=60), console)
+    assert "status.json 100 s old" in console.export_text()
