@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -32,6 +33,13 @@ class ActorConfig:
     """Ape-X ε base."""
     epsilon_alpha: float = 7.0
     """Ape-X ε exponent spread."""
+    epsilon_decay_steps: int = 0
+    """With > 0, every env starts at --actor.epsilon-start and decays exponentially toward its
+    own ε (the ladder's, or --actor.epsilon), with this time constant in run-wide env steps:
+    ε(t) = ε_env + (start − ε_env)·exp(−t / decay). For small runs, where Ape-X's ladder leaves
+    most envs nearly greedy from a random network. 0: the ladder from the start."""
+    epsilon_start: float = 1.0
+    """Where a decaying ε starts."""
     chunk_length: int = 100
     """Transitions per chunk sent to the replay."""
 
@@ -44,6 +52,10 @@ class ActorConfig:
             raise ValueError(f"gamma ({self.gamma}) must be in [0, 1]")
         if self.epsilon is not None and not 0 <= self.epsilon <= 1:
             raise ValueError(f"epsilon ({self.epsilon}) must be in [0, 1]")
+        if self.epsilon_decay_steps < 0:
+            raise ValueError(f"epsilon_decay_steps ({self.epsilon_decay_steps}) must be >= 0")
+        if not 0 <= self.epsilon_start <= 1:
+            raise ValueError(f"epsilon_start ({self.epsilon_start}) must be in [0, 1]")
         if not 0 < self.chunk_length <= 1000:
             raise ValueError(f"chunk_length ({self.chunk_length}) must be in 1..1000")
 
@@ -156,10 +168,23 @@ class ActorCore:
             )
             self.slots.append(slot)
             self._begin_episode(slot, *env.reset(seed=seed * 100_003 + actor_id * k + slot_index))
+        self._final_epsilons = [float(epsilon) for epsilon in epsilons]
+        self.set_run_env_steps(0)
 
     @property
     def epsilons(self) -> list[float]:
         return [slot.epsilon for slot in self.slots]
+
+    def set_run_env_steps(self, env_steps: int) -> None:
+        """Moves each env's ε along the decay schedule to the run's env-step count (a no-op
+        without --actor.epsilon-decay-steps)."""
+        decay = self.config.epsilon_decay_steps
+        if not decay:
+            return
+        fraction = math.exp(-max(env_steps, 0) / decay)
+        start = self.config.epsilon_start
+        for slot, final in zip(self.slots, self._final_epsilons, strict=True):
+            slot.epsilon = final + (start - final) * fraction
 
     def set_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
         """Loads new policy weights (published by the learner as `version`)."""

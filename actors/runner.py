@@ -48,7 +48,12 @@ class ActorRunner:
         self._stop.set()
 
     def _poll_weights(self) -> None:
-        version = self.client.get(self.redis_keys.weights_version)
+        """New weights if the version changed; the run's env steps for the ε schedule."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.get(self.redis_keys.weights_version)
+        pipe.hget(self.redis_keys.counters, "env_steps")
+        version, run_env_steps = pipe.execute()
+        self.core.set_run_env_steps(int(run_env_steps or 0))
         if version is None or int(version) == self.core.policy_version:
             return
         blob = self.client.get(self.redis_keys.weights)

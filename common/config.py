@@ -8,6 +8,8 @@ import re
 import typing
 
 ACTION_SETS: dict[str, tuple[tuple[str, ...], ...]] = {
+    # DI-adventure's strongest set on 1-1: walk right, or jump right (hold A to jump higher).
+    "right_jump": (("right",), ("right", "A")),
     # The seed's default: 5 actions, all moving right (or standing still).
     "right_only": (("NOOP",), ("right",), ("right", "A"), ("right", "B"), ("right", "A", "B")),
     "simple": (
@@ -64,7 +66,8 @@ class EnvConfig:
     level: str = "1-1"
     """Level as WORLD-STAGE ('1-1' … '8-4'), or a comma-separated list sampled per episode."""
     action_set: str = "right_only"
-    """Joypad action set: right_only (5 actions), simple (7) or complex (12)."""
+    """Joypad action set: right_jump (2 actions: right, right+A), right_only (5), simple (7) or
+    complex (12)."""
     reward: str = "classic"
     """Reward: classic (Δx + clock penalty + death penalty, clipped to ±15 per frame, as in
     gym-super-mario-bros 7.x) or native (the 9.x package's own shaped reward)."""
@@ -78,6 +81,15 @@ class EnvConfig:
     """Per-frame probability that the previous action repeats (evaluation uses 0.25)."""
     noop_max: int = 0
     """Random number of no-op agent steps (0..noop_max) at the start of each episode."""
+    stuck_steps: int = 0
+    """End an episode after this many agent steps without a new max x_pos (0: never). A
+    truncation (bootstrapped), unless --env.stuck-is-death."""
+    stuck_is_death: bool = False
+    """End a stuck episode as a death (terminated, with the death penalty) instead."""
+    flag_bonus: float = 0.0
+    """Reward added on the step that reaches the flag (classic reward)."""
+    reward_scale: float = 1.0
+    """Every reward is multiplied by this (after clipping and the flag bonus)."""
 
     def __post_init__(self) -> None:
         parse_levels(self.level)
@@ -99,6 +111,14 @@ class EnvConfig:
             raise ValueError(f"sticky_action_prob ({self.sticky_action_prob}) must be in [0, 1)")
         if self.noop_max < 0:
             raise ValueError(f"noop_max ({self.noop_max}) must be >= 0")
+        if self.stuck_steps < 0:
+            raise ValueError(f"stuck_steps ({self.stuck_steps}) must be >= 0 (0: off)")
+        if self.stuck_is_death and not self.stuck_steps:
+            raise ValueError("stuck_is_death needs stuck_steps > 0")
+        if self.reward_scale <= 0:
+            raise ValueError(f"reward_scale ({self.reward_scale}) must be > 0")
+        if self.flag_bonus and self.reward == "native":
+            raise ValueError(f"flag_bonus ({self.flag_bonus}) needs the classic reward")
 
     @property
     def levels(self) -> tuple[tuple[int, int], ...]:
@@ -117,6 +137,16 @@ class NetworkConfig:
 
     dueling: bool = False
     """Use a dueling head (value + advantage streams) instead of the plain Nature-CNN head."""
+    conv_channels: tuple[int, int, int] = (32, 64, 64)
+    """Channels of the three convolutions (Nature DQN: 32 64 64)."""
+    hidden: int = 512
+    """Units of the head's hidden layer (of each stream when dueling)."""
+
+    def __post_init__(self) -> None:
+        if len(self.conv_channels) != 3 or min(self.conv_channels) < 1:
+            raise ValueError(f"conv_channels {self.conv_channels} must be three counts >= 1")
+        if self.hidden < 1:
+            raise ValueError(f"hidden ({self.hidden}) must be >= 1")
 
 
 def config_to_dict(config) -> dict:
@@ -152,6 +182,8 @@ def config_from_dict(cls: type, data: dict, where: str = "config"):
             values[name] = config_from_dict(hint, value, f"{where}.{name}")
         elif value is not None and pathlib.Path in (*typing.get_args(hint), hint):
             values[name] = pathlib.Path(value)
+        elif isinstance(value, list) and typing.get_origin(hint) is tuple:
+            values[name] = tuple(value)  # a config that went through JSON
         else:
             values[name] = value
     return cls(**values)

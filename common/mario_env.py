@@ -120,7 +120,7 @@ class MarioEnv(gym.Env):
 
     Observations are uint8 [frame_stack, 84, 84] views into a frame ring (see FrameRing's
     trap). `info` holds x_pos, flag_get, world, stage, time, score, frames (emulator frames this
-    step) and life_lost.
+    step), life_lost and stuck (ended for standing still: see EnvConfig.stuck_steps).
     """
 
     metadata: ClassVar[dict] = {"render_modes": ["rgb_array"]}
@@ -143,6 +143,8 @@ class MarioEnv(gym.Env):
         self._previous_action_byte = 0
         self._x_last = 0
         self._time_last = 0
+        self._max_x = 0
+        self._steps_since_new_max_x = 0
         self._done = True
 
     # -- emulator access --------------------------------------------------------------------
@@ -216,17 +218,31 @@ class MarioEnv(gym.Env):
             if terminated:  # practically impossible in the first seconds; start over
                 return self.reset(options=options)
         self._episode_steps = 0
-        return self._ring.stack(), self._info(frames=frames, life_lost=False)
+        self._max_x, self._steps_since_new_max_x = self._x_pos(), 0
+        return self._ring.stack(), self._info(frames=frames, life_lost=False, stuck=False)
 
     def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
         if self._done:
             raise RuntimeError("step() called on a finished episode; call reset() first")
+        config = self.config
         reward, terminated, frames = self._advance(int(self._action_bytes[action]))
         self._episode_steps += 1
-        truncated = not terminated and self._episode_steps >= self.config.max_episode_steps
-        self._done = terminated or truncated
         life_lost = terminated and self._dying()
-        return self._ring.stack(), reward, terminated, truncated, self._info(frames, life_lost)
+        if terminated and not life_lost:
+            reward += config.flag_bonus  # the flag (or an end of world)
+        stuck = False
+        x_pos = self._x_pos()
+        if x_pos > self._max_x:
+            self._max_x, self._steps_since_new_max_x = x_pos, 0
+        else:
+            self._steps_since_new_max_x += 1
+            stuck = not terminated and 0 < config.stuck_steps <= self._steps_since_new_max_x
+        if stuck and config.stuck_is_death:
+            terminated, reward = True, reward + DEATH_PENALTY
+        truncated = not terminated and (stuck or self._episode_steps >= config.max_episode_steps)
+        self._done = terminated or truncated
+        info = self._info(frames, life_lost, stuck)
+        return self._ring.stack(), reward * config.reward_scale, terminated, truncated, info
 
     def _advance(self, action_byte: int) -> tuple[float, bool, int]:
         """Repeats the action frame_skip times; writes the max-pooled frame into the ring."""
@@ -284,7 +300,7 @@ class MarioEnv(gym.Env):
             interpolation=cv2.INTER_AREA,
         )
 
-    def _info(self, frames: int, life_lost: bool) -> dict[str, Any]:
+    def _info(self, frames: int, life_lost: bool, stuck: bool) -> dict[str, Any]:
         ram = self._ram
         score = 0
         for digit in ram[_RAM_SCORE : _RAM_SCORE + 6]:
@@ -298,6 +314,7 @@ class MarioEnv(gym.Env):
             "score": score,
             "frames": frames,
             "life_lost": life_lost,
+            "stuck": stuck,
         }
 
     def render(self) -> np.ndarray | None:

@@ -8,30 +8,30 @@ from torch import nn
 from common.config import NetworkConfig
 
 
-def _torso(in_channels: int) -> nn.Sequential:
+def _torso(in_channels: int, channels: tuple[int, int, int]) -> nn.Sequential:
     # Nature DQN: conv 32/8/4, 64/4/2, 64/3/1 → 64×7×7 for 84×84 input.
+    c1, c2, c3 = channels
     return nn.Sequential(
-        nn.Conv2d(in_channels, 32, kernel_size=8, stride=4),
+        nn.Conv2d(in_channels, c1, kernel_size=8, stride=4),
         nn.ReLU(),
-        nn.Conv2d(32, 64, kernel_size=4, stride=2),
+        nn.Conv2d(c1, c2, kernel_size=4, stride=2),
         nn.ReLU(),
-        nn.Conv2d(64, 64, kernel_size=3, stride=1),
+        nn.Conv2d(c2, c3, kernel_size=3, stride=1),
         nn.ReLU(),
         nn.Flatten(),
     )
 
 
-_TORSO_FEATURES = 64 * 7 * 7
-
-
 class QNetwork(nn.Module):
     """Nature-CNN Q-network: uint8 [B, C, 84, 84] → Q-values [B, A]; scales to [0, 1] inside."""
 
-    def __init__(self, num_actions: int, in_channels: int = 4):
+    def __init__(self, num_actions: int, in_channels: int = 4, config: NetworkConfig | None = None):
         super().__init__()
-        self.torso = _torso(in_channels)
+        config = config or NetworkConfig()
+        self.torso = _torso(in_channels, config.conv_channels)
+        features, hidden = config.conv_channels[2] * 7 * 7, config.hidden
         self.head = nn.Sequential(
-            nn.Linear(_TORSO_FEATURES, 512), nn.ReLU(), nn.Linear(512, num_actions)
+            nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, num_actions)
         )
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
@@ -41,12 +41,14 @@ class QNetwork(nn.Module):
 class DuelingQNetwork(nn.Module):
     """Dueling head (Wang et al. 2016): Q = V + A − mean(A), same torso and input as QNetwork."""
 
-    def __init__(self, num_actions: int, in_channels: int = 4):
+    def __init__(self, num_actions: int, in_channels: int = 4, config: NetworkConfig | None = None):
         super().__init__()
-        self.torso = _torso(in_channels)
-        self.value = nn.Sequential(nn.Linear(_TORSO_FEATURES, 512), nn.ReLU(), nn.Linear(512, 1))
+        config = config or NetworkConfig()
+        self.torso = _torso(in_channels, config.conv_channels)
+        features, hidden = config.conv_channels[2] * 7 * 7, config.hidden
+        self.value = nn.Sequential(nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, 1))
         self.advantage = nn.Sequential(
-            nn.Linear(_TORSO_FEATURES, 512), nn.ReLU(), nn.Linear(512, num_actions)
+            nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, num_actions)
         )
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
@@ -58,4 +60,4 @@ class DuelingQNetwork(nn.Module):
 def build_network(config: NetworkConfig, num_actions: int, in_channels: int = 4) -> nn.Module:
     """The Q-network the config asks for."""
     cls = DuelingQNetwork if config.dueling else QNetwork
-    return cls(num_actions, in_channels)
+    return cls(num_actions, in_channels, config)

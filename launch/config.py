@@ -16,6 +16,7 @@ import pathlib
 from actors.actor import ActorConfig
 from common.config import EnvConfig, NetworkConfig, config_from_dict
 from common.redis_io import RedisConfig
+from launch.evaluate import TrainEvalConfig
 from learner.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from learner.learner import LearnerConfig
 from replay_server.replay import ReplayConfig
@@ -75,6 +76,7 @@ class TrainConfig:
     network: NetworkConfig = dataclasses.field(default_factory=NetworkConfig)
     redis: RedisConfig = dataclasses.field(default_factory=RedisConfig)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+    eval: TrainEvalConfig = dataclasses.field(default_factory=TrainEvalConfig)
     serial: bool = False
     """Run every role in this one process (the debugging mode; no Redis, no Ray)."""
     redis_url: str | None = None
@@ -271,9 +273,8 @@ def prepare_run(requested: TrainConfig, given: set[str] | None = None) -> Prepar
     )
     config = dataclasses.replace(saved, **invocation, distributed=distributed)
     mode = "serial" if config.serial else "Ray"
-    logger.info(
-        "resuming %s run %s at %s env steps", mode, run_dir, checkpoint["counters"]["env_steps"]
-    )
+    steps = checkpoint["counters"]["env_steps"]
+    logger.info("resuming run %s (%s backend) at %s env steps", run_dir, mode, steps)
     return PreparedRun(config, run_dir, checkpoint)
 
 

@@ -1,4 +1,9 @@
-"""`mario eval CHECKPOINT`: greedy (or ε) episodes with sticky actions; stats and mp4 videos."""
+"""Greedy evaluation with the randomness the emulator lacks (sticky actions, no-op starts).
+
+`Evaluator` plays K episodes of given weights and summarises them; `mario eval RUN` uses it on a
+checkpoint (the run's best weights unless --last), and the Trainer every
+--eval.every-env-steps on the latest weights (inline in serial mode, in a Ray worker otherwise).
+"""
 
 from __future__ import annotations
 
@@ -15,17 +20,57 @@ import tyro
 from common.config import EnvConfig, NetworkConfig, config_from_dict
 from common.mario_env import make_env
 from common.networks import build_network
-from learner.checkpoint import load_checkpoint
+from learner.checkpoint import BEST_NAME, load_checkpoint
 
 VIDEO_FPS = 15  # one frame per agent step (4 emulator frames at 60 Hz)
+# Evaluation episodes are seeded from here on, far from the seeds training envs use
+# (seed·100,003 + env index), so no evaluation replays a training episode's randomness.
+EVAL_SEED_BASE = 1_000_000_000
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainEvalConfig:
+    """Evaluation during training."""
+
+    every_env_steps: int = 50_000
+    """Evaluate the latest weights every this many env steps (0: never)."""
+    episodes: int = 10
+    """Greedy episodes per evaluation; their seeds change every round."""
+    sticky_action_prob: float = 0.25
+    """Per-frame probability that the previous action repeats."""
+    noop_max: int = 30
+    """Random number of no-op steps (0..noop_max) at the start of each episode."""
+
+    def __post_init__(self) -> None:
+        if self.every_env_steps < 0:
+            raise ValueError(f"every_env_steps ({self.every_env_steps}) must be >= 0 (0: off)")
+        if self.episodes < 1:
+            raise ValueError(f"episodes ({self.episodes}) must be >= 1")
+        if not 0 <= self.sticky_action_prob < 1:
+            raise ValueError(f"sticky_action_prob ({self.sticky_action_prob}) must be in [0, 1)")
+        if self.noop_max < 0:
+            raise ValueError(f"noop_max ({self.noop_max}) must be >= 0")
+
+    def env(self, train_env: EnvConfig) -> EnvConfig:
+        """The training env with the evaluation's randomness."""
+        return dataclasses.replace(
+            train_env, sticky_action_prob=self.sticky_action_prob, noop_max=self.noop_max
+        )
+
+    def seeds(self, round_index: int) -> list[int]:
+        """The episode seeds of evaluation round `round_index`: new ones every round."""
+        first = EVAL_SEED_BASE + round_index * self.episodes
+        return list(range(first, first + self.episodes))
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """Evaluate a checkpoint on Mario with the evaluation randomness the emulator lacks."""
+    """Evaluate a run (its best weights) or a checkpoint on Mario with sticky actions."""
 
     checkpoint: tyro.conf.Positional[pathlib.Path]
-    """A checkpoint.pt, or a run directory holding one."""
+    """A run directory (its best.pt, else checkpoint.pt), or a .pt file."""
+    last: bool = False
+    """Evaluate the run's last checkpoint instead of its best weights."""
     episodes: int = 10
     """Episodes to play."""
     level: str | None = None
@@ -52,60 +97,116 @@ class EvalConfig:
             raise ValueError(f"epsilon ({self.epsilon}) must be in [0, 1]")
 
 
-def _play(
-    env,
-    network,
-    epsilon: float,
-    seed: int,
-    rng: np.random.Generator,
-    writer=None,
-    actions: list[int] | None = None,
-) -> tuple[dict, list[int]]:
-    """One episode; replays `actions` instead of the policy when given (for re-recording)."""
-    obs, info = env.reset(seed=seed)
-    taken: list[int] = []
-    episode_return, length, max_x = 0.0, 0, info["x_pos"]
-    if writer is not None:
-        writer.append_data(env.render())
-    while True:
-        if actions is not None:
-            action = actions[length]
-        elif rng.random() < epsilon:
-            action = int(rng.integers(env.action_space.n))
-        else:
-            with torch.inference_mode():
-                q = network(torch.from_numpy(np.ascontiguousarray(obs))[None])
-            action = int(q.argmax(dim=1))
-        taken.append(action)
-        obs, reward, terminated, truncated, info = env.step(action)
-        episode_return += reward
-        length += 1
-        max_x = max(max_x, info["x_pos"])
-        if writer is not None:
-            writer.append_data(env.render())
-        if terminated or truncated:
-            break
-    result = {
-        "return": episode_return,
-        "length": length,
-        "max_x_pos": max_x,
-        "flag_get": bool(info["flag_get"]),
-        "level": f"{info['world']}-{info['stage']}",
-    }
-    return result, taken
-
-
 def _writer(path: pathlib.Path):
     return imageio.get_writer(path, fps=VIDEO_FPS, codec="libx264", macro_block_size=16)
 
 
+class Evaluator:
+    """Plays episodes of given weights on one env; summarises them; re-records the best."""
+
+    def __init__(self, env_config: EnvConfig, network_config: NetworkConfig):
+        self.env_config = env_config
+        self.env = make_env(env_config)
+        self.network = build_network(
+            network_config, env_config.num_actions, env_config.frame_stack
+        ).eval()
+
+    def play(self, seed: int, epsilon: float = 0.0, writer=None) -> dict:
+        """One episode. It depends only on the weights, the seed and ε (the env, its sticky
+        actions and no-ops, and the ε draws are all seeded by `seed`), so it can be re-played."""
+        env, rng = self.env, np.random.default_rng(seed)
+        obs, info = env.reset(seed=seed)
+        episode_return, length, max_x = 0.0, 0, info["x_pos"]
+        if writer is not None:
+            writer.append_data(env.render())
+        while True:
+            if epsilon and rng.random() < epsilon:
+                action = int(rng.integers(env.action_space.n))
+            else:
+                with torch.inference_mode():
+                    q = self.network(torch.from_numpy(np.ascontiguousarray(obs))[None])
+                action = int(q.argmax(dim=1))
+            obs, reward, terminated, truncated, info = env.step(action)
+            episode_return += reward
+            length += 1
+            max_x = max(max_x, info["x_pos"])
+            if writer is not None:
+                writer.append_data(env.render())
+            if terminated or truncated:
+                break
+        result = {
+            "seed": seed,
+            "return": episode_return,
+            "length": length,
+            "max_x_pos": max_x,
+            "flag_get": bool(info["flag_get"]),
+            "level": f"{info['world']}-{info['stage']}",
+        }
+        return result
+
+    def run(self, weights: dict, seeds: list[int], epsilon: float = 0.0) -> dict:
+        """Plays one episode per seed with `weights`; returns the summary (see summarize)."""
+        self.network.load_state_dict(weights)
+        return summarize([self.play(seed, epsilon) for seed in seeds])
+
+    def record(
+        self, weights: dict, episode: dict, path: pathlib.Path, epsilon: float = 0.0
+    ) -> None:
+        """Re-plays an episode that run() played (same weights, seed and ε) into an mp4, so
+        no frames are kept in memory while evaluating.
+
+        Raises:
+            RuntimeError: if the replay diverged from the episode (the video would be wrong).
+        """
+        self.network.load_state_dict(weights)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        writer = _writer(path)
+        try:
+            replayed = self.play(episode["seed"], epsilon, writer=writer)
+        finally:
+            writer.close()
+        if replayed != episode:
+            raise RuntimeError(f"replaying episode seed {episode['seed']} diverged: {replayed}")
+
+    def close(self) -> None:
+        self.env.close()
+
+
+def summarize(episodes: list[dict]) -> dict:
+    """Flag rate, mean/median/max of max x_pos, mean return and length, the best episode."""
+    x_positions = [e["max_x_pos"] for e in episodes]
+    ranks = [(e["flag_get"], e["max_x_pos"], e["return"]) for e in episodes]
+    best = max(range(len(episodes)), key=ranks.__getitem__)
+    return {
+        "episodes": len(episodes),
+        "flag_rate": float(np.mean([e["flag_get"] for e in episodes])),
+        "max_x_pos_mean": float(np.mean(x_positions)),
+        "max_x_pos_median": float(statistics.median(x_positions)),
+        "max_x_pos_max": int(max(x_positions)),
+        "return_mean": float(np.mean([e["return"] for e in episodes])),
+        "length_mean": float(np.mean([e["length"] for e in episodes])),
+        "best_episode": best,
+        "per_episode": episodes,
+    }
+
+
+def resolve_checkpoint(path: pathlib.Path, last: bool = False) -> pathlib.Path:
+    """A run directory's best weights (best.pt) unless `last` or there are none yet; else the
+    path as given (a checkpoint file, or a run directory's checkpoint.pt)."""
+    path = pathlib.Path(path)
+    if path.is_dir() and not last and (path / BEST_NAME).is_file():
+        return path / BEST_NAME
+    return path
+
+
 def evaluate(config: EvalConfig) -> dict:
-    """Plays the episodes and writes eval.json plus the videos.
+    """`mario eval`: plays the episodes and writes eval.json plus the videos.
 
     Returns:
         Summary statistics, per-episode results and video paths.
     """
-    payload = load_checkpoint(config.checkpoint)
+    checkpoint_path = resolve_checkpoint(config.checkpoint, config.last)
+    payload = load_checkpoint(checkpoint_path)
     train_config = payload["config"]
     env_config = config_from_dict(EnvConfig, train_config["env"], "checkpoint config.env")
     network_config = config_from_dict(
@@ -118,60 +219,33 @@ def evaluate(config: EvalConfig) -> dict:
         noop_max=config.noop_max,
         max_episode_steps=config.max_episode_steps or env_config.max_episode_steps,
     )
-    network = build_network(network_config, env_config.num_actions, env_config.frame_stack)
-    network.load_state_dict(payload["learner"]["online"])
-    network.eval()
-    checkpoint_path = pathlib.Path(config.checkpoint)
-    run_dir = checkpoint_path if checkpoint_path.is_dir() else checkpoint_path.parent
+    run_dir = checkpoint_path.parent if checkpoint_path.is_file() else checkpoint_path
     out = config.out or run_dir / "eval"
     out.mkdir(parents=True, exist_ok=True)
-    env = make_env(env_config)
-    rng = np.random.default_rng(config.seed)
-    episodes, action_lists, videos = [], [], []
-    for index in range(config.episodes):
-        writer = None
+    evaluator = Evaluator(env_config, network_config)
+    weights = payload["learner"]["online"]
+    seeds = [config.seed + index for index in range(config.episodes)]
+    try:
+        summary = evaluator.run(weights, seeds, config.epsilon)
+        episodes = summary["per_episode"]
         if config.video_all:
-            path = out / f"episode_{index:03d}.mp4"
-            writer = _writer(path)
-            videos.append(str(path))
-        result, taken = _play(env, network, config.epsilon, config.seed + index, rng, writer)
-        if writer is not None:
-            writer.close()
-        episodes.append(result)
-        action_lists.append(taken)
-    best = max(
-        range(len(episodes)), key=lambda i: (episodes[i]["max_x_pos"], episodes[i]["return"])
-    )
-    if not config.video_all:
-        # The env is deterministic given its seed and the actions, so replaying the recorded
-        # actions re-creates the best episode frame for frame without storing it in memory.
-        path = out / "best_episode.mp4"
-        writer = _writer(path)
-        replayed, _ = _play(env, network, 0.0, config.seed + best, rng, writer, action_lists[best])
-        writer.close()
-        if replayed["max_x_pos"] != episodes[best]["max_x_pos"]:
-            raise RuntimeError("replaying the best episode diverged; the video would be wrong")
-        videos.append(str(path))
-    env.close()
-    x_positions = [e["max_x_pos"] for e in episodes]
+            videos = [out / f"episode_{index:03d}.mp4" for index in range(len(episodes))]
+        else:
+            episodes, videos = [episodes[summary["best_episode"]]], [out / "best_episode.mp4"]
+        for episode, video in zip(episodes, videos, strict=True):
+            evaluator.record(weights, episode, video, config.epsilon)
+    finally:
+        evaluator.close()
     summary = {
-        "checkpoint": str(config.checkpoint),
+        "checkpoint": str(checkpoint_path),
         "env_steps_trained": int(payload["counters"]["env_steps"]),
         "level": env_config.level,
         "reward": env_config.reward,
-        "episodes": len(episodes),
         "sticky_action_prob": config.sticky_action_prob,
         "noop_max": config.noop_max,
         "epsilon": config.epsilon,
-        "flag_rate": float(np.mean([e["flag_get"] for e in episodes])),
-        "max_x_pos_mean": float(np.mean(x_positions)),
-        "max_x_pos_median": float(statistics.median(x_positions)),
-        "max_x_pos_max": int(max(x_positions)),
-        "return_mean": float(np.mean([e["return"] for e in episodes])),
-        "length_mean": float(np.mean([e["length"] for e in episodes])),
-        "best_episode": best,
-        "videos": videos,
-        "per_episode": episodes,
+        **summary,
+        "videos": [str(video) for video in videos],
     }
     (out / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -15,7 +15,7 @@ import time
 
 from launch.config import TrainConfig
 from launch.errors import RoleFailed
-from launch.roles import RoleSpecs, build_actor, build_learner, build_replay
+from launch.roles import RoleSpecs, build_actor, build_evaluator, build_learner, build_replay
 from launch.trainer import BACKEND_COUNTERS, episode_record, replay_snapshot_path
 from learner.learner import cpu_copy
 from learner.runner import LearnerMeter
@@ -37,8 +37,11 @@ class LocalBackend:
         self._episodes: list[dict] = []
         self._last_metrics: dict[str, float] = {}
         self._actor_rate_base: tuple[float, int, int] | None = None
+        self._evaluator = None
+        self._eval_result: dict | None = None
 
     def start(self, resources: contextlib.ExitStack, checkpoint: dict | None) -> None:
+        resources.callback(self._close_evaluator)
         self.learner = build_learner(
             self.specs.learner(), checkpoint["learner"] if checkpoint else None
         )
@@ -63,6 +66,7 @@ class LocalBackend:
     def advance(self, seconds: float) -> None:
         actor, replay, learner = self.actor, self.replay, self.learner
         batch_size = self.config.learner.batch_size
+        actor.set_run_env_steps(self._steps_before + actor.env_steps)
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             if replay.can_sample(batch_size):
@@ -137,6 +141,21 @@ class LocalBackend:
 
     def snapshot_replay(self, run_dir: pathlib.Path) -> None:
         self.replay.snapshot(replay_snapshot_path(run_dir, 0))
+
+    def start_eval(self, seeds: list[int]) -> None:
+        if self._evaluator is None:
+            self._evaluator = build_evaluator(self.config)
+        weights = self.learner.cpu_weights()
+        result = self._evaluator.run(weights, seeds)
+        self._eval_result = {**result, "policy_version": self.learner.updates, "weights": weights}
+
+    def eval_result(self) -> dict | None:
+        result, self._eval_result = self._eval_result, None
+        return result
+
+    def _close_evaluator(self) -> None:
+        if self._evaluator is not None:
+            self._evaluator.close()
 
     def stop_roles(self) -> None:
         # Partial chunks: keep the experience (only the ≤ n transitions per env that wait for a

@@ -22,10 +22,11 @@ import time
 
 import numpy as np
 import ray
+import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from common.redis_io import EmbeddedRedis, RedisEndpoint
-from common.wire import WireError, decode_record
+from common.wire import WireError, decode_record, decode_weights
 from launch.config import TrainConfig
 from launch.errors import RoleFailed
 from launch.roles import (
@@ -34,6 +35,7 @@ from launch.roles import (
     ReplaySpec,
     RoleSpecs,
     build_actor_runner,
+    build_evaluator,
     build_learner_runner,
     build_shard,
 )
@@ -174,6 +176,24 @@ class RayReplayClient:
         self.shards[shard_id].update_priorities.remote(keys, td_abs)  # fire and forget
 
 
+@ray.remote(num_cpus=0, max_restarts=-1)
+class EvalWorker:
+    """Evaluates the weights the learner last published, while training goes on. It holds no
+    Ray CPU: it works a few seconds every --eval.every-env-steps."""
+
+    def __init__(self, config: TrainConfig, endpoint: RedisEndpoint):
+        torch.set_num_threads(1)
+        self.evaluator = build_evaluator(config)
+        self.client = endpoint.connect()
+        self.redis_keys = endpoint.keys
+
+    def evaluate(self, seeds: list[int]) -> dict:
+        blob = self.client.get(self.redis_keys.weights)
+        weights, version = decode_weights(blob, self.evaluator.network.state_dict())
+        result = self.evaluator.run(weights, seeds)
+        return {**result, "policy_version": version, "weights": weights}
+
+
 # -- the actor pool ------------------------------------------------------------------------------
 
 
@@ -311,6 +331,8 @@ class RayBackend:
         self.learner_run = None
         self.actors: ActorPool | None = None
         self._last_telemetry = "0-0"
+        self.evaluator = None
+        self._eval_ref = None
         self.malformed_records = 0
 
     # -- start: every resource is registered on `resources` as soon as it exists ---------------
@@ -393,6 +415,10 @@ class RayBackend:
 
         self.actors = ActorPool(make_actor, initial, maximum)
         logger.info("started %d actors (max %s)", initial, maximum or "no cap")
+        if config.eval.every_env_steps:
+            self.evaluator = EvalWorker.options(scheduling_strategy=on_this_node).remote(
+                config, self.endpoint
+            )
 
     # -- while it runs --------------------------------------------------------------------------
 
@@ -476,6 +502,19 @@ class RayBackend:
         ray.get([shard.snapshot.remote(str(replay_snapshot_path(run_dir, i)))
                  for i, shard in enumerate(self.shards)], timeout=600)  # fmt: skip
 
+    def start_eval(self, seeds: list[int]) -> None:
+        self._eval_ref = self.evaluator.evaluate.remote(seeds)
+
+    def eval_result(self) -> dict | None:
+        if self._eval_ref is None or not _finished(self._eval_ref):
+            return None
+        ref, self._eval_ref = self._eval_ref, None
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayError as error:  # a restarted evaluator takes the next round
+            logger.warning("evaluation failed: %s", error)
+            return {}
+
     # -- stop ----------------------------------------------------------------------------------
 
     def stop_roles(self) -> None:
@@ -492,7 +531,8 @@ class RayBackend:
     def _kill_roles(self) -> None:
         if self.actors is not None:
             self.actors.kill()
-        for handle in [*self.shards, *([self.learner] if self.learner else [])]:
+        others = [handle for handle in (self.learner, self.evaluator) if handle is not None]
+        for handle in [*self.shards, *others]:
             ray.kill(handle, no_restart=True)
 
 

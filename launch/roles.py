@@ -17,6 +17,7 @@ from actors.runner import ActorRunner
 from common.config import EnvConfig, NetworkConfig
 from common.redis_io import RedisEndpoint
 from launch.config import TrainConfig
+from launch.evaluate import Evaluator
 from learner.learner import Learner, LearnerConfig
 from learner.runner import LearnerRunner, ReplayClient
 from replay_server.replay import PrioritizedReplay, ReplayConfig
@@ -135,6 +136,11 @@ def build_learner(spec: LearnerSpec, state: dict | None = None) -> Learner:
     if state is not None:
         learner.load_state_dict(state)
     return learner
+
+
+def build_evaluator(config: TrainConfig) -> Evaluator:
+    """The evaluator of a run: its env with the evaluation's sticky actions and no-ops."""
+    return Evaluator(config.eval.env(config.env), config.network)
 
 
 # -- the Redis runners around them (Ray backend) ------------------------------------------------

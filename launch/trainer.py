@@ -33,7 +33,7 @@ from common.config import config_to_dict
 from common.metrics import MetricsLogger
 from launch.config import PreparedRun, TrainConfig, prepare_run
 from launch.status import STATUS_FILE
-from learner.checkpoint import save_checkpoint
+from learner.checkpoint import BEST_NAME, save_checkpoint
 
 logger = logging.getLogger("train")
 
@@ -95,6 +95,14 @@ class Backend(Protocol):
     def snapshot_replay(self, run_dir: pathlib.Path) -> None:
         """Writes each replay shard's contents to replay_snapshot_path(run_dir, shard)."""
 
+    def start_eval(self, seeds: list[int]) -> None:
+        """Starts evaluating the latest weights, one greedy episode per seed (in-process: runs
+        it now; Ray: in the evaluator worker while training goes on)."""
+
+    def eval_result(self) -> dict | None:
+        """The finished evaluation, once: Evaluator.run's summary plus "policy_version" and the
+        "weights" it evaluated; {} if it failed; None while none is finished."""
+
     def stop_roles(self) -> None:
         """Stops the roles in order: actors (they flush partial chunks), replay, learner."""
 
@@ -147,6 +155,14 @@ class Trainer:
         self.rates: dict[str, float] = {}
         self.stats: dict[str, float] = {}
         self.last_checkpoint: dict | None = None
+        # Evaluation during training: where the next round starts, and the best so far.
+        trainer_state = run.checkpoint.get("trainer", {}) if run.checkpoint else {}
+        every = self.config.eval.every_env_steps
+        self.eval_round = int(trainer_state.get("eval_round", 0))
+        self.next_eval_at = int(trainer_state.get("next_eval_at", every))
+        self.best_eval: dict | None = trainer_state.get("best_eval")
+        self.last_eval: dict | None = trainer_state.get("last_eval")
+        self._eval_started_at: int | None = None
         self._start = time.monotonic()
         self._rate_base: tuple[float, dict[str, int]] | None = None
         self._metrics: MetricsLogger | None = None
@@ -199,6 +215,7 @@ class Trainer:
         while not stop.requested and time.monotonic() < deadline:
             self.backend.advance(0.5)
             self._update_counters()
+            self._evaluate()
             if self.counters["env_steps"] >= config.total_env_steps:
                 break
             now = time.monotonic()
@@ -229,6 +246,7 @@ class Trainer:
             logger.error("final checkpoint not written (%s); %s", error, stands)
         if self.counters:
             self._log_metrics()
+            self._write_status()
 
     # -- periodic work ----------------------------------------------------------------------------
 
@@ -241,6 +259,50 @@ class Trainer:
             self.recent.append(record)
             self._metrics.log(record, counters["env_steps"])
         self.counters = {**counters, **self.own_counters}
+
+    def _evaluate(self) -> None:
+        """Starts an evaluation every --eval.every-env-steps; takes the one that finished."""
+        every, env_steps = self.config.eval.every_env_steps, self.counters["env_steps"]
+        if every and self._eval_started_at is None and env_steps >= self.next_eval_at:
+            self.backend.start_eval(self.config.eval.seeds(self.eval_round))
+            self._eval_started_at = env_steps
+            self.eval_round += 1
+            self.next_eval_at = (env_steps // every + 1) * every
+        if self._eval_started_at is not None:
+            result = self.backend.eval_result()
+            if result is not None:
+                if result:  # empty: the evaluation failed (logged by the backend)
+                    self._take_eval(result, self._eval_started_at)
+                self._eval_started_at = None
+
+    def _take_eval(self, result: dict, env_steps: int) -> None:
+        """Logs an evaluation; keeps the best weights (by flag rate, then mean max x) as best.pt."""
+        summary = {
+            "env_steps": env_steps,
+            "policy_version": int(result["policy_version"]),
+            "flag_rate": result["flag_rate"],
+            "x_pos_mean": result["max_x_pos_mean"],
+            "x_pos_median": result["max_x_pos_median"],
+            "x_pos_max": result["max_x_pos_max"],
+            "return_mean": result["return_mean"],
+        }
+        self.last_eval = summary
+        self._metrics.log({f"eval/{key}": value for key, value in summary.items()}, env_steps)
+        logger.info("eval at %d env steps: %s", env_steps, summary)
+        rank = (summary["flag_rate"], summary["x_pos_mean"])
+        best = self.best_eval
+        if best is None or rank > (best["flag_rate"], best["x_pos_mean"]):
+            self.best_eval = summary
+            save_checkpoint(
+                self.run_dir,
+                {
+                    "learner": {"online": result["weights"], "updates": summary["policy_version"]},
+                    "config": config_to_dict(self.config),
+                    "counters": {"env_steps": env_steps, "updates": summary["policy_version"]},
+                    "eval": {**summary, "per_episode": result["per_episode"]},
+                },
+                name=BEST_NAME,
+            )
 
     def _refresh(self) -> None:
         """Rates over the last interval, the roles' stats, the live table and the status file."""
@@ -256,8 +318,13 @@ class Trainer:
         self.stats = self.backend.stats()
         if self._live is not None:
             self._live.update(self._table(), refresh=True)
+        self._write_status()
+
+    def _write_status(self) -> None:
+        """status.json: what `mario status` shows of a run without Redis."""
         status = {"mode": self.backend.name, "time": time.time(), "elapsed_s": self.elapsed_s,
-                  "counters": counters, "rates": self.rates}  # fmt: skip
+                  "counters": self.counters, "rates": self.rates, "last_eval": self.last_eval,
+                  "best_eval": self.best_eval}  # fmt: skip
         path = self.run_dir / STATUS_FILE
         path.with_suffix(".tmp").write_text(json.dumps(status) + "\n")
         path.with_suffix(".tmp").replace(path)
@@ -286,6 +353,12 @@ class Trainer:
                 "config": config_to_dict(self.config),
                 "counters": counters,
                 "rng": {"torch": torch.get_rng_state(), **state["rng"]},
+                "trainer": {
+                    "eval_round": self.eval_round,
+                    "next_eval_at": self.next_eval_at,
+                    "best_eval": self.best_eval,
+                    "last_eval": self.last_eval,
+                },
             },
         )
         self.last_checkpoint = counters
@@ -306,12 +379,21 @@ class Trainer:
             ("replay size", f"{stats.get('replay/size', 0):,}"),
             ("stream lag (chunks)", f"{stats.get('stream_lag_chunks', 0)}"),
             ("policy lag (updates)", f"{stats.get('policy_lag', 0)}"),
+            ("last eval", _eval_line(self.last_eval)),
+            ("best eval", _eval_line(self.best_eval)),
             ("elapsed", f"{self.elapsed_s / 60:.1f} min"),
             ("time", datetime.datetime.now().strftime("%H:%M:%S")),
         ]  # fmt: skip
         for key, value in rows:
             table.add_row(key, value)
         return table
+
+
+def _eval_line(summary: dict | None) -> str:
+    if summary is None:
+        return "-"
+    return (f"flags {summary['flag_rate']:.0%}, mean x {summary['x_pos_mean']:.0f} "
+            f"at {summary['env_steps']:,} steps")  # fmt: skip
 
 
 def train(

@@ -7,7 +7,8 @@ import pathlib
 import torch
 
 CHECKPOINT_NAME = "checkpoint.pt"
-REPLAY_SNAPSHOT_NAME = "replay.npz"
+BEST_NAME = "best.pt"
+"""The online weights of the run's best evaluation, in the checkpoint format (learner.online)."""
 FORMAT_VERSION = 1
 
 
@@ -15,10 +16,12 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable, or not one of ours."""
 
 
-def save_checkpoint(run_dir: pathlib.Path, payload: dict) -> pathlib.Path:
-    """Writes run_dir/checkpoint.pt atomically (write to a temp file, then rename)."""
+def save_checkpoint(
+    run_dir: pathlib.Path, payload: dict, name: str = CHECKPOINT_NAME
+) -> pathlib.Path:
+    """Writes run_dir/name atomically (write to a temp file, then rename)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / CHECKPOINT_NAME
+    path = run_dir / name
     tmp = path.with_suffix(".pt.tmp")
     torch.save({"format": FORMAT_VERSION, **payload}, tmp)
     tmp.replace(path)

@@ -40,6 +40,24 @@ def test_a_fixed_epsilon_and_a_bad_band():
         slot_epsilons(ActorConfig(envs_per_actor=2), band=2, bands=2)
 
 
+@pytest.mark.parametrize(
+    ("env_steps", "expected"),
+    [
+        # ε(t) = ε_env + (1 − ε_env)·exp(−t / 100,000), ε_env = 0.1 and 0.01
+        (0, [1.0, 1.0]),
+        (100_000, [0.1 + 0.9 * 0.367879, 0.01 + 0.99 * 0.367879]),  # 0.43109, 0.37420
+        (300_000, [0.1 + 0.9 * 0.049787, 0.01 + 0.99 * 0.049787]),  # 0.14481, 0.05929
+        (10**8, [0.1, 0.01]),
+    ],
+)
+def test_epsilon_decays_from_start_toward_each_envs_own(env_steps, expected):
+    config = ActorConfig(envs_per_actor=2, epsilon_decay_steps=100_000, epsilon_start=1.0)
+    actor = ActorCore(EnvConfig(), config, NetworkConfig(), epsilons=[0.1, 0.01])
+    actor.set_run_env_steps(env_steps)
+    assert actor.epsilons == pytest.approx(expected, rel=1e-5)
+    actor.close()
+
+
 def test_actor_emits_valid_chunks_with_its_own_priorities():
     env_config = EnvConfig(max_episode_steps=25)  # truncations happen too
     actor_config = ActorConfig(envs_per_actor=2, chunk_length=20)

@@ -9,7 +9,7 @@ from gym_super_mario_bros.smb_env import SuperMarioBrosEnv
 from common.config import EnvConfig
 from common.mario_env import FrameRing, action_bytes, classic_frame_reward, make_env
 
-RIGHT = 1  # index of ['right'] in every action set
+RIGHT = 1  # index of ['right'] in every action set but right_jump
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def run_actions(config: EnvConfig, actions, seed=0):
 
 
 @pytest.mark.parametrize(
-    ("action_set", "size"), [("right_only", 5), ("simple", 7), ("complex", 12)]
+    ("action_set", "size"), [("right_jump", 2), ("right_only", 5), ("simple", 7), ("complex", 12)]
 )
 def test_action_space_sizes(action_set, size):
     environment = make_env(EnvConfig(action_set=action_set))
@@ -207,7 +207,7 @@ def test_level_list_is_sampled_per_episode():
         ("level", "1-5", "stage 1..4"),
         ("level", "abc", "WORLD-STAGE"),
         ("level", "1-1,2-9", "WORLD-STAGE"),
-        ("action_set", "everything", "right_only, simple, complex"),
+        ("action_set", "everything", "right_jump, right_only, simple, complex"),
         ("reward", "dense", "classic, native"),
     ],
 )
@@ -216,3 +216,60 @@ def test_bad_config_names_value_and_accepted_ones(field, value, accepted):
         dataclasses.replace(EnvConfig(), **{field: value})
     assert repr(value.split(",")[-1].strip()) in str(error.value) or repr(value) in str(error.value)
     assert accepted in str(error.value)
+
+
+# -- recipe options: stuck episodes, flag bonus, reward scale ------------------------------------
+
+NOOP = 0
+
+
+def test_standing_still_is_a_bootstrapped_truncation_after_stuck_steps():
+    _, _, infos, ends = run_actions(EnvConfig(stuck_steps=10), [NOOP] * 50)
+    assert len(ends) == 10 and ends[-1] == (False, True)  # truncated, not terminated
+    assert infos[-1]["stuck"] and not infos[-2]["stuck"] and not infos[-1]["life_lost"]
+
+
+def test_moving_right_resets_the_stuck_count():
+    # 8 no-ops, 5 steps right (new max x each), 8 no-ops: never 10 steps without a new max
+    _, _, _, ends = run_actions(EnvConfig(stuck_steps=10), [NOOP] * 8 + [RIGHT] * 5 + [NOOP] * 8)
+    assert len(ends) == 21 and ends[-1] == (False, False)
+
+
+def test_stuck_is_death_terminates_with_the_death_penalty():
+    _, rewards, infos, ends = run_actions(EnvConfig(stuck_steps=10, stuck_is_death=True),
+                                          [NOOP] * 50)  # fmt: skip
+    _, plain_rewards, _, _ = run_actions(EnvConfig(stuck_steps=10), [NOOP] * 50)
+    assert len(ends) == 10 and ends[-1] == (True, False) and infos[-1]["stuck"]
+    assert rewards[-1] == plain_rewards[-1] - 25
+    assert rewards[:-1] == plain_rewards[:-1]
+
+
+@pytest.mark.parametrize(("scale", "bonus"), [(1.0, 50.0), (0.1, 50.0), (0.5, 0.0)])
+def test_reward_scale_and_flag_bonus(scale, bonus, monkeypatch):
+    actions = [RIGHT] * 30
+    _, plain, _, _ = run_actions(EnvConfig(), actions)
+    _, scaled, _, _ = run_actions(EnvConfig(reward_scale=scale, flag_bonus=bonus), actions)
+    assert scaled == pytest.approx([scale * r for r in plain])  # no flag: no bonus
+    # The flag: the frame it is reached ends the episode, with the bonus added before scaling.
+    environment = make_env(EnvConfig(reward_scale=scale, flag_bonus=bonus))
+    environment.reset(seed=0)
+    monkeypatch.setattr(environment, "_flag_get", lambda: True)
+    _, reward, terminated, truncated, info = environment.step(RIGHT)
+    environment.close()
+    assert (terminated, truncated, info["life_lost"]) == (True, False, False)
+    # one frame of walking from a standstill (Δx 0 or 1, no clock tick yet) plus the bonus
+    assert scale * bonus <= reward <= scale * (bonus + 1)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"stuck_steps": -1}, r"stuck_steps \(-1\) must be >= 0"),
+        ({"stuck_is_death": True}, "stuck_is_death needs stuck_steps > 0"),
+        ({"reward_scale": 0.0}, r"reward_scale \(0.0\) must be > 0"),
+        ({"flag_bonus": 50.0, "reward": "native"}, r"flag_bonus \(50.0\) needs the classic"),
+    ],
+)
+def test_bad_recipe_options_name_the_value(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        EnvConfig(**kwargs)

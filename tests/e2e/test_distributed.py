@@ -37,6 +37,8 @@ TINY = [
     "--distributed.num-actors", "2",
     "--distributed.weights-poll-frames", "100",
     "--publish-every-updates", "2",
+    "--eval.every-env-steps", "600",
+    "--eval.episodes", "1",
     "--wandb", "offline",
     "--no-live-display",
     "--log-every-s", "2",
@@ -73,6 +75,9 @@ def test_experience_flows_learner_updates_actors_get_new_weights(distributed_run
     system = [r for r in records if "actors/frames_per_s" in r]
     assert system and {"policy_lag", "stream_lag_chunks", "replay/size"} <= set(system[-1])
     assert (distributed_run / "replay-0.npz").exists()
+    evals = [r for r in records if "eval/flag_rate" in r]  # the evaluator worker's rounds
+    assert evals and all(r["step"] >= 600 for r in evals)
+    assert load_checkpoint(distributed_run / "best.pt")["eval"]["env_steps"] >= 600
     assert list((distributed_run / "wandb").glob("offline-run-*"))
     assert leftover_processes(distributed_run) == ""
 

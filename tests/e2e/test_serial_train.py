@@ -25,6 +25,8 @@ TINY = [
     "--actor.chunk-length", "50",
     "--env.max-episode-steps", "200",
     "--publish-every-updates", "5",
+    "--eval.every-env-steps", "300",
+    "--eval.episodes", "2",
     "--wandb", "offline",
     "--no-live-display",
     "--log-every-s", "0.5",
@@ -75,7 +77,31 @@ def test_resume_without_serial_continues_serially_with_counters_and_replay(train
     assert after["env_steps"] - 2 * 2 * 3 <= inserted <= after["env_steps"]
 
 
+def test_evaluation_during_training_logs_and_keeps_the_best_weights(trained_run):
+    records = [json.loads(x) for x in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval/flag_rate" in r]
+    assert len(evals) >= 2  # at 300 and 600 env steps (with the resume test before this one)
+    for record in evals:
+        assert {"eval/x_pos_mean", "eval/x_pos_median", "eval/return_mean",
+                "eval/policy_version", "eval/env_steps"} <= set(record)  # fmt: skip
+        assert record["step"] == record["eval/env_steps"] >= 300
+    best = load_checkpoint(trained_run / "best.pt")
+    ranks = [(r["eval/flag_rate"], r["eval/x_pos_mean"]) for r in evals]
+    assert (best["eval"]["flag_rate"], best["eval"]["x_pos_mean"]) == max(ranks)
+    assert best["counters"]["env_steps"] == best["eval"]["env_steps"]
+    assert len(best["eval"]["per_episode"]) == 2
+    status = json.loads((trained_run / "status.json").read_text())
+    assert status["last_eval"]["env_steps"] == evals[-1]["eval/env_steps"]
+
+
 def test_eval_prints_stats_and_writes_video(trained_run, capsys):
+    main(["eval", str(trained_run), "--episodes", "2", "--max-episode-steps", "60"])
+    summary = json.loads((trained_run / "eval" / "eval.json").read_text())
+    assert summary["checkpoint"].endswith("best.pt")  # a run's best weights by default
+    main(["eval", str(trained_run), "--last", "--episodes", "1", "--max-episode-steps", "30"])
+    assert json.loads((trained_run / "eval" / "eval.json").read_text())["checkpoint"] == str(
+        trained_run
+    )
     main(["eval", str(trained_run), "--episodes", "2", "--max-episode-steps", "60"])
     summary = json.loads((trained_run / "eval" / "eval.json").read_text())
     assert summary["episodes"] == 2 and summary["sticky_action_prob"] == 0.25
