@@ -97,6 +97,19 @@ def _bench_actor(module, config, args: list[str]) -> None:
     _print_result("actor path vs raw emulator (one core)", module.run(config), config.out)
 
 
+def _bench_learner(module, config, args: list[str]) -> None:
+    result = module.run(config)
+    table = Table(title=f"learner updates/s ({config.seconds:g} s each; torch {result['torch']})")
+    for column in ("device", "threads", "batch", "variant", "updates/s", "samples/s", "warm-up s"):
+        table.add_column(column, justify="right")
+    for row in result["rows"]:
+        table.add_row(row["device"], str(row["threads"] or ""), str(row["batch_size"]),
+                      row["variant"], f"{row['updates_per_s']:,.1f}",
+                      f"{row['samples_per_s']:,.0f}", f"{row['warm_up_s']:.1f}")  # fmt: skip
+    console.print(table)
+    console.print(f"written: {config.out}")
+
+
 def _bench_system(module, config, args: list[str]) -> None:
     result = module.run(config, console)
     modes = [mode for mode in ("distributed", "serial") if mode in result]
@@ -137,6 +150,8 @@ COMMANDS: dict[tuple[str, ...], _Command] = {
                                   "replay insert/sample rates, bytes/item"),
     ("bench", "actor"): _Command("launch.bench.actor", "BenchActorConfig", _bench_actor,
                                  "actor path speed vs raw emulator"),
+    ("bench", "learner"): _Command("launch.bench.learner", "BenchLearnerConfig", _bench_learner,
+                                   "learner updates/s: batch, threads, compile, bf16, ..."),
     ("bench", "system"): _Command("launch.bench.system", "BenchSystemConfig", _bench_system,
                                   "Ray vs serial trainer speed"),
 }  # fmt: skip

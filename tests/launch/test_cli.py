@@ -16,7 +16,7 @@ def test_bench_help_lists_the_benches(capsys):
     main(["bench", "--help"])
     out = capsys.readouterr().out
     assert "usage: mario bench COMMAND" in out
-    for name in ("env", "replay", "actor", "system"):
+    for name in ("env", "replay", "actor", "learner", "system"):
         assert f"bench {name}" in out
     assert "  train " not in out
 
