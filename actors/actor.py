@@ -5,15 +5,16 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
+import gymnasium as gym
 import numpy as np
 import torch
 
 from actors.adder import ChunkBuilder, NStepAdder, Transition
 from common.config import EnvConfig, NetworkConfig
 from common.experience import Chunk
-from common.mario_env import MarioEnv, make_env
+from common.mario_env import make_env
 from common.networks import build_network
 
 
@@ -106,7 +107,7 @@ class EpisodeResult:
 class _EnvSlot:
     """Per-env state: the adder, the chunk builder, frame ids and episode counters."""
 
-    def __init__(self, env: MarioEnv, adder: NStepAdder, builder: ChunkBuilder, epsilon: float):
+    def __init__(self, env: gym.Env, adder: NStepAdder, builder: ChunkBuilder, epsilon: float):
         self.env = env
         self.adder = adder
         self.builder = builder
@@ -133,9 +134,11 @@ class ActorCore:
         epsilons: Sequence[float],
         actor_id: int = 0,
         seed: int = 0,
+        env_factory: Callable[[EnvConfig], gym.Env] = make_env,
     ):
         """`epsilons`: the ε of each env (see slot_epsilons); `actor_id` tags its chunks and
-        seeds its envs and its random numbers."""
+        seeds its envs and its random numbers; `env_factory` makes each env (the Mario pipeline;
+        a test passes a tiny env with the same observations and info keys)."""
         if len(epsilons) != actor_config.envs_per_actor:
             raise ValueError(
                 f"{len(epsilons)} epsilons for {actor_config.envs_per_actor} envs_per_actor"
@@ -153,7 +156,7 @@ class ActorCore:
         k = actor_config.envs_per_actor
         self.slots: list[_EnvSlot] = []
         for slot_index, epsilon in enumerate(epsilons):
-            env = make_env(env_config)
+            env = env_factory(env_config)
             slot = _EnvSlot(
                 env,
                 NStepAdder(actor_config.n_step, actor_config.gamma),

@@ -41,6 +41,7 @@ logger = logging.getLogger("train")
 BACKEND_COUNTERS = ("env_steps", "frames", "updates", "chunks_written", "chunks_inserted",
                     "chunks_rejected", "transitions_written")  # fmt: skip
 TRAINER_COUNTERS = ("episodes", "flags")
+RATE_WINDOW_S = 5.0
 
 
 def replay_snapshot_path(run_dir: pathlib.Path, shard_id: int) -> pathlib.Path:
@@ -307,14 +308,16 @@ class Trainer:
     def _refresh(self) -> None:
         """Rates over the last interval, the roles' stats, the live table and the status file."""
         now, counters = time.monotonic(), self.counters
-        if self._rate_base is not None:
-            then, before = self._rate_base
-            interval = max(now - then, 1e-9)
+        # Over ≥ 5 s: Ray roles add to the counters every 2 s, so 1 s windows would jitter.
+        if self._rate_base is None:
+            self._rate_base = (now, dict(counters))
+        then, before = self._rate_base
+        if now - then >= RATE_WINDOW_S:
             self.rates = {
-                f"rate/{name}_per_s": (counters.get(name, 0) - before.get(name, 0)) / interval
+                f"rate/{name}_per_s": (counters.get(name, 0) - before.get(name, 0)) / (now - then)
                 for name in ("env_steps", "frames", "updates")
             }
-        self._rate_base = (now, dict(counters))
+            self._rate_base = (now, dict(counters))
         self.stats = self.backend.stats()
         if self._live is not None:
             self._live.update(self._table(), refresh=True)

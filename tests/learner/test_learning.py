@@ -1,0 +1,105 @@
+"""Learning correctness: the real actor core, n-step adder, replay and double-DQN learner solve a
+tiny deterministic task whose best policy needs a bootstrapped multi-step plan.
+
+The corridor: cells 0..7, start at 0, the goal (+1, the end) at 7 and a pit (−1, the end) at 4.
+Action 0 walks one cell, action 1 jumps two. Only a jump from cell 3 crosses the pit: walking
+from 3, or jumping from 2, falls in. No reward before the end, so the value of every early
+choice has to be bootstrapped back from the goal over several steps. Observations are 84×84
+uint8 images (the agent as a bright block, the pit as a dark one), stacked 4 deep as Mario's.
+"""
+
+import dataclasses
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from actors.actor import ActorConfig, ActorCore
+from common.config import EnvConfig, NetworkConfig
+from learner.learner import Learner, LearnerConfig
+from replay_server.replay import PrioritizedReplay, ReplayConfig
+
+CELLS, PIT, GOAL = 8, 4, 7
+WALK, JUMP = 0, 1
+
+
+class Corridor(gym.Env):
+    """The corridor, with the info keys the actor reads from Mario's env."""
+
+    def __init__(self, config: EnvConfig):
+        self.stack = config.frame_stack
+        self.action_space = gym.spaces.Discrete(2)
+        self.cell = 0
+
+    def _obs(self) -> np.ndarray:
+        frame = np.full((84, 84), 40, dtype=np.uint8)
+        frame[30:54, PIT * 10 + 2 : PIT * 10 + 10] = 0
+        frame[36:48, self.cell * 10 + 2 : self.cell * 10 + 10] = 255
+        return np.repeat(frame[None], self.stack, axis=0)
+
+    def _info(self) -> dict:
+        return {"x_pos": self.cell, "flag_get": self.cell == GOAL, "world": 1, "stage": 1,
+                "frames": 1}  # fmt: skip
+
+    def reset(self, *, seed=None, options=None):
+        self.cell = 0
+        return self._obs(), self._info()
+
+    def step(self, action: int):
+        self.cell = min(self.cell + (2 if action == JUMP else 1), GOAL)
+        reward = {PIT: -1.0, GOAL: 1.0}.get(self.cell, 0.0)
+        terminated = self.cell in (PIT, GOAL)
+        return self._obs(), reward, terminated, False, self._info()
+
+
+def train_on_corridor(seed: int, learning_rate: float, updates: int = 600) -> Learner:
+    """Serial training loop over the real roles (as the in-process backend runs them)."""
+    torch.manual_seed(seed)
+    torch.set_num_threads(1)
+    env_config = dataclasses.replace(EnvConfig(), action_set="right_jump")
+    network = NetworkConfig(conv_channels=(8, 16, 16), hidden=64)
+    actor = ActorCore(
+        env_config, ActorConfig(envs_per_actor=4, n_step=3, gamma=0.9, chunk_length=20),
+        network, epsilons=[0.5, 0.3, 0.2, 0.1], env_factory=Corridor,
+    )  # fmt: skip
+    replay_config = ReplayConfig(capacity=4000, min_size_to_sample=200, samples_per_insert=8,
+                                 rate_error_buffer=64)  # fmt: skip
+    replay = PrioritizedReplay(replay_config)
+    learner_config = LearnerConfig(batch_size=32, learning_rate=learning_rate,
+                                   target_sync_updates=50, device="cpu")  # fmt: skip
+    learner = Learner(learner_config, network, num_actions=2)
+    while learner.updates < updates:
+        if replay.can_sample(32):
+            sample = replay.sample(32)
+            _, td_abs = learner.update(sample)
+            replay.update_priorities(sample.keys, td_abs)
+            if learner.updates % 10 == 0:
+                actor.set_weights(learner.cpu_weights(), learner.updates)
+        else:
+            actor.step()
+            for chunk in actor.take_chunks():
+                replay.insert(chunk)
+    actor.close()
+    return learner
+
+
+def test_double_dqn_learns_to_jump_the_pit_at_the_right_cell():
+    # Checked by hand: seeds 0–3 pass in 15–22 s here; with learning rate 1e-9 it fails.
+    learner = train_on_corridor(seed=0, learning_rate=1e-3)
+    env, q_values = Corridor(EnvConfig(action_set="right_jump")), {}
+    for cell in range(PIT):
+        env.cell = cell
+        with torch.inference_mode():
+            q_values[cell] = learner.online(torch.from_numpy(env._obs())[None])[0].numpy()
+    assert q_values[3][JUMP] > q_values[3][WALK]  # walking from 3 falls in the pit
+    assert q_values[2][WALK] > q_values[2][JUMP]  # jumping from 2 falls in the pit
+    obs, _ = env.reset()
+    path = [0]
+    for _ in range(10):  # the greedy policy crosses the pit to the goal
+        with torch.inference_mode():
+            action = int(learner.online(torch.from_numpy(obs)[None]).argmax())
+        obs, _, terminated, _, _ = env.step(action)
+        path.append(env.cell)
+        if terminated:
+            break
+    assert path[-1] == GOAL and PIT not in path, path
