@@ -153,7 +153,7 @@ class Trainer:
         self.elapsed_before_s = float(saved.get("elapsed_s", 0.0))
         self.recent: collections.deque[dict] = collections.deque(maxlen=100)
         self.counters: dict[str, int] = {}
-        self.rates: dict[str, float] = {}
+        self.rates = {f"rate/{name}_per_s": 0.0 for name in ("env_steps", "frames", "updates")}
         self.stats: dict[str, float] = {}
         self.last_checkpoint: dict | None = None
         # Evaluation during training: where the next round starts, and the best so far.
