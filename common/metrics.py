@@ -15,6 +15,7 @@ import threading
 
 logger = logging.getLogger("metrics")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
+_VIDEO = "__video__"  # marks a queued record whose named value is an mp4 path
 
 
 def resolve_wandb_mode(mode: str) -> str:
@@ -50,6 +51,13 @@ class MetricsLogger:
         """Queues one record; never blocks (drops and counts when the queue is full)."""
         try:
             self._queue.put_nowait({"step": step, **metrics})
+        except queue.Full:
+            self.dropped += 1
+
+    def log_video(self, name: str, path: str, step: int) -> None:
+        """Queues a video (an mp4 file): its path in the JSONL, the video itself in W&B."""
+        try:
+            self._queue.put_nowait({"step": step, name: str(path), _VIDEO: name})
         except queue.Full:
             self.dropped += 1
 
@@ -90,13 +98,17 @@ class MetricsLogger:
                 record = self._queue.get()
                 if record is None:
                     break
+                video = record.pop(_VIDEO, None)
                 jsonl.write(json.dumps(record) + "\n")
                 jsonl.flush()
                 if run is not None:
                     try:
-                        run.log(
-                            {k: v for k, v in record.items() if k != "step"}, step=record["step"]
-                        )
+                        values = {k: v for k, v in record.items() if k != "step"}
+                        if video is not None:
+                            import wandb
+
+                            values[video] = wandb.Video(values[video], format="mp4")
+                        run.log(values, step=record["step"])
                     except Exception as error:
                         logger.warning("W&B log failed, disabling: %s", error)
                         run = None

@@ -172,6 +172,28 @@ class Evaluator:
         self.env.close()
 
 
+def eval_rank(flag_rate: float, x_pos_mean: float) -> tuple[float, float]:
+    """How evaluations compare: by flag rate, then by mean max x_pos."""
+    return (flag_rate, x_pos_mean)
+
+
+def evaluate_round(
+    evaluator: Evaluator,
+    weights: dict,
+    seeds: list[int],
+    best_rank: tuple[float, float] | None,
+    video_path: pathlib.Path,
+) -> dict:
+    """One evaluation round during training: Evaluator.run's summary; when it beats
+    `best_rank`, its best episode is re-played into `video_path` (the summary's "video")."""
+    result = evaluator.run(weights, seeds)
+    result["video"] = None
+    if best_rank is None or eval_rank(result["flag_rate"], result["max_x_pos_mean"]) > best_rank:
+        evaluator.record(weights, result["per_episode"][result["best_episode"]], video_path)
+        result["video"] = str(video_path)
+    return result
+
+
 def summarize(episodes: list[dict]) -> dict:
     """Flag rate, mean/median/max of max x_pos, mean return and length, the best episode."""
     x_positions = [e["max_x_pos"] for e in episodes]

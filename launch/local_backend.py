@@ -15,6 +15,7 @@ import time
 
 from launch.config import TrainConfig
 from launch.errors import RoleFailed
+from launch.evaluate import evaluate_round
 from launch.roles import RoleSpecs, build_actor, build_evaluator, build_learner, build_replay
 from launch.trainer import BACKEND_COUNTERS, episode_record, replay_snapshot_path
 from learner.learner import cpu_copy
@@ -142,11 +143,11 @@ class LocalBackend:
     def snapshot_replay(self, run_dir: pathlib.Path) -> None:
         self.replay.snapshot(replay_snapshot_path(run_dir, 0))
 
-    def start_eval(self, seeds: list[int]) -> None:
+    def start_eval(self, seeds: list[int], best_rank, video_path: pathlib.Path) -> None:
         if self._evaluator is None:
             self._evaluator = build_evaluator(self.config)
         weights = self.learner.cpu_weights()
-        result = self._evaluator.run(weights, seeds)
+        result = evaluate_round(self._evaluator, weights, seeds, best_rank, video_path)
         self._eval_result = {**result, "policy_version": self.learner.updates, "weights": weights}
 
     def eval_result(self) -> dict | None:

@@ -29,6 +29,7 @@ from common.redis_io import EmbeddedRedis, RedisEndpoint
 from common.wire import WireError, decode_record, decode_weights
 from launch.config import TrainConfig
 from launch.errors import RoleFailed
+from launch.evaluate import evaluate_round
 from launch.roles import (
     ActorSpec,
     LearnerSpec,
@@ -187,10 +188,11 @@ class EvalWorker:
         self.client = endpoint.connect()
         self.redis_keys = endpoint.keys
 
-    def evaluate(self, seeds: list[int]) -> dict:
+    def evaluate(self, seeds: list[int], best_rank, video_path: str) -> dict:
         blob = self.client.get(self.redis_keys.weights)
         weights, version = decode_weights(blob, self.evaluator.network.state_dict())
-        result = self.evaluator.run(weights, seeds)
+        path = pathlib.Path(video_path)
+        result = evaluate_round(self.evaluator, weights, seeds, best_rank, path)
         return {**result, "policy_version": version, "weights": weights}
 
 
@@ -502,8 +504,9 @@ class RayBackend:
         ray.get([shard.snapshot.remote(str(replay_snapshot_path(run_dir, i)))
                  for i, shard in enumerate(self.shards)], timeout=600)  # fmt: skip
 
-    def start_eval(self, seeds: list[int]) -> None:
-        self._eval_ref = self.evaluator.evaluate.remote(seeds)
+    def start_eval(self, seeds: list[int], best_rank, video_path: pathlib.Path) -> None:
+        # The evaluator runs on this node, so it writes the video into the run directory.
+        self._eval_ref = self.evaluator.evaluate.remote(seeds, best_rank, str(video_path))
 
     def eval_result(self) -> dict | None:
         if self._eval_ref is None or not _finished(self._eval_ref):

@@ -32,6 +32,7 @@ from rich.table import Table
 from common.config import config_to_dict
 from common.metrics import MetricsLogger
 from launch.config import PreparedRun, TrainConfig, prepare_run
+from launch.evaluate import eval_rank
 from launch.status import STATUS_FILE
 from learner.checkpoint import BEST_NAME, save_checkpoint
 
@@ -96,9 +97,11 @@ class Backend(Protocol):
     def snapshot_replay(self, run_dir: pathlib.Path) -> None:
         """Writes each replay shard's contents to replay_snapshot_path(run_dir, shard)."""
 
-    def start_eval(self, seeds: list[int]) -> None:
-        """Starts evaluating the latest weights, one greedy episode per seed (in-process: runs
-        it now; Ray: in the evaluator worker while training goes on)."""
+    def start_eval(
+        self, seeds: list[int], best_rank: tuple[float, float] | None, video_path: pathlib.Path
+    ) -> None:
+        """Starts evaluate_round on the latest weights, one greedy episode per seed (in-process:
+        runs it now; Ray: in the evaluator worker while training goes on)."""
 
     def eval_result(self) -> dict | None:
         """The finished evaluation, once: Evaluator.run's summary plus "policy_version" and the
@@ -265,7 +268,10 @@ class Trainer:
         """Starts an evaluation every --eval.every-env-steps; takes the one that finished."""
         every, env_steps = self.config.eval.every_env_steps, self.counters["env_steps"]
         if every and self._eval_started_at is None and env_steps >= self.next_eval_at:
-            self.backend.start_eval(self.config.eval.seeds(self.eval_round))
+            best = self.best_eval
+            best_rank = eval_rank(best["flag_rate"], best["x_pos_mean"]) if best else None
+            video = self.run_dir / "eval" / f"best-{env_steps:09d}.mp4"
+            self.backend.start_eval(self.config.eval.seeds(self.eval_round), best_rank, video)
             self._eval_started_at = env_steps
             self.eval_round += 1
             self.next_eval_at = (env_steps // every + 1) * every
@@ -290,9 +296,11 @@ class Trainer:
         self.last_eval = summary
         self._metrics.log({f"eval/{key}": value for key, value in summary.items()}, env_steps)
         logger.info("eval at %d env steps: %s", env_steps, summary)
-        rank = (summary["flag_rate"], summary["x_pos_mean"])
+        if result["video"] is not None:
+            self._metrics.log_video("eval/best_episode", result["video"], env_steps)
+        rank = eval_rank(summary["flag_rate"], summary["x_pos_mean"])
         best = self.best_eval
-        if best is None or rank > (best["flag_rate"], best["x_pos_mean"]):
+        if best is None or rank > eval_rank(best["flag_rate"], best["x_pos_mean"]):
             self.best_eval = summary
             save_checkpoint(
                 self.run_dir,

@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -92,6 +93,11 @@ def test_evaluation_during_training_logs_and_keeps_the_best_weights(trained_run)
     assert len(best["eval"]["per_episode"]) == 2
     status = json.loads((trained_run / "status.json").read_text())
     assert status["last_eval"]["env_steps"] == evals[-1]["eval/env_steps"]
+    # each new best round's best episode as mp4 (the first round is always a new best)
+    videos = [r for r in records if "eval/best_episode" in r]
+    assert videos and videos[0]["step"] == evals[0]["eval/env_steps"]
+    for record in videos:
+        assert pathlib.Path(record["eval/best_episode"]).stat().st_size > 1000
 
 
 def test_eval_prints_stats_and_writes_video(trained_run, capsys):
