@@ -85,7 +85,8 @@ class EnvConfig:
     """End an episode after this many agent steps without a new max x_pos (0: never). A
     truncation (bootstrapped), unless --env.stuck-is-death."""
     stuck_is_death: bool = False
-    """End a stuck episode as a death (terminated, with the death penalty) instead."""
+    """End a stuck episode as a death instead (terminated, −15: a death frame's clipped
+    reward)."""
     flag_bonus: float = 0.0
     """Reward added on the step that reaches the flag (classic reward)."""
     reward_scale: float = 1.0

@@ -237,8 +237,8 @@ class MarioEnv(gym.Env):
         else:
             self._steps_since_new_max_x += 1
             stuck = not terminated and 0 < config.stuck_steps <= self._steps_since_new_max_x
-        if stuck and config.stuck_is_death:
-            terminated, reward = True, reward + DEATH_PENALTY
+        if stuck and config.stuck_is_death:  # costs what a death frame costs, after clipping
+            terminated, reward = True, reward - REWARD_CLIP
         truncated = not terminated and (stuck or self._episode_steps >= config.max_episode_steps)
         self._done = terminated or truncated
         info = self._info(frames, life_lost, stuck)

@@ -172,7 +172,8 @@ INVOCATION_FIELDS = frozenset({
     "total_env_steps", "minutes", "resume", "resume_existing", "run_dir", "live_display",
     "wandb", "log_every_s", "checkpoint_minutes", "redis_url", "ray_address", "ray_head_port",
     "ray_head_cpus", "ray_dashboard_port", "redis", "distributed.num_actors",
-    "distributed.max_actors",
+    "distributed.max_actors", "torch_threads", "learner.device", "learner.compile",
+    "learner.bf16", "learner.channels_last",
 })  # fmt: skip
 
 # Options that only the Ray backend has: with --serial they are refused, not ignored.
@@ -232,7 +233,7 @@ def given_fields(args: list[str]) -> set[str]:
     for arg in args:
         if not arg.startswith("--"):
             continue
-        group, _, name = arg[2:].split("=", 1)[0].rpartition(".")
+        group, _, name = arg[2:].split("=", 1)[0].replace("_", "-").rpartition(".")
         name = name.removeprefix("no-")
         paths.add(f"{group}.{name}".lstrip(".").replace("-", "_"))
     return paths
@@ -264,18 +265,23 @@ def prepare_run(requested: TrainConfig, given: set[str] | None = None) -> Prepar
     checkpoint = load_checkpoint(run_dir)
     saved = config_from_dict(TrainConfig, checkpoint["config"], "checkpoint config")
     _check_no_contradiction(requested, saved, run_dir, given)
-    invocation = {name: getattr(requested, name) for name in INVOCATION_FIELDS if "." not in name}
-    invocation["run_dir"] = run_dir
-    distributed = dataclasses.replace(
-        saved.distributed,
-        num_actors=requested.distributed.num_actors,
-        max_actors=requested.distributed.max_actors,
-    )
-    config = dataclasses.replace(saved, **invocation, distributed=distributed)
+    config = dataclasses.replace(_with_invocation(saved, requested), run_dir=run_dir)
     mode = "serial" if config.serial else "Ray"
     steps = checkpoint["counters"]["env_steps"]
     logger.info("resuming run %s (%s backend) at %s env steps", run_dir, mode, steps)
     return PreparedRun(config, run_dir, checkpoint)
+
+
+def _with_invocation(saved: TrainConfig, requested: TrainConfig) -> TrainConfig:
+    """The saved run's config with this invocation's fields (INVOCATION_FIELDS) replaced."""
+    top = {name: getattr(requested, name) for name in INVOCATION_FIELDS if "." not in name}
+    for group in {name.split(".")[0] for name in INVOCATION_FIELDS if "." in name}:
+        fields = {name.split(".")[1] for name in INVOCATION_FIELDS if name.startswith(group + ".")}
+        asked = getattr(requested, group)
+        top[group] = dataclasses.replace(
+            getattr(saved, group), **{name: getattr(asked, name) for name in fields}
+        )
+    return dataclasses.replace(saved, **top)
 
 
 def _check_no_contradiction(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import pathlib
 import statistics
 
@@ -22,6 +23,7 @@ from common.mario_env import make_env
 from common.networks import build_network
 from learner.checkpoint import BEST_NAME, load_checkpoint
 
+logger = logging.getLogger("eval")
 VIDEO_FPS = 15  # one frame per agent step (4 emulator frames at 60 Hz)
 # Evaluation episodes are seeded from here on, far from the seeds training envs use
 # (seed·100,003 + env index), so no evaluation replays a training episode's randomness.
@@ -189,8 +191,11 @@ def evaluate_round(
     result = evaluator.run(weights, seeds)
     result["video"] = None
     if best_rank is None or eval_rank(result["flag_rate"], result["max_x_pos_mean"]) > best_rank:
-        evaluator.record(weights, result["per_episode"][result["best_episode"]], video_path)
-        result["video"] = str(video_path)
+        try:
+            evaluator.record(weights, result["per_episode"][result["best_episode"]], video_path)
+            result["video"] = str(video_path)
+        except Exception as error:  # a video must never cost the evaluation or the run
+            logger.warning("no video of the best episode: %s", error)
     return result
 
 

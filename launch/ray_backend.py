@@ -40,7 +40,7 @@ from launch.roles import (
     build_learner_runner,
     build_shard,
 )
-from launch.trainer import BACKEND_COUNTERS, episode_record, replay_snapshot_path
+from launch.trainer import BACKEND_COUNTERS, episode_record, quietly, replay_snapshot_path
 
 logger = logging.getLogger("ray_backend")
 
@@ -343,18 +343,23 @@ class RayBackend:
         config = self.config
         if config.redis_url is None:
             embedded = EmbeddedRedis()
-            resources.callback(_quietly, "stopping the embedded redis-server", embedded.stop)
+            resources.callback(quietly, "stopping the embedded redis-server", embedded.stop)
             url = embedded.url
         else:
             url = config.redis_url
         (self.run_dir / "redis_url").write_text(url + "\n")
         self.endpoint = RedisEndpoint(url, self.run_dir.name, config.redis)
         self.client = self.endpoint.connect()
-        resources.callback(_quietly, "closing the Redis client", self.client.close)
+        resources.callback(quietly, "closing the Redis client", self.client.close)
         self.redis_keys = self.endpoint.keys
         if checkpoint is not None:  # the counters continue where the checkpoint left them
             saved = {k: v for k, v in checkpoint["counters"].items() if isinstance(v, int)}
             self.client.hset(self.redis_keys.counters, mapping=saved)
+        # A Redis that outlived an earlier start of this run (external, persistent) still holds
+        # its episodes, stats and heartbeats: read only new episodes, forget old roles.
+        newest = self.client.xrevrange(self.redis_keys.telemetry, count=1)
+        self._last_telemetry = newest[0][0] if newest else "0-0"
+        self.client.delete(self.redis_keys.stats, self.redis_keys.heartbeats)
         if not ray.is_initialized():
             self._start_ray(resources)
         _warn_if_redis_unreachable(url)
@@ -367,7 +372,7 @@ class RayBackend:
             head = RayHead(
                 config.ray_head_port, config.ray_head_cpus, config.ray_dashboard_port, self.run_dir
             )
-            resources.callback(_quietly, "stopping the Ray head", head.stop)
+            resources.callback(quietly, "stopping the Ray head", head.stop)
         # "local": a private Ray even where `ray start` left its address in /tmp/ray.
         address = head.address if head else config.ray_address or os.getenv("RAY_ADDRESS")
         address = address or "local"
@@ -380,11 +385,11 @@ class RayBackend:
             log_to_driver=False,
             configure_logging=False,
         )
-        resources.callback(_quietly, "shutting Ray down", ray.shutdown)
+        resources.callback(quietly, "shutting Ray down", ray.shutdown)
 
     def _start_roles(self, resources: contextlib.ExitStack, learner_state: dict | None) -> None:
         config, distributed = self.config, self.config.distributed
-        resources.callback(_quietly, "killing the role processes", self._kill_roles)
+        resources.callback(quietly, "killing the role processes", self._kill_roles)
         # Shards write their snapshots into the run directory: keep them on this (the driver's)
         # node.
         here = ray.get_runtime_context().get_node_id()
@@ -537,14 +542,6 @@ class RayBackend:
         others = [handle for handle in (self.learner, self.evaluator) if handle is not None]
         for handle in [*self.shards, *others]:
             ray.kill(handle, no_restart=True)
-
-
-def _quietly(what: str, release) -> None:
-    """Runs one step of the shutdown; a failure is logged, never hides the run's own error."""
-    try:
-        release()
-    except Exception as error:
-        logger.warning("%s failed: %s", what, error)
 
 
 def _finished(ref) -> bool:

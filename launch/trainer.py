@@ -34,7 +34,7 @@ from common.metrics import MetricsLogger
 from launch.config import PreparedRun, TrainConfig, prepare_run
 from launch.evaluate import eval_rank
 from launch.status import STATUS_FILE
-from learner.checkpoint import BEST_NAME, save_checkpoint
+from learner.checkpoint import BEST_NAME, load_checkpoint, save_checkpoint
 
 logger = logging.getLogger("train")
 
@@ -119,11 +119,16 @@ class StopSignals:
         self._previous = {}
 
     def __enter__(self) -> StopSignals:
+        self.install()
+        return self
+
+    def install(self) -> None:
+        """Takes the signals (again: ray.init installs a SIGTERM handler of its own)."""
         for sig in (signal.SIGINT, signal.SIGTERM):
             # signal() raises ValueError outside the main thread (e.g. a test runner's thread).
             with contextlib.suppress(ValueError):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
+                previous = signal.signal(sig, self._handle)
+                self._previous.setdefault(sig, previous)
 
     def _handle(self, signum, frame) -> None:
         self.requested = True
@@ -165,6 +170,10 @@ class Trainer:
         self.eval_round = int(trainer_state.get("eval_round", 0))
         self.next_eval_at = int(trainer_state.get("next_eval_at", every))
         self.best_eval: dict | None = trainer_state.get("best_eval")
+        best_path = self.run_dir / BEST_NAME
+        if run.checkpoint and best_path.is_file():  # written after the last checkpoint, maybe
+            self.best_eval = {k: v for k, v in load_checkpoint(best_path)["eval"].items()
+                              if k != "per_episode"}  # fmt: skip
         self.last_eval: dict | None = trainer_state.get("last_eval")
         self._eval_started_at: int | None = None
         self._start = time.monotonic()
@@ -185,13 +194,14 @@ class Trainer:
         config = self.config
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with contextlib.ExitStack() as resources:
-            self.backend.start(resources, self.checkpoint)
-            # After the start: ray.init installs a SIGTERM handler of its own, and ours must win.
+            # A stop signal during the start ends the run right after it, cleanly.
             stop = resources.enter_context(StopSignals())
+            self.backend.start(resources, self.checkpoint)
+            stop.install()  # ray.init installed a SIGTERM handler of its own: ours must win
             self._metrics = MetricsLogger(
                 self.run_dir, config_to_dict(config), config.wandb, resume=bool(self.checkpoint)
             )
-            resources.callback(self._metrics.close)
+            resources.callback(quietly, "closing the metrics (W&B)", self._metrics.close)
             if config.live_display:
                 self._live = Live(console=self.console, auto_refresh=False)
                 self._live.start()
@@ -229,28 +239,30 @@ class Trainer:
                     task.due = now + task.interval_s
 
     def _finish(self, failed: bool) -> None:
-        """Stops the roles and writes the final checkpoint while their state can be read. After
-        a failure both are best effort: the original error is what the user sees."""
+        """Stops the roles and writes the final checkpoint while their state can be read. Each
+        step is tried whatever the one before did; after a failure of the run they are best
+        effort, so the original error is what the user sees."""
+        first_error = None
         try:
             self.backend.stop_roles()
         except Exception as error:
-            if not failed:
-                raise
-            logger.error("stopping the roles failed too: %s", error)
+            logger.error("stopping the roles failed: %s", error)
+            first_error = error
         try:
             self._write_checkpoint()
         except Exception as error:
-            if not failed:
-                raise
             stands = (
                 f"the checkpoint of {self.last_checkpoint['env_steps']:,} env steps stands"
                 if self.last_checkpoint
                 else "no checkpoint of this invocation was written"
             )
             logger.error("final checkpoint not written (%s); %s", error, stands)
+            first_error = first_error or error
         if self.counters:
-            self._log_metrics()
-            self._write_status()
+            quietly("logging the last metrics", self._log_metrics)
+            quietly("writing status.json", self._write_status)
+        if first_error is not None and not failed:
+            raise first_error
 
     # -- periodic work ----------------------------------------------------------------------------
 
@@ -294,10 +306,13 @@ class Trainer:
             "return_mean": result["return_mean"],
         }
         self.last_eval = summary
-        self._metrics.log({f"eval/{key}": value for key, value in summary.items()}, env_steps)
+        # Logged at the current step (W&B drops steps below its latest); eval/env_steps says
+        # which weights were evaluated.
+        now = self.counters["env_steps"]
+        self._metrics.log({f"eval/{key}": value for key, value in summary.items()}, now)
         logger.info("eval at %d env steps: %s", env_steps, summary)
         if result["video"] is not None:
-            self._metrics.log_video("eval/best_episode", result["video"], env_steps)
+            self._metrics.log_video("eval/best_episode", result["video"], now)
         rank = eval_rank(summary["flag_rate"], summary["x_pos_mean"])
         best = self.best_eval
         if best is None or rank > eval_rank(best["flag_rate"], best["x_pos_mean"]):
@@ -398,6 +413,14 @@ class Trainer:
         for key, value in rows:
             table.add_row(key, value)
         return table
+
+
+def quietly(what: str, work: Callable[[], object]) -> None:
+    """Runs one step of a shutdown; a failure is logged and never hides the run's own error."""
+    try:
+        work()
+    except Exception as error:
+        logger.warning("%s failed: %s", what, error)
 
 
 def _eval_line(summary: dict | None) -> str:

@@ -235,12 +235,12 @@ def test_moving_right_resets_the_stuck_count():
     assert len(ends) == 21 and ends[-1] == (False, False)
 
 
-def test_stuck_is_death_terminates_with_the_death_penalty():
+def test_stuck_is_death_terminates_with_a_clipped_death_penalty():
     _, rewards, infos, ends = run_actions(EnvConfig(stuck_steps=10, stuck_is_death=True),
                                           [NOOP] * 50)  # fmt: skip
     _, plain_rewards, _, _ = run_actions(EnvConfig(stuck_steps=10), [NOOP] * 50)
     assert len(ends) == 10 and ends[-1] == (True, False) and infos[-1]["stuck"]
-    assert rewards[-1] == plain_rewards[-1] - 25
+    assert rewards[-1] == plain_rewards[-1] - 15  # what a death frame costs after clipping
     assert rewards[:-1] == plain_rewards[:-1]
 
 

@@ -7,7 +7,7 @@ import pytest
 import redis
 
 from launch.cli import main
-from launch.config import DistributedConfig, TrainConfig
+from launch.config import DistributedConfig, TrainConfig, given_fields
 
 
 @pytest.mark.parametrize(
@@ -67,3 +67,18 @@ def test_a_busy_head_port_is_a_clear_error_and_leaves_nothing_running(tmp_path, 
     url = (tmp_path / "run" / "redis_url").read_text().strip()
     with pytest.raises(redis.ConnectionError):  # the embedded Redis was stopped
         redis.Redis.from_url(url, socket_connect_timeout=2).ping()
+
+
+@pytest.mark.parametrize(
+    ("args", "given"),
+    [
+        (["--learner.batch-size", "64"], {"learner.batch_size"}),
+        (["--learner.batch-size=64", "--serial"], {"learner.batch_size", "serial"}),
+        (["--no-serial", "--learner.no-double"], {"serial", "learner.double"}),
+        (["--learner.no_double", "--no_live_display"], {"learner.double", "live_display"}),
+        (["--network.conv-channels", "8", "16", "16"], {"network.conv_channels"}),
+        (["--env.stuck-is-death", "--resume", "runs/x"], {"env.stuck_is_death", "resume"}),
+    ],
+)
+def test_given_fields_reads_the_flags_of_a_command_line(args, given):
+    assert given_fields(args) == given
