@@ -70,6 +70,20 @@ def file_snapshot(run_dir: pathlib.Path) -> dict:
     return state
 
 
+def render_evals(state: dict) -> Table:
+    """The last and the best evaluation during training."""
+    table = Table(title="evaluation (greedy, sticky 0.25)")
+    for column in ("round", "env steps", "flag rate", "max x mean", "median", "max"):
+        table.add_column(column, justify="right")
+    for name in ("last_eval", "best_eval"):
+        summary = state.get(name)
+        if summary:
+            table.add_row(name.removesuffix("_eval"), f"{summary['env_steps']:,}",
+                          f"{summary['flag_rate']:.0%}", f"{summary['x_pos_mean']:.0f}",
+                          f"{summary['x_pos_median']:.0f}", str(summary["x_pos_max"]))  # fmt: skip
+    return table
+
+
 def render_file(run_id: str, state: dict) -> Table:
     table = Table(title=f"run {run_id} ({state['mode']}; {STATUS_FILE} written "
                         f"{state['age_s']:.0f} s ago)", show_header=False)  # fmt: skip
@@ -152,11 +166,16 @@ def show(config: StatusConfig, console: Console) -> dict:
             client = None
 
     def read() -> tuple[dict, object]:
-        if client is not None:
-            state = snapshot(client, keys)
+        if client is None:
+            state = file_snapshot(run_dir)
+            return state, Group(render_file(run_id, state), render_evals(state))
+        state = snapshot(client, keys)
+        has_file = run_dir is not None and (pathlib.Path(run_dir) / STATUS_FILE).is_file()
+        if not has_file:
             return state, render(run_id, state)
-        state = file_snapshot(run_dir)
-        return state, render_file(run_id, state)
+        evals = file_snapshot(run_dir)  # evaluation lives in the trainer's status.json
+        state.update(last_eval=evals.get("last_eval"), best_eval=evals.get("best_eval"))
+        return state, Group(render(run_id, state), render_evals(state))
 
     state, view = read()
     if config.healthy_within is not None:

@@ -54,13 +54,17 @@ def test_health_problems(ages, problems):
 def test_without_redis_status_reads_the_status_file_and_checks_its_age(tmp_path):
     run_dir = tmp_path / "serial-run"
     run_dir.mkdir()
+    best = {"env_steps": 50_000, "flag_rate": 0.2, "x_pos_mean": 1234.5, "x_pos_median": 1100,
+            "x_pos_max": 3161}  # fmt: skip
     state = {"mode": "serial", "time": time.time() - 100, "elapsed_s": 600.0,
-             "counters": {"env_steps": 4321}, "rates": {"rate/env_steps_per_s": 81.5}}  # fmt: skip
+             "counters": {"env_steps": 4321}, "rates": {"rate/env_steps_per_s": 81.5},
+             "last_eval": best, "best_eval": best}  # fmt: skip
     (run_dir / "status.json").write_text(json.dumps(state))
     console = Console(record=True, width=120)
     show(StatusConfig(run_dir=run_dir), console)
     text = " ".join(console.export_text().split())  # the title wraps
-    for expected in ("run serial-run (serial; status.json written 100 s ago)", "4,321", "81.5"):
+    for expected in ("run serial-run (serial; status.json written 100 s ago)", "4,321", "81.5",
+                     "│ best │ 50,000 │ 20% │ 1234 │ 1100 │ 3161 │"):  # fmt: skip
         assert expected in text
     show(StatusConfig(run_dir=run_dir, healthy_within=200), console)
     with pytest.raises(SystemExit):
