@@ -45,15 +45,21 @@ TINY = [
 ]  # fmt: skip
 
 
+def processes(pattern: str) -> list[str]:
+    """`pid command` of the processes matching pattern that these tests started: a Ray cluster
+    that already ran on the machine (a training run beside the tests) is not theirs."""
+    result = subprocess.run(["pgrep", "-af", pattern], capture_output=True, text=True)
+    return [line for line in result.stdout.splitlines() if line.split()[0] not in PREEXISTING]
+
+
+PREEXISTING = set()
+PREEXISTING = {line.split()[0] for line in processes("raylet|gcs_server|ray::")}
+
+
 def leftover_processes(run_dir) -> str:
     """Ray's daemons, and the run's embedded redis-server (its title names its port)."""
     port = (run_dir / "redis_url").read_text().strip().rsplit(":", 1)[1].split("/")[0]
-    result = subprocess.run(
-        ["pgrep", "-af", f"raylet|gcs_server|redis-server 127.0.0.1:{port}"],
-        capture_output=True,
-        text=True,
-    )
-    return result.stdout.strip()
+    return "\n".join(processes(f"raylet|gcs_server|redis-server 127.0.0.1:{port}"))
 
 
 @pytest.fixture(scope="module")
@@ -169,14 +175,17 @@ def test_two_shards_dead_actor_restarted_sigterm_stops_everything(tmp_path):
                                start_new_session=True)  # fmt: skip
     try:
         _wait_for_steps(process, metrics, 0)
-        actors = subprocess.run(["pgrep", "-f", "ray::ActorWorker"], capture_output=True,
-                                text=True).stdout.split()  # fmt: skip
+        actors = [line.split()[0] for line in processes("ray::ActorWorker")]
         assert len(actors) == 2
         os.kill(int(actors[0]), signal.SIGKILL)  # an actor crashes; training goes on
         time.sleep(3)
         _wait_for_steps(process, metrics, _env_steps(metrics) + 200)
-        restarted = subprocess.run(["pgrep", "-f", "ray::ActorWorker"], capture_output=True,
-                                   text=True).stdout.split()  # fmt: skip
+        deadline = time.monotonic() + 120  # Ray restarts the process (slowly on a busy machine)
+        while True:
+            restarted = [line.split()[0] for line in processes("ray::ActorWorker")]
+            if len(restarted) == 2 or time.monotonic() > deadline:
+                break
+            time.sleep(1)
         assert len(restarted) == 2 and actors[0] not in restarted
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=180) == 0
