@@ -43,6 +43,7 @@ BACKEND_COUNTERS = ("env_steps", "frames", "updates", "chunks_written", "chunks_
                     "chunks_rejected", "transitions_written")  # fmt: skip
 TRAINER_COUNTERS = ("episodes", "flags")
 RATE_WINDOW_S = 5.0
+FINAL_EVAL_WAIT_S = 900  # the evaluation that ends a run: 10 episodes take 1–3 min on 2 cores
 
 
 def replay_snapshot_path(run_dir: pathlib.Path, shard_id: int) -> pathlib.Path:
@@ -176,6 +177,7 @@ class Trainer:
                               if k != "per_episode"}  # fmt: skip
         self.last_eval: dict | None = trainer_state.get("last_eval")
         self._eval_started_at: int | None = None
+        self._budget_spent = False
         self._start = time.monotonic()
         self._rate_base: tuple[float, dict[str, int]] | None = None
         self._metrics: MetricsLogger | None = None
@@ -231,6 +233,7 @@ class Trainer:
             self._update_counters()
             self._evaluate()
             if self.counters["env_steps"] >= config.total_env_steps:
+                self._budget_spent = True
                 break
             now = time.monotonic()
             for task in tasks:
@@ -248,6 +251,9 @@ class Trainer:
         except Exception as error:
             logger.error("stopping the roles failed: %s", error)
             first_error = error
+        if self._budget_spent and not failed:
+            # The round started at the budget is the run's final evaluation: wait for it.
+            quietly("the final evaluation", self._finish_eval)
         try:
             self._write_checkpoint()
         except Exception as error:
@@ -279,7 +285,11 @@ class Trainer:
     def _evaluate(self) -> None:
         """Starts an evaluation every --eval.every-env-steps; takes the one that finished."""
         every, env_steps = self.config.eval.every_env_steps, self.counters["env_steps"]
-        if every and self._eval_started_at is None and env_steps >= self.next_eval_at:
+        # A round also starts when the budget is reached: the run ends with an evaluation.
+        due = self.next_eval_at
+        if self.last_eval is None or self.last_eval["env_steps"] < env_steps:
+            due = min(due, self.config.total_env_steps)
+        if every and self._eval_started_at is None and env_steps >= due:
             best = self.best_eval
             best_rank = eval_rank(best["flag_rate"], best["x_pos_mean"]) if best else None
             video = self.run_dir / "eval" / f"best-{env_steps:09d}.mp4"
@@ -293,6 +303,17 @@ class Trainer:
                 if result:  # empty: the evaluation failed (logged by the backend)
                     self._take_eval(result, self._eval_started_at)
                 self._eval_started_at = None
+
+    def _finish_eval(self) -> None:
+        deadline = time.monotonic() + FINAL_EVAL_WAIT_S
+        if self._eval_started_at is not None:
+            logger.info("waiting for the evaluation of %d env steps", self._eval_started_at)
+        while self._eval_started_at is not None and time.monotonic() < deadline:
+            self._evaluate()
+            time.sleep(0.5)
+        if self._eval_started_at is not None:
+            logger.warning("the evaluation of %d env steps did not finish in %d s; not logged",
+                           self._eval_started_at, FINAL_EVAL_WAIT_S)  # fmt: skip
 
     def _take_eval(self, result: dict, env_steps: int) -> None:
         """Logs an evaluation; keeps the best weights (by flag rate, then mean max x) as best.pt."""
