@@ -53,6 +53,16 @@ def _plot(module, config, args: list[str]) -> None:
     console.print(f"written: {module.plot(config)}")
 
 
+def _ablation_run(module, config, args: list[str]) -> None:
+    module.run(config)
+
+
+def _ablation_report(module, config, args: list[str]) -> None:
+    markdown, png = module.report(config)
+    print(markdown)
+    console.print(f"written: {png}" + (f", {config.table_out}" if config.table_out else ""))
+
+
 def _grid(module, config, args: list[str]) -> None:
     results, plot_path = module.run(config)
     for algorithm, result in results.items():
@@ -142,6 +152,10 @@ COMMANDS: dict[tuple[str, ...], _Command] = {
     ("status",): _Command("launch.status", "StatusConfig", _status,
                           "a run's state, read from Redis (or its status.json)"),
     ("plot",): _Command("launch.plots", "PlotConfig", _plot, "learning curve of runs as PNG"),
+    ("ablation", "run"): _Command("launch.ablation", "AblationRunConfig", _ablation_run,
+                                  "train recipe rows on 1-1 at one budget"),
+    ("ablation", "report"): _Command("launch.ablation", "AblationReportConfig", _ablation_report,
+                                     "the rows' eval results: table and PNG"),
     ("grid",): _Command("launch.grid_world", "GridConfig", _grid,
                         "tabular Q vs double Q on the 3×3 grid"),
     ("bench", "env"): _Command("launch.bench.env", "BenchEnvConfig", _bench_env,
@@ -162,7 +176,7 @@ def _usage(group: tuple[str, ...] = ()) -> str:
     lines = [f"usage: {name} COMMAND [--help] [OPTIONS]", "", "commands:"]
     for words, command in COMMANDS.items():
         if words[: len(group)] == group:
-            lines.append(f"  {' '.join(words):<14} {command.help}")
+            lines.append(f"  {' '.join(words):<16} {command.help}")
     return "\n".join(lines)
 
 

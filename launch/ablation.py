@@ -1,0 +1,265 @@
+"""`mario ablation run|report`: the recipe search on 1-1, one lever per row, at one env-step budget.
+
+Every row is the base recipe plus the flags of its lever, trained by `mario train` into
+ROOT/<row> (continued with --resume-existing when the directory holds a run, so rows can span
+sessions). The report reads each row's metrics.jsonl: the in-training evaluation that ended the
+row at the budget, the best one before it, the training episodes, the wall time; it writes a
+markdown table and one PNG of the evaluation curves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import shlex
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import tyro
+
+from launch.plots import load_metrics
+
+# The base recipe (run r1 of docs/training-runs.md): DI-adventure's two actions, a stuck episode
+# ended as a death (R2D4), +50 at the flag, rewards ÷ 10, γ 0.99, ε decaying from 1 toward a
+# 0.1…0.01 ladder, dueling, Adam 1e-4, target sync 500, samples-per-insert 4.
+BASE = (
+    "--env.action-set", "right_jump", "--env.stuck-steps", "100", "--env.stuck-is-death",
+    "--env.flag-bonus", "50", "--env.reward-scale", "0.1", "--actor.gamma", "0.99",
+    "--actor.epsilon-decay-steps", "100000", "--actor.epsilon-base", "0.1",
+    "--actor.epsilon-alpha", "1", "--network.dueling", "--learner.learning-rate", "1e-4",
+    "--learner.target-sync-updates", "500", "--replay.samples-per-insert", "4",
+)  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    lever: str
+    """What the row changes, in words."""
+    flags: tuple[str, ...] = ()
+    """Flags after the base recipe's (later flags win)."""
+
+
+ROWS: dict[str, Row] = {
+    "base": Row("the base recipe"),
+    "small-net": Row("network width: conv 16-32-32, hidden 256 (Nature: 32-64-64, 512)",
+                     ("--network.conv-channels", "16", "32", "32", "--network.hidden", "256")),
+    "right-only": Row("action set: right_only (5 actions)", ("--env.action-set", "right_only")),
+    "stuck-truncate": Row("stuck episode: bootstrapped truncation, not a death",
+                          ("--env.no-stuck-is-death",)),
+    "stuck-off": Row("stuck episode: off", ("--env.no-stuck-is-death", "--env.stuck-steps", "0")),
+    "sticky-train": Row("sticky actions 0.25 while training (as evaluated)",
+                        ("--env.sticky-action-prob", "0.25")),
+    "apex-epsilon": Row("ε: Ape-X ladder 0.4^(1+7i/7) from the start, no decay",
+                        ("--actor.epsilon-decay-steps", "0", "--actor.epsilon-base", "0.4",
+                         "--actor.epsilon-alpha", "7")),
+    "gamma-0.9": Row("γ 0.9 (the tutorial's)", ("--actor.gamma", "0.9")),
+    "n-step-5": Row("n-step 5", ("--actor.n-step", "5")),
+    "no-flag-scale": Row("no flag bonus, reward scale 1",
+                         ("--env.flag-bonus", "0", "--env.reward-scale", "1")),
+    "spi-8": Row("samples per insert 8", ("--replay.samples-per-insert", "8")),
+    "no-dueling": Row("plain Nature head (no dueling)", ("--network.no-dueling",)),
+    "lr-2.5e-4": Row("learning rate 2.5e-4 (the tutorial's)",
+                     ("--learner.learning-rate", "2.5e-4")),
+    "target-2000": Row("target sync every 2,000 updates", ("--learner.target-sync-updates", "2000")),
+    "dqn": Row("DQN: no double-Q (the tutorial's comparison)", ("--learner.no-double",)),
+}  # fmt: skip
+
+DEFAULT_ROOT = pathlib.Path("~/mario-runs/ablation")
+
+
+def _check_rows(rows: tuple[str, ...]) -> None:
+    unknown = [row for row in rows if row not in ROWS]
+    if unknown:
+        raise ValueError(f"rows {unknown} are unknown; known: {', '.join(ROWS)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class AblationRunConfig:
+    """Train the named rows one after the other (each continued if its directory holds a run)."""
+
+    rows: tyro.conf.Positional[tuple[str, ...]]
+    """Rows to train, by name (`mario ablation report` lists them)."""
+    root: pathlib.Path = DEFAULT_ROOT
+    """Directory holding one run directory per row."""
+    env_steps: int = 300_000
+    """The budget of every row."""
+    checkpoint_minutes: float = 10.0
+    """Checkpoint period of each row's run."""
+    dry_run: bool = False
+    """Print the commands instead of running them."""
+
+    def __post_init__(self) -> None:
+        _check_rows(self.rows)
+        if self.env_steps < 1:
+            raise ValueError(f"env_steps ({self.env_steps}) must be >= 1")
+
+
+def command(row: str, root: pathlib.Path, env_steps: int, checkpoint_minutes: float) -> list[str]:
+    """The `mario train` arguments of one row."""
+    return [
+        "train", "--run-dir", str(root.expanduser() / row), "--resume-existing",
+        "--total-env-steps", str(env_steps), "--checkpoint-minutes", f"{checkpoint_minutes:g}",
+        "--no-live-display", "--wandb", "offline", *BASE, *ROWS[row].flags,
+    ]  # fmt: skip
+
+
+def run(config: AblationRunConfig) -> list[list[str]]:
+    """Trains each row in turn; returns the commands."""
+    commands = [
+        command(row, config.root, config.env_steps, config.checkpoint_minutes)
+        for row in config.rows
+    ]
+    for args in commands:
+        print("mario " + shlex.join(args), flush=True)
+        if not config.dry_run and not _train(args):
+            break
+    return commands
+
+
+def _train(args: list[str]) -> bool:
+    """Runs one row's `mario train`; SIGINT/SIGTERM go to it (it checkpoints and ends), and no
+    later row starts. Returns whether to go on."""
+    process = subprocess.Popen([sys.executable, "-m", "launch.cli", *args])
+    stopped = []
+
+    def forward(signum, frame) -> None:
+        stopped.append(signum)
+        process.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = process.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if code != 0 and not stopped:
+        raise subprocess.CalledProcessError(code, ["mario", *args])
+    return not stopped
+
+
+@dataclasses.dataclass(frozen=True)
+class AblationReportConfig:
+    """The rows' results at the budget as a markdown table and a PNG of the evaluation curves."""
+
+    root: pathlib.Path = DEFAULT_ROOT
+    """Directory holding one run directory per row."""
+    env_steps: int = 300_000
+    """The budget the rows are compared at."""
+    rows: tuple[str, ...] = tuple(ROWS)
+    """Rows to report (those without a run directory are listed as not run)."""
+    out: pathlib.Path = pathlib.Path("docs/ablation.png")
+    """PNG of the evaluation curves."""
+    table_out: pathlib.Path | None = None
+    """Also write the markdown table there."""
+
+    def __post_init__(self) -> None:
+        _check_rows(self.rows)
+
+
+def row_result(records: list[dict], env_steps: int) -> dict:
+    """One row's numbers at the budget, from its metric records.
+
+    "final" is the evaluation that started when the budget was reached (the first with
+    eval/env_steps ≥ budget); "best" the best (flag rate, then mean max x) up to it; the
+    training numbers count the episodes that ended before the budget.
+    """
+    evals = sorted((r for r in records if "eval/flag_rate" in r), key=lambda r: r["eval/env_steps"])
+    final = next((r for r in evals if r["eval/env_steps"] >= env_steps), None)
+    within = [r for r in evals if r["eval/env_steps"] <= (final or {}).get("eval/env_steps", env_steps)]
+    best = max(within, key=lambda r: (r["eval/flag_rate"], r["eval/x_pos_mean"]), default=None)
+    episodes = [r for r in records if "episode/x_pos" in r and r["step"] <= env_steps]
+    progress = [r for r in records if "counters/env_steps" in r]
+    reached = max((r["counters/env_steps"] for r in progress), default=0)
+    at_budget = [r for r in progress if r["counters/env_steps"] <= env_steps]
+    last = at_budget[-1] if at_budget else {}
+    last_100 = [r["episode/x_pos"] for r in episodes[-100:]]
+    return {
+        "env_steps_reached": reached,
+        "done": final is not None,
+        "final": final,
+        "best": best,
+        "evals": [(r["eval/env_steps"], r["eval/flag_rate"], r["eval/x_pos_mean"]) for r in evals],
+        "train_episodes": len(episodes),
+        "train_flags": sum(int(r["episode/flag_get"]) for r in episodes),
+        "train_x_mean_last_100": float(np.mean(last_100)) if last_100 else None,
+        "updates": last.get("counters/updates"),
+        "minutes": last["elapsed_s"] / 60 if "elapsed_s" in last else None,
+    }
+
+
+def _cell(value, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def table(results: dict[str, dict | None], env_steps: int) -> str:
+    """The markdown table of the rows."""
+    lines = [
+        f"| row | lever | eval flags at {env_steps:,} | eval max x mean / median | "
+        "best eval up to it (env steps) | training flags | training max x, last 100 | "
+        "updates | minutes |",
+        "|---|---|---:|---|---|---:|---:|---:|---:|",
+    ]
+    for row, result in results.items():
+        lever = ROWS[row].lever
+        if result is None:
+            lines.append(f"| {row} | {lever} | not run | | | | | | |")
+            continue
+        final, best = result["final"], result["best"]
+        if final is None:
+            lines.append(f"| {row} | {lever} | not finished: at {result['env_steps_reached']:,} "
+                         "env steps | | | | | | |")  # fmt: skip
+            continue
+        best_cell = (f"{best['eval/flag_rate']:.0%}, x {best['eval/x_pos_mean']:.0f} "
+                     f"({best['eval/env_steps']:,})")  # fmt: skip
+        lines.append(
+            f"| {row} | {lever} | {final['eval/flag_rate']:.0%} | "
+            f"{final['eval/x_pos_mean']:.0f} / {final['eval/x_pos_median']:.0f} | {best_cell} | "
+            f"{result['train_flags']} of {result['train_episodes']} | "
+            f"{_cell(result['train_x_mean_last_100'], '.0f')} | {_cell(result['updates'], ',')} | "
+            f"{_cell(result['minutes'], '.0f')} |"
+        )
+    return "\n".join(lines)
+
+
+def report(config: AblationReportConfig) -> tuple[str, pathlib.Path]:
+    """Prints nothing; returns the markdown table and the PNG path."""
+    root = config.root.expanduser()
+    results: dict[str, dict | None] = {}
+    for row in config.rows:
+        run_dir = root / row
+        has_run = (run_dir / "metrics.jsonl").is_file()
+        results[row] = row_result(load_metrics(run_dir), config.env_steps) if has_run else None
+    markdown = table(results, config.env_steps)
+    if config.table_out:
+        config.table_out.parent.mkdir(parents=True, exist_ok=True)
+        config.table_out.write_text(markdown + "\n")
+    return markdown, plot_evals(results, config.env_steps, config.out)
+
+
+def plot_evals(results: dict[str, dict | None], env_steps: int, out: pathlib.Path) -> pathlib.Path:
+    """Eval flag rate and mean max x against env steps, one line per row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    for row, result in results.items():
+        if not result or not result["evals"]:
+            continue
+        steps, flags, x_mean = zip(*[e for e in result["evals"] if e[0] <= env_steps * 1.05])
+        axes[0].plot(steps, flags, marker="o", label=row)
+        axes[1].plot(steps, x_mean, marker="o", label=row)
+    axes[0].set(title="greedy eval flag rate (sticky 0.25)", xlabel="env steps",
+                ylabel="flag rate", ylim=(-0.05, 1.05))  # fmt: skip
+    axes[1].set(title="greedy eval max x, mean", xlabel="env steps", ylabel="x_pos")
+    axes[1].axhline(3161, color="grey", linestyle=":", linewidth=1)  # 1-1's flag pole
+    for axis in axes:
+        axis.legend(loc="upper left", fontsize=8)
+    figure.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=90)
+    plt.close(figure)
+    return out

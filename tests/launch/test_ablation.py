@@ -1,0 +1,98 @@
+"""The ablation's row commands and its report, against hand-written metric records."""
+
+import json
+import pathlib
+
+import pytest
+
+from launch import ablation
+from launch.cli import main
+from launch.config import TrainConfig, given_fields
+
+
+def _eval(step, flag_rate, x_mean):
+    return {"step": step, "eval/env_steps": step, "eval/flag_rate": flag_rate,
+            "eval/x_pos_mean": x_mean, "eval/x_pos_median": x_mean - 1}  # fmt: skip
+
+
+def _episode(step, x_pos, flag=0):
+    return {"step": step, "episode/x_pos": x_pos, "episode/flag_get": flag}
+
+
+def _progress(env_steps, updates, elapsed_s):
+    return {"step": env_steps, "counters/env_steps": env_steps, "counters/updates": updates,
+            "elapsed_s": elapsed_s}  # fmt: skip
+
+
+RECORDS = [
+    _episode(10, 300), _episode(20, 700), _progress(50, 4, 60.0), _eval(52, 0.0, 400.0),
+    _episode(80, 3161, flag=1), _eval(100, 0.5, 2000.0), _progress(100, 9, 120.0),
+    _eval(103, 0.2, 2500.0), _episode(110, 900), _progress(120, 11, 150.0), _eval(150, 1.0, 3161),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "budget, final_step, best_step, flags, episodes, x_last, updates, minutes",
+    [
+        # the first eval at or past the budget is the row's; best is the best up to it
+        (100, 100, 100, 1, 3, (300 + 700 + 3161) / 3, 9, 2.0),
+        (101, 103, 100, 1, 3, (300 + 700 + 3161) / 3, 9, 2.0),
+        (50, 52, 52, 0, 2, 500.0, 4, 1.0),
+    ],
+)
+def test_row_result_takes_the_evaluation_at_the_budget(
+    budget, final_step, best_step, flags, episodes, x_last, updates, minutes
+):
+    result = ablation.row_result(RECORDS, budget)
+    assert result["done"] and result["final"]["eval/env_steps"] == final_step
+    assert result["best"]["eval/env_steps"] == best_step
+    assert (result["train_flags"], result["train_episodes"]) == (flags, episodes)
+    assert result["train_x_mean_last_100"] == pytest.approx(x_last)
+    assert (result["updates"], result["minutes"]) == (updates, minutes)
+
+
+def test_a_row_short_of_the_budget_is_reported_as_not_finished():
+    result = ablation.row_result(RECORDS, 200)
+    assert not result["done"] and result["env_steps_reached"] == 120
+    markdown = ablation.table({"base": result, "dqn": None}, 200)
+    assert "| base |" in markdown and "not finished: at 120 env steps" in markdown
+    assert "| dqn | DQN: no double-Q" in markdown and "not run" in markdown
+
+
+def test_report_writes_the_table_and_the_curves(tmp_path):
+    for row in ("base", "small-net"):
+        (tmp_path / row).mkdir()
+        lines = [json.dumps(r) for r in RECORDS]
+        (tmp_path / row / "metrics.jsonl").write_text("\n".join(lines) + "\n{torn")
+    out, table_out = tmp_path / "curves.png", tmp_path / "table.md"
+    main(["ablation", "report", "--root", str(tmp_path), "--env-steps", "100", "--out", str(out),
+          "--table-out", str(table_out), "--rows", "base", "small-net", "dqn"])  # fmt: skip
+    markdown = table_out.read_text()
+    assert "| base | the base recipe | 50% | 2000 / 1999 | 50%, x 2000 (100) | 1 of 3 |" in markdown
+    assert "| small-net |" in markdown and "| dqn |" in markdown
+    assert out.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("row", list(ablation.ROWS))
+def test_every_row_is_a_valid_train_command_differing_from_the_base(row):
+    import tyro
+
+    args = ablation.command(row, pathlib.Path("/tmp/rows"), 300_000, 5)
+    config = tyro.cli(TrainConfig, args=args[1:])
+    base = tyro.cli(TrainConfig, args=ablation.command("base", pathlib.Path("/tmp/rows"), 300_000, 5)[1:])
+    assert config.total_env_steps == 300_000 and config.run_dir == pathlib.Path("/tmp/rows") / row
+    changed = {
+        path for path in given_fields(args[1:]) if _get(config, path) != _get(base, path)
+    } - {"run_dir"}
+    assert bool(changed) == (row != "base")  # each row changes its lever, the base nothing
+
+
+def _get(config, path):
+    for name in path.split("."):
+        config = getattr(config, name)
+    return config
+
+
+def test_unknown_rows_are_named():
+    with pytest.raises(ValueError, match=r"rows \['bogus'\] are unknown"):
+        ablation.AblationRunConfig(rows=("base", "bogus"))
