@@ -62,7 +62,8 @@ ROWS: dict[str, Row] = {
     "no-dueling": Row("plain Nature head (no dueling)", ("--network.no-dueling",)),
     "lr-2.5e-4": Row("learning rate 2.5e-4 (the tutorial's)",
                      ("--learner.learning-rate", "2.5e-4")),
-    "target-2000": Row("target sync every 2,000 updates", ("--learner.target-sync-updates", "2000")),
+    "target-2000": Row("target sync every 2,000 updates",
+                       ("--learner.target-sync-updates", "2000")),
     "dqn": Row("DQN: no double-Q (the tutorial's comparison)", ("--learner.no-double",)),
 }  # fmt: skip
 
@@ -167,7 +168,8 @@ def row_result(records: list[dict], env_steps: int) -> dict:
     """
     evals = sorted((r for r in records if "eval/flag_rate" in r), key=lambda r: r["eval/env_steps"])
     final = next((r for r in evals if r["eval/env_steps"] >= env_steps), None)
-    within = [r for r in evals if r["eval/env_steps"] <= (final or {}).get("eval/env_steps", env_steps)]
+    last_step = final["eval/env_steps"] if final else env_steps
+    within = [r for r in evals if r["eval/env_steps"] <= last_step]
     best = max(within, key=lambda r: (r["eval/flag_rate"], r["eval/x_pos_mean"]), default=None)
     episodes = [r for r in records if "episode/x_pos" in r and r["step"] <= env_steps]
     progress = [r for r in records if "counters/env_steps" in r]
@@ -247,9 +249,10 @@ def plot_evals(results: dict[str, dict | None], env_steps: int, out: pathlib.Pat
 
     figure, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     for row, result in results.items():
-        if not result or not result["evals"]:
+        evals = [e for e in (result or {}).get("evals", []) if e[0] <= env_steps * 1.05]
+        if not evals:
             continue
-        steps, flags, x_mean = zip(*[e for e in result["evals"] if e[0] <= env_steps * 1.05])
+        steps, flags, x_mean = zip(*evals, strict=True)
         axes[0].plot(steps, flags, marker="o", label=row)
         axes[1].plot(steps, x_mean, marker="o", label=row)
     axes[0].set(title="greedy eval flag rate (sticky 0.25)", xlabel="env steps",

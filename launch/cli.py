@@ -34,7 +34,7 @@ def _print_result(title: str, result: dict, path) -> None:
 def _train(module, config, args: list[str]) -> None:
     from launch.config import given_fields
 
-    module.train(config, console, given_fields(args))
+    module.train(config, console, given_fields(args), command=["mario", "train", *args])
 
 
 def _eval(module, config, args: list[str]) -> None:
@@ -43,6 +43,22 @@ def _eval(module, config, args: list[str]) -> None:
     _print_result(f"eval of {config.checkpoint}", shown, summary["videos"])
     for index, episode in enumerate(summary["per_episode"]):
         console.print(f"episode {index}: {episode}")
+
+
+def _export(module, config, args: list[str]) -> None:
+    card = module.export(config)
+    final = card["final_eval"]
+    if final:
+        console.print(f"final eval: flag rate {final['flag_rate']:.0%} over {final['episodes']} "
+                      f"episodes, max x mean {final['max_x_pos_mean']:.0f}")  # fmt: skip
+    console.print(f"written: {config.out} ({card['training']['env_steps']:,} env steps)")
+
+
+def _play(module, config, args: list[str]) -> None:
+    result = module.play(config)
+    console.print(f"{'flag' if result['flag_get'] else 'no flag'}: max x {result['max_x_pos']}, "
+                  f"{result['length']} steps, return {result['return']:.1f}")  # fmt: skip
+    console.print(f"written: {result['out']}")
 
 
 def _status(module, config, args: list[str]) -> None:
@@ -149,6 +165,10 @@ COMMANDS: dict[tuple[str, ...], _Command] = {
                          "train double DQN on Mario (Ray; --serial: one process)"),
     ("eval",): _Command("launch.evaluate", "EvalConfig", _eval,
                         "evaluate a checkpoint; stats and mp4"),
+    ("export",): _Command("launch.model", "ExportConfig", _export,
+                          "a run's best weights as a model folder with its card"),
+    ("play",): _Command("launch.model", "PlayConfig", _play,
+                        "play one episode of a model; GIF or mp4"),
     ("status",): _Command("launch.status", "StatusConfig", _status,
                           "a run's state, read from Redis (or its status.json)"),
     ("plot",): _Command("launch.plots", "PlotConfig", _plot, "learning curve of runs as PNG"),

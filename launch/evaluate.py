@@ -18,10 +18,10 @@ import numpy as np
 import torch
 import tyro
 
-from common.config import EnvConfig, NetworkConfig, config_from_dict
+from common.config import EnvConfig, NetworkConfig
 from common.mario_env import make_env
 from common.networks import build_network
-from learner.checkpoint import BEST_NAME, load_checkpoint
+from launch.model import load_policy
 
 logger = logging.getLogger("eval")
 VIDEO_FPS = 15  # one frame per agent step (4 emulator frames at 60 Hz)
@@ -70,7 +70,8 @@ class EvalConfig:
     """Evaluate a run (its best weights) or a checkpoint on Mario with sticky actions."""
 
     checkpoint: tyro.conf.Positional[pathlib.Path]
-    """A run directory (its best.pt, else checkpoint.pt), or a .pt file."""
+    """A model folder (`mario export`), a run directory (its best.pt, else checkpoint.pt), or a
+    .pt checkpoint file."""
     last: bool = False
     """Evaluate the run's last checkpoint instead of its best weights."""
     episodes: int = 10
@@ -217,28 +218,14 @@ def summarize(episodes: list[dict]) -> dict:
     }
 
 
-def resolve_checkpoint(path: pathlib.Path, last: bool = False) -> pathlib.Path:
-    """A run directory's best weights (best.pt) unless `last` or there are none yet; else the
-    path as given (a checkpoint file, or a run directory's checkpoint.pt)."""
-    path = pathlib.Path(path)
-    if path.is_dir() and not last and (path / BEST_NAME).is_file():
-        return path / BEST_NAME
-    return path
-
-
 def evaluate(config: EvalConfig) -> dict:
     """`mario eval`: plays the episodes and writes eval.json plus the videos.
 
     Returns:
         Summary statistics, per-episode results and video paths.
     """
-    checkpoint_path = resolve_checkpoint(config.checkpoint, config.last)
-    payload = load_checkpoint(checkpoint_path)
-    train_config = payload["config"]
-    env_config = config_from_dict(EnvConfig, train_config["env"], "checkpoint config.env")
-    network_config = config_from_dict(
-        NetworkConfig, train_config["network"], "checkpoint config.network"
-    )
+    policy = load_policy(config.checkpoint, config.last)
+    env_config, network_config = policy.env, policy.network
     env_config = dataclasses.replace(
         env_config,
         level=config.level or env_config.level,
@@ -246,11 +233,11 @@ def evaluate(config: EvalConfig) -> dict:
         noop_max=config.noop_max,
         max_episode_steps=config.max_episode_steps or env_config.max_episode_steps,
     )
-    run_dir = checkpoint_path.parent if checkpoint_path.is_file() else checkpoint_path
-    out = config.out or run_dir / "eval"
+    model_path = pathlib.Path(config.checkpoint)
+    out = config.out or (model_path if model_path.is_dir() else model_path.parent) / "eval"
     out.mkdir(parents=True, exist_ok=True)
     evaluator = Evaluator(env_config, network_config)
-    weights = payload["learner"]["online"]
+    weights = policy.weights
     seeds = [config.seed + index for index in range(config.episodes)]
     try:
         summary = evaluator.run(weights, seeds, config.epsilon)
@@ -264,8 +251,8 @@ def evaluate(config: EvalConfig) -> dict:
     finally:
         evaluator.close()
     summary = {
-        "checkpoint": str(checkpoint_path),
-        "env_steps_trained": int(payload["counters"]["env_steps"]),
+        "checkpoint": str(policy.source),
+        "env_steps_trained": policy.env_steps,
         "level": env_config.level,
         "reward": env_config.reward,
         "sticky_action_prob": config.sticky_action_prob,

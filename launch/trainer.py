@@ -17,8 +17,11 @@ import dataclasses
 import datetime
 import json
 import logging
+import os
 import pathlib
+import platform
 import signal
+import subprocess
 import time
 from collections.abc import Callable
 from typing import Protocol
@@ -343,7 +346,11 @@ class Trainer:
                 {
                     "learner": {"online": result["weights"], "updates": summary["policy_version"]},
                     "config": config_to_dict(self.config),
-                    "counters": {"env_steps": env_steps, "updates": summary["policy_version"]},
+                    "counters": {
+                        "env_steps": env_steps,
+                        "updates": summary["policy_version"],
+                        "elapsed_s": round(self.elapsed_s, 1),
+                    },
                     "eval": {**summary, "per_episode": result["per_episode"]},
                 },
                 name=BEST_NAME,
@@ -451,15 +458,67 @@ def _eval_line(summary: dict | None) -> str:
             f"at {summary['env_steps']:,} steps")  # fmt: skip
 
 
+INVOCATIONS_FILE = "invocations.jsonl"
+
+
+def code_commit() -> dict:
+    """The git commit of the code that runs, and whether its tracked files were changed."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()  # fmt: skip
+
+    try:
+        return {
+            "commit": git("rev-parse", "HEAD"),
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        }
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def machine() -> dict:
+    """What the run ran on: host, CPU count, torch, and the GPU if any."""
+    return {
+        "host": platform.node(),
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def record_invocation(run: PreparedRun, command: list[str] | None) -> None:
+    """Appends this invocation (time, command, env steps it starts at, commit, machine) to the
+    run's invocations.jsonl: with the config in the checkpoint, how the run was made."""
+    start = int(run.checkpoint["counters"]["env_steps"]) if run.checkpoint else 0
+    record = {
+        "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": command,
+        "start_env_steps": start,
+        **code_commit(),
+        "machine": machine(),
+    }
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    with (run.run_dir / INVOCATIONS_FILE).open("a") as file:
+        file.write(json.dumps(record) + "\n")
+
+
 def train(
-    requested: TrainConfig, console: Console | None = None, given: set[str] | None = None
+    requested: TrainConfig,
+    console: Console | None = None,
+    given: set[str] | None = None,
+    command: list[str] | None = None,
 ) -> dict:
     """`mario train`: prepares the run (new or resumed), picks its backend, trains.
 
     The mode comes from the run: a resumed run goes on in the mode it was started in. `given`:
-    the config fields set on the command line (see prepare_run).
+    the config fields set on the command line (see prepare_run); `command`: the command line,
+    recorded in the run's invocations.jsonl with the code's commit and the machine.
     """
     run = prepare_run(requested, given)
+    record_invocation(run, command)
     if run.config.serial:
         from launch.local_backend import LocalBackend
 

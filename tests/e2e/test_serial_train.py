@@ -78,6 +78,15 @@ def test_resume_without_serial_continues_serially_with_counters_and_replay(train
     assert after["env_steps"] - 2 * 2 * 3 <= inserted <= after["env_steps"]
 
 
+def test_each_invocation_is_recorded_with_its_command_commit_and_machine(trained_run):
+    lines = (trained_run / "invocations.jsonl").read_text().splitlines()
+    first, resumed = (json.loads(line) for line in lines)  # the first run and the resume test's
+    assert first["command"][:3] == ["mario", "train", "--serial"]
+    assert "--resume" in resumed["command"] and resumed["start_env_steps"] >= 400
+    assert first["start_env_steps"] == 0 and len(first["commit"]) == 40
+    assert first["machine"]["cpus"] >= 1 and first["machine"]["torch"] == torch.__version__
+
+
 def test_evaluation_during_training_logs_and_keeps_the_best_weights(trained_run):
     records = [json.loads(x) for x in (trained_run / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if "eval/flag_rate" in r]
@@ -109,7 +118,7 @@ def test_eval_prints_stats_and_writes_video(trained_run, capsys):
     assert summary["checkpoint"].endswith("best.pt")  # a run's best weights by default
     main(["eval", str(trained_run), "--last", "--episodes", "1", "--max-episode-steps", "30"])
     assert json.loads((trained_run / "eval" / "eval.json").read_text())["checkpoint"] == str(
-        trained_run
+        trained_run / "checkpoint.pt"
     )
     main(["eval", str(trained_run), "--episodes", "2", "--max-episode-steps", "60"])
     summary = json.loads((trained_run / "eval" / "eval.json").read_text())
@@ -225,3 +234,35 @@ def test_commands_that_need_no_ray_do_not_import_it(trained_run, tmp_path, comma
                             text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     assert "ray not imported" in result.stdout
+
+
+def test_export_writes_a_model_folder_that_eval_and_play_take(trained_run, tmp_path, capsys):
+    import imageio.v2 as imageio
+
+    out = tmp_path / "smb-test"
+    main(["export", str(trained_run), "--out", str(out), "--eval-episodes", "1"])
+    best = load_checkpoint(trained_run / "best.pt")
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["training"]["env_steps"] == best["counters"]["env_steps"]
+    assert card["training"]["updates"] == best["counters"]["updates"]
+    assert card["source"]["checkpoint"] == "best.pt" and card["selected_by"]["env_steps"] > 0
+    assert card["invocations"][0]["command"][:2] == ["mario", "train"]
+    assert len(card["eval_curve"]) >= 3 and card["final_eval"]["episodes"] == 1
+    assert card["train_config"]["env"] == json.loads((out / "config.json").read_text())["env"]
+    weights = torch.load(out / "model.pt", weights_only=True)
+    assert weights.keys() == best["learner"]["online"].keys()
+    assert all(torch.equal(weights[k], best["learner"]["online"][k]) for k in weights)
+    assert "## Final evaluation" in (out / "README.md").read_text()
+
+    main(["eval", str(out), "--episodes", "1", "--max-episode-steps", "30"])
+    summary = json.loads((out / "eval" / "eval.json").read_text())
+    assert summary["checkpoint"] == str(out / "model.pt")
+    assert summary["env_steps_trained"] == card["training"]["env_steps"]
+
+    gif, mp4 = tmp_path / "play.gif", tmp_path / "play.mp4"
+    main(["play", str(out), "--out", str(gif), "--max-episode-steps", "12", "--frame-every", "2"])
+    main(["play", str(out), "--out", str(mp4), "--max-episode-steps", "12"])
+    printed = capsys.readouterr().out
+    assert printed.count("max x") >= 2 and "12 steps" in printed
+    assert len(imageio.mimread(gif)) == 7  # the reset frame and 12 steps, every second one
+    assert imageio.get_reader(mp4).count_frames() == 13

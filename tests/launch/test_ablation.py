@@ -79,7 +79,8 @@ def test_every_row_is_a_valid_train_command_differing_from_the_base(row):
 
     args = ablation.command(row, pathlib.Path("/tmp/rows"), 300_000, 5)
     config = tyro.cli(TrainConfig, args=args[1:])
-    base = tyro.cli(TrainConfig, args=ablation.command("base", pathlib.Path("/tmp/rows"), 300_000, 5)[1:])
+    base_args = ablation.command("base", pathlib.Path("/tmp/rows"), 300_000, 5)
+    base = tyro.cli(TrainConfig, args=base_args[1:])
     assert config.total_env_steps == 300_000 and config.run_dir == pathlib.Path("/tmp/rows") / row
     changed = {
         path for path in given_fields(args[1:]) if _get(config, path) != _get(base, path)
