@@ -1,9 +1,11 @@
 """Wire format for everything that crosses Redis.
 
 Chunks and weights: a msgpack header + raw little-endian arrays, lz4. A message is
-`MAGIC | u32 header length | msgpack header | lz4 frame of the concatenated array bytes`.
-The header names each array's dtype and shape; decoding checks every field against
-what is allowed before a single array is built, so a corrupt or hostile message raises a
+`MAGIC | u32 header length | u32 CRC-32 | msgpack header | lz4 frame of the array bytes`, the
+CRC-32 covering the header and the lz4 frame. Decoding checks the CRC first (a flipped bit
+anywhere is rejected, not decoded into wrong pixels), then every header field against what is
+allowed, then decompresses at most the byte count the header promises (a decompression bomb
+stops there), all before a single array is built: a corrupt or hostile message raises a
 WireError and never reaches pickle (nothing here unpickles).
 
 Records (episode telemetry, role stats): a msgpack map of names to numbers, strings or booleans,
@@ -13,6 +15,7 @@ checked on decoding the same way.
 from __future__ import annotations
 
 import struct
+import zlib
 
 import lz4.frame
 import msgpack
@@ -21,7 +24,7 @@ import torch
 
 from common.experience import Chunk, ChunkError
 
-MAGIC = b"MRO1"
+MAGIC = b"MRO2"  # MRO1: the same without the CRC
 SCHEMA_VERSION = 1
 _LENGTH = struct.Struct("<I")
 _MAX_HEADER_BYTES = 64 * 1024
@@ -53,19 +56,22 @@ def _pack(kind: str, meta: dict, arrays: list[tuple[str, str, tuple[int, ...], b
     }
     header_bytes = msgpack.packb(header, use_bin_type=True)
     body = lz4.frame.compress(b"".join(data for *_, data in arrays))
-    return MAGIC + _LENGTH.pack(len(header_bytes)) + header_bytes + body
+    checksum = zlib.crc32(body, zlib.crc32(header_bytes))
+    return MAGIC + _LENGTH.pack(len(header_bytes)) + _LENGTH.pack(checksum) + header_bytes + body
 
 
 def _unpack(message: bytes, kind: str) -> tuple[dict, list[tuple[str, str, tuple, memoryview]]]:
     if not isinstance(message, bytes | bytearray | memoryview):
         raise WireError(f"message must be bytes, got {type(message).__name__}")
     message = bytes(message)
-    if len(message) < len(MAGIC) + _LENGTH.size or not message.startswith(MAGIC):
+    start = len(MAGIC) + 2 * _LENGTH.size
+    if len(message) < start or not message.startswith(MAGIC):
         raise WireError("bad magic: not a mario wire message")
-    (header_length,) = _LENGTH.unpack_from(message, len(MAGIC))
-    start = len(MAGIC) + _LENGTH.size
+    header_length, checksum = struct.unpack_from("<II", message, len(MAGIC))
     if header_length > _MAX_HEADER_BYTES or start + header_length > len(message):
         raise WireError(f"header length {header_length} is out of range")
+    if zlib.crc32(message[start:]) != checksum:
+        raise WireError("checksum mismatch: the message was corrupted")
     try:
         header = msgpack.unpackb(
             message[start : start + header_length], raw=False, strict_map_key=True
@@ -99,17 +105,26 @@ def _unpack(message: bytes, kind: str) -> tuple[dict, list[tuple[str, str, tuple
         if total > _MAX_BODY_BYTES:
             raise WireError("arrays are larger than allowed")
         parsed.append((name, dtype, shape, size))
-    try:
-        body = lz4.frame.decompress(message[start + header_length :])
-    except Exception as error:
-        raise WireError(f"body is not a valid lz4 frame: {error}") from error
-    if len(body) != total:
-        raise WireError(f"body has {len(body)} bytes, header promises {total}")
+    body = _decompress(message[start + header_length :], total)
     view, offset, out = memoryview(body), 0, []
     for name, dtype, shape, size in parsed:
         out.append((name, dtype, shape, view[offset : offset + size]))
         offset += size
     return header, out
+
+
+def _decompress(frame: bytes, size: int) -> bytes:
+    """The lz4 frame's content, which must be exactly `size` bytes: decompression stops after
+    size + 1 bytes, so a frame that inflates beyond what the header promises costs no more."""
+    decompressor = lz4.frame.LZ4FrameDecompressor()
+    try:
+        body = decompressor.decompress(frame, max_length=size + 1)
+    except Exception as error:  # lz4 raises RuntimeError on a corrupt frame
+        raise WireError(f"body is not a valid lz4 frame: {error}") from error
+    if len(body) != size or not decompressor.eof or decompressor.unused_data:
+        shown = f"more than {size}" if len(body) > size else str(len(body))
+        raise WireError(f"body has {shown} bytes or trailing data, header promises {size}")
+    return body
 
 
 def _itemsize(dtype: str) -> int:

@@ -96,7 +96,7 @@ def test_double_dqn_learns_to_jump_the_pit_at_the_right_cell():
     # Every return lies in [−1, 1]. A bootstrap past the end (no terminal mask) inflates the
     # values far beyond 1 (checked by hand: 1.2–2.7 at every cell).
     values = np.stack(list(q_values.values()))
-    assert -1.25 < values.min() and values.max() < 1.25, values
+    assert values.min() > -1.25 and values.max() < 1.25, values
     obs, _ = env.reset()
     path = [0]
     for _ in range(10):  # the greedy policy crosses the pit to the goal
