@@ -46,6 +46,8 @@ class ReplayShard:
         self.consumer = f"shard-{shard_id}"
         self._reading_own_pending = True
         self._last_trim = 0.0
+        # Stream ids: the newest entry this shard read, and the newest it screened (_screen).
+        self._read_to = self._screened_to = "0-0"
         try:
             self.client.xgroup_create(
                 self.redis_keys.experience, REPLAY_GROUP, id="0", mkstream=True
@@ -58,9 +60,11 @@ class ReplayShard:
         """Reads up to max_chunks entries, inserts them, acks them; returns how many were read.
 
         Reads nothing while the rate limiter holds inserts back (the learner is behind): the
-        entries wait in Redis, where actors see the backlog.
+        entries wait in Redis, where actors see the backlog. Meanwhile it screens them, so that
+        only valid chunks count as backlog (see _screen).
         """
         if not self.replay.can_insert(1):
+            self._screen(max_chunks)
             return 0
         entries = self._read("0", max_chunks, None) if self._reading_own_pending else []
         if not entries:
@@ -69,10 +73,9 @@ class ReplayShard:
         ids, inserted, rejected = [], 0, 0
         for entry_id, fields in entries:
             ids.append(entry_id)
+            self._read_to = max(self._read_to, _as_str(entry_id), key=_id_key)
             try:
-                if fields is None or CHUNK_FIELD not in fields:
-                    raise WireError("entry has no chunk field")
-                chunk = decode_chunk(fields[CHUNK_FIELD], self.run_id, self.stack, self.num_actions)
+                chunk = self._decode(fields)
                 self.replay.insert(chunk)
                 inserted += 1
             except (WireError, ValueError) as error:
@@ -88,6 +91,35 @@ class ReplayShard:
             pipe.execute()
         self._maybe_trim()
         return len(ids)
+
+    def _decode(self, fields):
+        if fields is None or CHUNK_FIELD not in fields:
+            raise WireError("entry has no chunk field")
+        return decode_chunk(fields[CHUNK_FIELD], self.run_id, self.stack, self.num_actions)
+
+    def _screen(self, max_chunks: int) -> int:
+        """Looks at waiting entries that no shard has read yet and deletes the malformed ones,
+        counted as rejected: junk in the stream must not count as backlog, which holds actors
+        back. Each entry is screened once (the valid ones are decoded again when ingested).
+        Returns how many entries it deleted."""
+        start = max(self._screened_to, self._read_to, key=_id_key)
+        entries = self.client.xrange(self.redis_keys.experience, min=f"({start}", count=max_chunks)
+        bad = []
+        for entry_id, fields in entries:
+            try:
+                self._decode(fields)
+            except (WireError, ValueError) as error:
+                bad.append(entry_id)
+                logger.warning("shard %d deleted waiting entry %s: %s", self.shard_id, entry_id,
+                               error)  # fmt: skip
+        if entries:
+            self._screened_to = _as_str(entries[-1][0])
+        if bad:
+            pipe = self.client.pipeline(transaction=True)
+            pipe.xdel(self.redis_keys.experience, *bad)
+            pipe.hincrby(self.redis_keys.counters, "chunks_rejected", len(bad))
+            pipe.execute()
+        return len(bad)
 
     def _read(self, stream_id: str, count: int, block_ms: int | None) -> list:
         response = self.client.xreadgroup(

@@ -62,7 +62,7 @@ def reseal(header: bytes, body: bytes) -> bytes:
         (lambda m: _header_swap(m, body=m[-30:]), "lz4"),
         (lambda m: _header_swap(m, body=lz4.frame.compress(bytes(20_000_000))), "more than"),
         (lambda m: _header_swap(m, body=lz4.frame.compress(b"short")), "body has 5 bytes"),
-        (lambda m: _header_swap(m, body=m[m.index(b"\x04\x22\x4d\x18"):] + b"x"), "trailing"),
+        (lambda m: _header_swap(m, body=m[m.index(b"\x04\x22\x4d\x18") :] + b"x"), "trailing"),
         (lambda m: _header_swap(m, run_id="other"), "run_id"),
         (lambda m: _header_swap(m, schema=2), "schema"),
         (lambda m: _header_swap(m, kind="weights"), "kind"),

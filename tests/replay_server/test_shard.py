@@ -112,3 +112,31 @@ def test_password_protected_redis(monkeypatch, tmp_path):
         client = redis.Redis.from_url(server.url, password="s3cret")
         write_chunks(client, 3, np.random.default_rng(4))
         assert drain(shard) == 3
+
+
+def test_junk_waiting_behind_a_full_rate_limiter_is_deleted_not_counted_as_backlog(redis_url):
+    client = redis.Redis.from_url(redis_url)
+    keys = RedisKeys(RUN)
+    endpoint = RedisEndpoint(redis_url, RUN, RedisConfig())
+    # The learner is behind: this limiter takes 100 transitions (5 chunks), then holds inserts.
+    held = ReplayConfig(capacity=5000, min_size_to_sample=20, samples_per_insert=8,
+                        rate_error_buffer=1)  # fmt: skip
+    shard = ReplayShard(PrioritizedReplay(held, stack=4), endpoint, shard_id=0, stack=4,
+                        num_actions=5)  # fmt: skip
+    rng = np.random.default_rng(4)
+    write_chunks(client, 5, rng)
+    assert drain(shard) == 5 and not shard.replay.can_insert(1)
+    good = encode_chunk(synthetic_chunk(rng, 20), RUN)
+    for index in range(40):  # junk among valid chunks, all waiting
+        client.xadd(keys.experience, {b"c": good if index % 4 == 0 else good[:-index]})
+    client.xadd(keys.experience, {b"other": b"field"})
+    assert client.xlen(keys.experience) == 41  # 10 valid chunks and 31 malformed entries wait
+    for _ in range(4):
+        assert shard.ingest(max_chunks=16) == 0  # nothing inserted while the limiter holds
+    shard._last_trim = 0
+    shard._maybe_trim()
+    assert client.xlen(keys.experience) == 10  # only the valid chunks wait
+    assert int(client.hget(keys.counters, "chunks_rejected")) == 31
+    # Screened entries are not screened again, and once the learner catches up they go in.
+    shard.replay.limiter.samples += 10_000
+    assert drain(shard) == 10 and int(client.hget(keys.counters, "chunks_inserted")) == 15
