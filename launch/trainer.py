@@ -36,6 +36,7 @@ from common.config import config_to_dict
 from common.metrics import MetricsLogger
 from launch.config import PreparedRun, TrainConfig, prepare_run
 from launch.evaluate import eval_rank
+from launch.reaper import Reaper
 from launch.status import STATUS_FILE
 from learner.checkpoint import BEST_NAME, load_checkpoint, save_checkpoint
 
@@ -199,6 +200,10 @@ class Trainer:
         config = self.config
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with contextlib.ExitStack() as resources:
+            # Registered first, so told last that the driver cleaned up after itself; if the
+            # driver is killed before (kill -9), it kills the processes the run started.
+            reaper = Reaper()
+            resources.callback(reaper.done)
             # A stop signal during the start ends the run right after it, cleanly.
             stop = resources.enter_context(StopSignals())
             self.backend.start(resources, self.checkpoint)
@@ -489,6 +494,24 @@ def machine() -> dict:
     }
 
 
+def log_lost_work(run: PreparedRun) -> int:
+    """On resume: how far the run had got (its status.json, rewritten every second) beyond the
+    checkpoint it resumes from, i.e. the work a crash cost. Logged; returns the env steps."""
+    try:
+        status = json.loads((run.run_dir / STATUS_FILE).read_text())
+        reached = int(status["counters"]["env_steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+    saved = run.checkpoint["counters"]
+    lost = reached - int(saved["env_steps"])
+    if lost > 0:
+        minutes = (float(status.get("elapsed_s", 0)) - float(saved.get("elapsed_s", 0))) / 60
+        logger.warning("the run had reached %d env steps; its checkpoint holds %d: %d env steps "
+                       "(%.1f min of training) are lost and will be redone", reached,
+                       saved["env_steps"], lost, minutes)  # fmt: skip
+    return max(lost, 0)
+
+
 def record_invocation(run: PreparedRun, command: list[str] | None) -> None:
     """Appends this invocation (time, command, env steps it starts at, commit, machine) to the
     run's invocations.jsonl: with the config in the checkpoint, how the run was made."""
@@ -518,6 +541,8 @@ def train(
     recorded in the run's invocations.jsonl with the code's commit and the machine.
     """
     run = prepare_run(requested, given)
+    if run.checkpoint:
+        log_lost_work(run)
     record_invocation(run, command)
     if run.config.serial:
         from launch.local_backend import LocalBackend

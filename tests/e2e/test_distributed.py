@@ -236,3 +236,35 @@ def test_a_failing_learner_ends_the_run_with_its_error_and_leaves_no_process(tmp
     assert "the learner failed: RuntimeError: injected failure at update 20" in result.stdout
     assert "injected failure at update 20" in result.stderr  # its traceback, in the log
     assert leftover_processes(run_dir) == ""
+
+
+def test_a_killed_driver_leaves_no_process_and_resume_says_what_was_lost(tmp_path, caplog):
+    run_dir = tmp_path / "killed"
+    metrics = run_dir / "metrics.jsonl"
+    command = [sys.executable, "-m", "launch.cli", *TINY, "--total-env-steps", "100000000",
+               "--checkpoint-minutes", "0.25", "--run-dir", str(run_dir)]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               start_new_session=True)  # fmt: skip
+    try:
+        _wait_for_steps(process, metrics, 0)
+        deadline = time.monotonic() + 120
+        while not (run_dir / "checkpoint.pt").exists() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        _wait_for_steps(process, metrics, load_checkpoint(run_dir)["counters"]["env_steps"] + 100)
+        assert leftover_processes(run_dir) != ""  # the run's redis-server, raylet, gcs_server
+        os.kill(process.pid, signal.SIGKILL)  # only the driver: no cleanup of its own
+        process.wait(timeout=10)
+        deadline = time.monotonic() + 60  # the reaper notices at once, then allows 5 s' grace
+        while leftover_processes(run_dir) and time.monotonic() < deadline:
+            time.sleep(1)
+        assert leftover_processes(run_dir) == ""
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    reached = json.loads((run_dir / "status.json").read_text())["counters"]["env_steps"]
+    saved = load_checkpoint(run_dir)["counters"]["env_steps"]
+    assert reached > saved
+    with caplog.at_level("WARNING", logger="train"):
+        main([*TINY, "--total-env-steps", str(saved + 50), "--resume", str(run_dir)])
+    assert f"the run had reached {reached} env steps; its checkpoint holds {saved}" in caplog.text
+    assert leftover_processes(run_dir) == ""

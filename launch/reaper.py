@@ -1,0 +1,132 @@
+"""A watchdog that kills what a driver started when the driver dies without cleaning up.
+
+`mario train` starts processes that outlive a killed parent: the embedded redis-server (in a
+session of its own) and the local Ray head (gcs_server, raylet, dashboard, agents, workers).
+A normal stop, Ctrl-C, SIGTERM or an error releases them through the Trainer's ExitStack; a
+`kill -9` or the OOM killer cannot. So the Trainer starts this watchdog (`python -m
+launch.reaper DRIVER_PID SINCE`) with a pipe on its stdin. Every second the watchdog notes the
+driver's descendants started since the Trainer started it (pid and start time, from /proc).
+When the pipe closes without the word "done" (the driver died: the kernel closes its end), it
+sends SIGTERM to each noted process that still runs with the same start time, then SIGKILL to
+what is left after a grace period. Linux only (/proc); elsewhere the watchdog does nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+
+GRACE_S = 5.0
+POLL_S = 1.0
+
+
+def _processes() -> dict[int, tuple[int, int]]:
+    """pid → (parent pid, start time in clock ticks), for every process in /proc."""
+    table = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as file:
+                stat = file.read().decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+        table[int(name)] = (int(fields[1]), int(fields[19]))
+    return table
+
+
+def descendants(root: int, table: dict[int, tuple[int, int]]) -> dict[int, int]:
+    """The descendants of `root` in `table`: pid → start time."""
+    children: dict[int, list[int]] = {}
+    for pid, (parent, _) in table.items():
+        children.setdefault(parent, []).append(pid)
+    found, stack = {}, list(children.get(root, []))
+    while stack:
+        pid = stack.pop()
+        if pid not in found:
+            found[pid] = table[pid][1]
+            stack.extend(children.get(pid, []))
+    return found
+
+
+def reap(noted: dict[int, int], grace_s: float = GRACE_S) -> list[int]:
+    """SIGTERM, then SIGKILL after `grace_s`, to each noted process still running as itself.
+    Returns the pids signalled."""
+    current = _processes()
+    alive = [pid for pid, start in noted.items() if current.get(pid, (0, None))[1] == start]
+    for pid in alive:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.2)
+        current = _processes()
+        alive = [pid for pid in alive if current.get(pid, (0, None))[1] == noted[pid]]
+    for pid in alive:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    return list(noted)
+
+
+def now_ticks() -> int:
+    """The time since boot in clock ticks, the unit of a process's start time in /proc."""
+    with open("/proc/uptime") as file:
+        return int(float(file.read().split()[0]) * os.sysconf("SC_CLK_TCK"))
+
+
+def watch(driver: int, since: int, stdin_fd: int = 0) -> int:
+    """Notes the driver's descendants started at or after `since` (clock ticks since boot)
+    until stdin closes; reaps them unless told "done"."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the driver, which then says done
+    own = os.getpid()
+    noted: dict[int, int] = {}
+    received = b""
+    while True:
+        ready, _, _ = select.select([stdin_fd], [], [], POLL_S)
+        if ready:
+            data = os.read(stdin_fd, 1024)
+            received += data
+            if not data:  # the pipe closed
+                break
+        found = descendants(driver, _processes())
+        noted.update({pid: start for pid, start in found.items()
+                      if start >= since and pid != own})  # fmt: skip
+    if b"done" in received:
+        return 0
+    reaped = reap(noted)
+    print(f"reaper: driver {driver} died; signalled {len(reaped)} processes", file=sys.stderr)
+    return 0
+
+
+class Reaper:
+    """The driver's side: starts the watchdog; done() tells it the driver cleaned up itself."""
+
+    def __init__(self):
+        self.process = None
+        if sys.platform.startswith("linux"):
+            # Only what starts from now on is the run's (the clock ticks are coarse: 10 ms).
+            since = now_ticks() - 1
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "launch.reaper", str(os.getpid()), str(since)],
+                stdin=subprocess.PIPE,
+                start_new_session=True,  # a signal to the driver's process group spares it
+            )
+
+    def done(self) -> None:
+        if self.process is None:
+            return
+        with contextlib.suppress(OSError):
+            self.process.stdin.write(b"done")
+            self.process.stdin.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=10)
+
+
+if __name__ == "__main__":
+    sys.exit(watch(int(sys.argv[1]), int(sys.argv[2])))
