@@ -43,6 +43,8 @@ from launch.roles import (
 from launch.trainer import BACKEND_COUNTERS, episode_record, quietly, replay_snapshot_path
 
 logger = logging.getLogger("ray_backend")
+KEEP_LEARNER_STATE_S = 60.0  # at most this much learning is lost when the learner dies
+MAX_LEARNER_RESTARTS = 10
 
 
 # -- Ray wrappers: thin, one per role ------------------------------------------------------------
@@ -102,10 +104,15 @@ class LearnerWorker:
 
     def __init__(
         self, spec: LearnerSpec, endpoint: RedisEndpoint, shards: list, prefetch: int,
-        state: dict | None,
+        state: dict | None, updates_floor: int = 0,
     ):  # fmt: skip
+        """`updates_floor`: a learner restarted from an older state counts on from the updates
+        its predecessor reached, so the counter and the weights' version never go back."""
         replay = RayReplayClient(shards, prefetch, spec.seed)
         self.runner = build_learner_runner(spec, endpoint, replay, state)
+        if updates_floor > self.runner.learner.updates:
+            self.runner.learner.updates = updates_floor
+            self.runner.publish()
 
     def run(self) -> dict:
         return self.runner.run()
@@ -336,6 +343,8 @@ class RayBackend:
         self.evaluator = None
         self._eval_ref = None
         self.malformed_records = 0
+        self.learner_restarts = 0
+        self._kept = KeptState(None)
 
     # -- start: every resource is registered on `resources` as soon as it exists ---------------
 
@@ -405,13 +414,12 @@ class RayBackend:
         # The learner: on a GPU when the cluster has one, else on this node; it holds one CPU.
         cpus_before_learner = free_cpus()
         use_gpu = ray.cluster_resources().get("GPU", 0) >= 1 and config.learner.device != "cpu"
-        self.learner = LearnerWorker.options(
-            num_gpus=1 if use_gpu else 0,
-            scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True),
-        ).remote(self.specs.learner(), self.endpoint, self.shards, distributed.prefetch,
-                 learner_state)  # fmt: skip
-        self._call(self.learner.updates.remote())  # weights are published before actors start
-        self.learner_run = self.learner.run.remote()
+        self._learner_options = {
+            "num_gpus": 1 if use_gpu else 0,
+            "scheduling_strategy": NodeAffinitySchedulingStrategy(here, soft=True),
+        }
+        self._kept = KeptState(learner_state)
+        self._start_learner(learner_state)
         # Actors: one CPU each, restarted by Ray if they die, more as CPUs join.
         maximum = distributed.resolved_max_actors
         initial = distributed.num_actors or max(1, cpus_before_learner - 1)
@@ -439,11 +447,46 @@ class RayBackend:
                 return
             time.sleep(min(left, 0.25))
 
+    def _start_learner(self, state: dict | None, updates_floor: int = 0) -> None:
+        self.learner = LearnerWorker.options(**self._learner_options).remote(
+            self.specs.learner(), self.endpoint, self.shards, self.config.distributed.prefetch,
+            state, updates_floor,
+        )  # fmt: skip
+        self._call(self.learner.updates.remote())  # weights are published before actors start
+        self.learner_run = self.learner.run.remote()
+
     def _check_learner(self) -> None:
-        """The learner's loop ends only on stop(): its end is fatal, with its own error."""
+        """The learner's loop ends only on stop(). If its process died (SIGKILL, OOM, a lost
+        node), a new learner continues from the newest state the driver holds; an error of
+        its own is fatal, with that error."""
         if _finished(self.learner_run):
-            self._call(self.learner_run)
+            try:
+                ray.get(self.learner_run)
+            except ray.exceptions.RayActorError as error:  # the process, not the code, failed
+                self._restart_learner(error)
+                return
+            except ray.exceptions.RayTaskError:
+                self._call(self.learner_run)  # raises RoleFailed with the learner's own error
             raise RoleFailed("the learner loop ended without being stopped")
+        self._kept.refresh(self.learner)
+
+    def _restart_learner(self, error: Exception) -> None:
+        self.learner_restarts += 1
+        if self.learner_restarts > MAX_LEARNER_RESTARTS:
+            raise RoleFailed(f"the learner died {self.learner_restarts} times; last: {error}")
+        reached = int(self.client.hget(self.redis_keys.counters, "updates") or 0)
+        state = self._kept.state
+        kept = int(state["updates"]) if state else 0
+        with contextlib.suppress(Exception):
+            ray.kill(self.learner, no_restart=True)
+        logger.warning(
+            "the learner died (%s); restarting it from its state of update %d, kept %.0f s ago: "
+            "%d updates lost (restart %d of at most %d)", type(error).__name__, kept,
+            self._kept.age_s(), max(reached - kept, 0), self.learner_restarts,
+            MAX_LEARNER_RESTARTS,
+        )  # fmt: skip
+        self._kept.forget_pending()
+        self._start_learner(state, updates_floor=reached)
 
     def _call(self, ref, timeout: float = 120):
         """ray.get of the learner's answers, with its failure named as the learner's."""
@@ -503,7 +546,17 @@ class RayBackend:
         return stats
 
     def state(self) -> dict:
-        return {"learner": self._call(self.learner.state_dict.remote()), "rng": {}}
+        """The learner's state now; if it cannot give it (it died), the newest state kept."""
+        try:
+            state = self._call(self.learner.state_dict.remote())
+        except RoleFailed as error:
+            if self._kept.state is None:
+                raise
+            logger.error("the learner cannot give its state (%s): the checkpoint takes the one "
+                         "kept %.0f s ago", error, self._kept.age_s())  # fmt: skip
+            return {"learner": self._kept.state, "rng": {}}
+        self._kept.take(state)
+        return {"learner": state, "rng": {}}
 
     def snapshot_replay(self, run_dir: pathlib.Path) -> None:
         ray.get([shard.snapshot.remote(str(replay_snapshot_path(run_dir, i)))
@@ -542,6 +595,36 @@ class RayBackend:
         others = [handle for handle in (self.learner, self.evaluator) if handle is not None]
         for handle in [*self.shards, *others]:
             ray.kill(handle, no_restart=True)
+
+
+class KeptState:
+    """The newest learner state the driver holds (taken every KEEP_LEARNER_STATE_S, and at each
+    checkpoint): what a restarted learner continues from, and what the final checkpoint takes
+    if the learner cannot give its own."""
+
+    def __init__(self, state: dict | None):
+        self.state = state
+        self._taken_at = time.monotonic()
+        self._pending = None
+
+    def age_s(self) -> float:
+        return time.monotonic() - self._taken_at
+
+    def take(self, state: dict) -> None:
+        self.state, self._taken_at = state, time.monotonic()
+
+    def forget_pending(self) -> None:
+        self._pending = None
+
+    def refresh(self, learner) -> None:
+        """Asks the learner for its state when the kept one is old; takes it once it came."""
+        if self._pending is not None:
+            if _finished(self._pending):
+                ref, self._pending = self._pending, None
+                with contextlib.suppress(ray.exceptions.RayError):  # a dead learner: keep ours
+                    self.take(ray.get(ref))
+        elif self.age_s() >= KEEP_LEARNER_STATE_S:
+            self._pending = learner.state_dict.remote()
 
 
 def _finished(ref) -> bool:

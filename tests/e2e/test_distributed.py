@@ -156,6 +156,22 @@ def _env_steps(metrics) -> int:
     return max(steps, default=0)
 
 
+def _updates(metrics) -> int:
+    if not metrics.exists():
+        return 0
+    updates = [json.loads(line).get("counters/updates", 0) for line in
+               metrics.read_text().splitlines()]  # fmt: skip
+    return max(updates, default=0)
+
+
+def _wait_for(process, condition, timeout_s=240):
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert process.poll() is None, process.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(1)
+
+
 def _wait_for_steps(process, metrics, target, timeout_s=240):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -166,7 +182,7 @@ def _wait_for_steps(process, metrics, target, timeout_s=240):
     raise AssertionError(f"env steps did not pass {target} in {timeout_s} s")
 
 
-def test_two_shards_dead_actor_restarted_sigterm_stops_everything(tmp_path):
+def test_two_shards_dead_actor_and_learner_replaced_sigterm_stops_everything(tmp_path):
     run_dir = tmp_path / "sigterm"
     metrics = run_dir / "metrics.jsonl"
     command = [sys.executable, "-m", "launch.cli", *TINY, "--total-env-steps", "100000000",
@@ -187,13 +203,24 @@ def test_two_shards_dead_actor_restarted_sigterm_stops_everything(tmp_path):
                 break
             time.sleep(1)
         assert len(restarted) == 2 and actors[0] not in restarted
+        # The learner's process dies: a new learner continues, its counter never going back.
+        (learner,) = [line.split()[0] for line in processes("ray::LearnerWorker")]
+        updates_before = _updates(metrics)
+        os.kill(int(learner), signal.SIGKILL)
+        _wait_for(process, lambda: _updates(metrics) > updates_before + 30)
+        assert [line.split()[0] for line in processes("ray::LearnerWorker")] != [learner]
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=180) == 0
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
+    log = process.stderr.read().decode()
+    assert re.search(r"the learner died \(\w+\); restarting it from its state of update \d+", log)
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    updates = [r["counters/updates"] for r in records if "counters/updates" in r]
+    assert updates == sorted(updates)  # never backwards, across the learner's death
     counters = load_checkpoint(run_dir)["counters"]
-    assert counters["env_steps"] > 200
+    assert counters["env_steps"] > 200 and counters["updates"] >= updates[-1]
     # two shards shared the stream through the consumer group; both got chunks
     for shard in (0, 1):
         with np.load(run_dir / f"replay-{shard}.npz") as snapshot:
