@@ -14,6 +14,8 @@ import tempfile
 import time
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 logger = logging.getLogger("redis")
 
@@ -36,9 +38,19 @@ class RedisConfig:
             raise ValueError(f"max_stream_chunks ({self.max_stream_chunks}) must be >= 1")
 
 
-def connect(url: str, config: RedisConfig | None = None) -> redis.Redis:
-    """A client for `url` with the config's ACL user, password and TLS settings."""
+ROLE_OUTAGE_S = 90.0
+"""How long a role's Redis command keeps retrying through an outage before it fails: long enough
+for the driver to restart an embedded redis-server, or for an external one to come back."""
+
+
+def connect(url: str, config: RedisConfig | None = None, outage_s: float = 0.0) -> redis.Redis:
+    """A client for `url` with the config's ACL user, password and TLS settings. With
+    `outage_s` > 0, each command retries a lost connection with exponential backoff (0.05 s
+    doubling up to 2 s) for about that long; else it fails at once."""
     kwargs = {}
+    if outage_s > 0:
+        kwargs["retry"] = Retry(ExponentialBackoff(cap=2.0, base=0.05), int(outage_s / 2) + 6)
+        kwargs["retry_on_error"] = [redis.ConnectionError, redis.TimeoutError]
     if config is not None:
         if config.username:
             kwargs["username"] = config.username
@@ -110,8 +122,9 @@ class RedisEndpoint:
     def keys(self) -> RedisKeys:
         return RedisKeys(self.run_id)
 
-    def connect(self) -> redis.Redis:
-        return connect(self.url, self.config)
+    def connect(self, outage_s: float = ROLE_OUTAGE_S) -> redis.Redis:
+        """A client whose commands ride out a Redis outage of about `outage_s` seconds."""
+        return connect(self.url, self.config, outage_s)
 
 
 def find_redis_server() -> str:
@@ -139,7 +152,10 @@ def free_port() -> int:
 
 
 class EmbeddedRedis:
-    """A redis-server child process on a free loopback port; stop() ends it."""
+    """A redis-server child process on a free loopback port; stop() ends it.
+
+    With `data_dir` (emptied first) it persists every write in an append-only file there, and
+    restart_if_dead() brings a killed server back with its data; without, it is in-memory."""
 
     def __init__(
         self,
@@ -148,12 +164,28 @@ class EmbeddedRedis:
         password: str | None = None,
     ):
         self.port = port or free_port()
+        self.password = password
+        self.persistent = data_dir is not None
         self._tmp = None
         if data_dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="mario-redis-")
             data_dir = pathlib.Path(self._tmp.name)
+        elif data_dir.exists():  # an earlier start's data: this server starts empty
+            shutil.rmtree(data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir = data_dir
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.restarts = 0
+        self._start()
+
+    def _start(self) -> None:
         binary = find_redis_server()
+        # With a data dir: every write goes to an append-only file, fsynced before the reply,
+        # so a killed server restarts with everything it acknowledged (the stream's backlog
+        # included); the file is compacted once it doubles (from 64 MB).
+        persistence = ["--appendonly", "yes", "--appendfsync", "always",
+                       "--appendfilename", "run.aof"] if self.persistent else [
+                       "--appendonly", "no"]  # fmt: skip
         self.process = subprocess.Popen(
             [
                 binary,
@@ -163,19 +195,18 @@ class EmbeddedRedis:
                 "127.0.0.1",
                 "--save",
                 "",
-                "--appendonly",
-                "no",
+                *persistence,
                 "--dir",
-                str(data_dir),
+                str(self.data_dir),
                 "--protected-mode",
                 "yes",
-                *(["--requirepass", password] if password else []),
+                *(["--requirepass", self.password] if self.password else []),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             start_new_session=True,  # Ctrl-C goes to us; we stop it in order
         )
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        password = self.password
         client = redis.Redis.from_url(self.url, password=password)
         deadline = time.monotonic() + 15
         while True:
@@ -191,6 +222,19 @@ class EmbeddedRedis:
         client.close()
         logger.info("embedded redis-server %s on %s", binary, self.url)
 
+    def restart_if_dead(self) -> bool:
+        """Starts the server again, on the same port and data, if its process ended. Returns
+        whether it did."""
+        if self.process.poll() is None:
+            return False
+        code = self.process.returncode
+        self.restarts += 1
+        self._start()
+        logger.warning("the embedded redis-server had ended (exit %s); restarted on %s%s",
+                       code, self.url, " from its append-only file" if self.persistent
+                       else " empty (no persistence)")  # fmt: skip
+        return True
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()
@@ -202,6 +246,8 @@ class EmbeddedRedis:
         if self._tmp is not None:
             with contextlib.suppress(OSError):
                 self._tmp.cleanup()
+        elif self.persistent:  # it served restarts within this start only
+            shutil.rmtree(self.data_dir, ignore_errors=True)
 
     def __enter__(self) -> EmbeddedRedis:
         return self

@@ -22,6 +22,7 @@ import time
 
 import numpy as np
 import ray
+import redis
 import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -345,20 +346,26 @@ class RayBackend:
         self.malformed_records = 0
         self.learner_restarts = 0
         self._kept = KeptState(None)
+        self.embedded: EmbeddedRedis | None = None
+        self._counters: dict[str, int] = {}
+        self._stats: dict[str, float] = {}
+        self._redis_warned_at = -1e9
 
     # -- start: every resource is registered on `resources` as soon as it exists ---------------
 
     def start(self, resources: contextlib.ExitStack, checkpoint: dict | None) -> None:
         config = self.config
         if config.redis_url is None:
-            embedded = EmbeddedRedis()
+            embedded = EmbeddedRedis(data_dir=self.run_dir / "redis")
             resources.callback(quietly, "stopping the embedded redis-server", embedded.stop)
-            url = embedded.url
+            self.embedded, url = embedded, embedded.url
         else:
             url = config.redis_url
         (self.run_dir / "redis_url").write_text(url + "\n")
         self.endpoint = RedisEndpoint(url, self.run_dir.name, config.redis)
-        self.client = self.endpoint.connect()
+        # The driver's own client fails fast: during an outage the driver goes on with what it
+        # last read (and restarts an embedded server), rather than wait inside a command.
+        self.client = self.endpoint.connect(outage_s=0)
         resources.callback(quietly, "closing the Redis client", self.client.close)
         self.redis_keys = self.endpoint.keys
         if checkpoint is not None:  # the counters continue where the checkpoint left them
@@ -440,6 +447,8 @@ class RayBackend:
     def advance(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
         while True:
+            if self.embedded is not None:
+                self.embedded.restart_if_dead()
             self._check_learner()
             self.actors.tick()
             left = deadline - time.monotonic()
@@ -474,7 +483,9 @@ class RayBackend:
         self.learner_restarts += 1
         if self.learner_restarts > MAX_LEARNER_RESTARTS:
             raise RoleFailed(f"the learner died {self.learner_restarts} times; last: {error}")
-        reached = int(self.client.hget(self.redis_keys.counters, "updates") or 0)
+        reached = self._counters.get("updates", 0)
+        with contextlib.suppress(redis.RedisError):
+            reached = max(reached, int(self.client.hget(self.redis_keys.counters, "updates") or 0))
         state = self._kept.state
         kept = int(state["updates"]) if state else 0
         with contextlib.suppress(Exception):
@@ -499,14 +510,36 @@ class RayBackend:
         except ray.exceptions.RayError as error:
             raise RoleFailed(f"the learner is unavailable: {error}") from error
 
+    def _redis_down(self, what: str, error: Exception) -> None:
+        """A Redis command of the driver failed: the run goes on with what it last read."""
+        now = time.monotonic()
+        if now - self._redis_warned_at > 10:
+            logger.warning("Redis unavailable (%s: %s): %s uses what it last read",
+                           type(error).__name__, error, what)  # fmt: skip
+            self._redis_warned_at = now
+        if self.embedded is not None:
+            self.embedded.restart_if_dead()
+
     def counters(self) -> dict[str, int]:
-        raw = self.client.hgetall(self.redis_keys.counters)
+        try:
+            raw = self.client.hgetall(self.redis_keys.counters)
+        except redis.RedisError as error:
+            self._redis_down("counters", error)
+            return self._counters
         counters = dict.fromkeys(BACKEND_COUNTERS, 0)
         counters.update({name.decode(): int(value) for name, value in raw.items()})
-        return counters
+        # never backwards: a restarted server may have lost the last writes (external, no AOF)
+        self._counters = {k: max(v, self._counters.get(k, 0)) for k, v in counters.items()}
+        return self._counters
 
     def new_episodes(self) -> list[dict]:
-        response = self.client.xread({self.redis_keys.telemetry: self._last_telemetry}, count=1000)
+        try:
+            response = self.client.xread(
+                {self.redis_keys.telemetry: self._last_telemetry}, count=1000
+            )
+        except redis.RedisError as error:
+            self._redis_down("episodes", error)
+            return []
         episodes = []
         for _, entries in response or []:
             for entry_id, fields in entries:
@@ -522,6 +555,13 @@ class RayBackend:
         return episodes
 
     def stats(self) -> dict[str, float]:
+        try:
+            self._stats = self._read_stats()
+        except redis.RedisError as error:
+            self._redis_down("stats", error)
+        return self._stats
+
+    def _read_stats(self) -> dict[str, float]:
         roles = {}
         for name, blob in self.client.hgetall(self.redis_keys.stats).items():
             try:

@@ -265,7 +265,9 @@ def test_a_failing_learner_ends_the_run_with_its_error_and_leaves_no_process(tmp
     assert leftover_processes(run_dir) == ""
 
 
-def test_a_killed_driver_leaves_no_process_and_resume_says_what_was_lost(tmp_path, caplog):
+def test_redis_restarted_then_killed_driver_leaves_no_process_and_resume_says_what_was_lost(
+    tmp_path, caplog
+):
     run_dir = tmp_path / "killed"
     metrics = run_dir / "metrics.jsonl"
     command = [sys.executable, "-m", "launch.cli", *TINY, "--total-env-steps", "100000000",
@@ -277,6 +279,17 @@ def test_a_killed_driver_leaves_no_process_and_resume_says_what_was_lost(tmp_pat
         deadline = time.monotonic() + 120
         while not (run_dir / "checkpoint.pt").exists() and time.monotonic() < deadline:
             time.sleep(0.5)
+        # The embedded redis-server dies: the driver restarts it from its append-only file,
+        # the roles' commands retry meanwhile, and training goes on.
+        (server,) = [line.split()[0] for line in leftover_processes(run_dir).splitlines()
+                     if "redis-server" in line]  # fmt: skip
+        os.kill(int(server), signal.SIGKILL)
+        time.sleep(2)
+        _wait_for_steps(process, metrics, _env_steps(metrics) + 200)
+        servers = [
+            line for line in leftover_processes(run_dir).splitlines() if "redis-server" in line
+        ]
+        assert len(servers) == 1 and servers[0].split()[0] != server
         _wait_for_steps(process, metrics, load_checkpoint(run_dir)["counters"]["env_steps"] + 100)
         assert leftover_processes(run_dir) != ""  # the run's redis-server, raylet, gcs_server
         os.kill(process.pid, signal.SIGKILL)  # only the driver: no cleanup of its own
@@ -288,6 +301,9 @@ def test_a_killed_driver_leaves_no_process_and_resume_says_what_was_lost(tmp_pat
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
+    assert (
+        "the embedded redis-server had ended (exit -9); restarted" in process.stderr.read().decode()
+    )
     reached = json.loads((run_dir / "status.json").read_text())["counters"]["env_steps"]
     saved = load_checkpoint(run_dir)["counters"]["env_steps"]
     assert reached > saved
