@@ -5,10 +5,13 @@ No Ray here: launch/ray_backend.py wraps it as a Ray actor (1 CPU, restarted on 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import threading
 import time
+
+import redis
 
 from actors.actor import ActorCore
 from common.redis_io import RedisEndpoint
@@ -19,7 +22,12 @@ TELEMETRY_MAXLEN = 100_000
 
 
 class ActorRunner:
-    """Plays until stop() with the latest published weights, pushing chunks to the stream."""
+    """Plays until stop() with the latest published weights, pushing chunks to the stream.
+
+    Redis outages: its client fails fast, and the actor goes on playing. Chunks it cannot send
+    wait in a local buffer of at most `max_unsent_chunks` (then it waits, retrying with
+    backoff, and drops nothing); episode records wait too, and the env-step and frame counts
+    are sent as increments once Redis answers again, so no counter loses what it missed."""
 
     def __init__(
         self,
@@ -28,6 +36,7 @@ class ActorRunner:
         *,
         weights_poll_frames: int = 400,
         heartbeat_s: float = 2.0,
+        max_unsent_chunks: int = 64,
     ):
         """`weights_poll_frames`: emulator frames between checks of the weights version;
         `heartbeat_s`: seconds between heartbeats and rate reports."""
@@ -35,20 +44,46 @@ class ActorRunner:
         self.name = f"actor-{core.actor_id}"
         self.weights_poll_frames = weights_poll_frames
         self.heartbeat_s = heartbeat_s
+        self.max_unsent_chunks = max_unsent_chunks
         self.redis_config = endpoint.config
-        self.client = endpoint.connect()
+        self.client = endpoint.connect(outage_s=0)
         self.redis_keys = endpoint.keys
         self.run_id = endpoint.run_id
         self._stop = threading.Event()
         self.chunks_written = 0
+        self.episodes = 0
         self.weight_updates = 0
         self.bad_weights = 0
+        self.unsent: collections.deque = collections.deque()  # chunks Redis has not taken yet
+        self._records: collections.deque = collections.deque(maxlen=10_000)  # episodes, unsent
+        self._reported = {"env_steps": core.env_steps, "frames": core.frames}
+        self._down_since: float | None = None
 
     def stop(self) -> None:
         self._stop.set()
 
+    def _redis(self, what: str, call) -> bool:
+        """Runs a Redis call; on a lost connection notes the outage and returns False."""
+        try:
+            call()
+        except (redis.ConnectionError, redis.TimeoutError) as error:
+            if self._down_since is None:
+                self._down_since = time.monotonic()
+                logger.warning("%s: Redis unavailable (%s) at %s; playing on, keeping chunks "
+                               "(at most %d)", self.name, error, what,
+                               self.max_unsent_chunks)  # fmt: skip
+            return False
+        if self._down_since is not None:
+            logger.warning("%s: Redis is back after %.1f s", self.name,
+                           time.monotonic() - self._down_since)  # fmt: skip
+            self._down_since = None
+        return True
+
     def _poll_weights(self) -> None:
         """New weights if the version changed; the run's env steps for the ε schedule."""
+        self._redis("weights", self._fetch_weights)
+
+    def _fetch_weights(self) -> None:
         pipe = self.client.pipeline(transaction=False)
         pipe.get(self.redis_keys.weights_version)
         pipe.hget(self.redis_keys.counters, "env_steps")
@@ -69,6 +104,17 @@ class ActorRunner:
         self.weight_updates += 1
 
     def _push(self, chunks) -> None:
+        """Queues the chunks and sends what the backlog allows; while the buffer is full (Redis
+        down), waits with backoff."""
+        self.unsent.extend(chunks)
+        delay = 0.05
+        while not self._redis("chunks", self._send) and not self._stop.is_set():
+            if len(self.unsent) < self.max_unsent_chunks:
+                return
+            self._stop.wait(delay)
+            delay = min(2 * delay, 2.0)
+
+    def _send(self) -> None:
         backlog_limit = self.redis_config.max_stream_chunks
         # Backpressure: wait while the replay shards are this far behind (XLEN is the backlog,
         # since shards trim what they consumed). The MAXLEN ~ cap is only a safety net.
@@ -77,6 +123,9 @@ class ActorRunner:
             and not self._stop.is_set()
         ):
             self._stop.wait(0.05)
+        if not self.unsent:
+            return
+        chunks = list(self.unsent)
         pipe = self.client.pipeline(transaction=True)
         for chunk in chunks:
             pipe.xadd(
@@ -88,7 +137,29 @@ class ActorRunner:
         pipe.hincrby(self.redis_keys.counters, "chunks_written", len(chunks))
         pipe.hincrby(self.redis_keys.counters, "transitions_written", sum(len(c) for c in chunks))
         pipe.execute()
+        self.unsent.clear()
         self.chunks_written += len(chunks)
+
+    def _send_records(self) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for record in self._records:
+            pipe.xadd(self.redis_keys.telemetry, {b"m": encode_record(record)},
+                      maxlen=TELEMETRY_MAXLEN, approximate=True)  # fmt: skip
+        pipe.execute()
+        self._records.clear()
+
+    def _send_counts(self, stats: dict | None = None) -> None:
+        """Heartbeat, stats, and the env steps and frames played since the last report."""
+        core = self.core
+        pipe = self.client.pipeline(transaction=True)
+        if stats is not None:
+            pipe.hset(self.redis_keys.heartbeats, self.name, time.time())
+            pipe.hset(self.redis_keys.stats, self.name, encode_record(stats))
+        pipe.hincrby(self.redis_keys.counters, "env_steps",
+                     core.env_steps - self._reported["env_steps"])  # fmt: skip
+        pipe.hincrby(self.redis_keys.counters, "frames", core.frames - self._reported["frames"])
+        pipe.execute()
+        self._reported = {"env_steps": core.env_steps, "frames": core.frames}
 
     def run(self, max_env_steps: int | None = None) -> dict:
         """Acts until stop() (or max_env_steps); returns final counters."""
@@ -101,22 +172,15 @@ class ActorRunner:
                 break
             finished = core.step()
             chunks = core.take_chunks()
-            if chunks:
+            if chunks or self.unsent:
                 self._push(chunks)
-            if finished:
-                pipe = self.client.pipeline(transaction=False)
-                for episode in finished:
-                    record = dataclasses.asdict(episode)
-                    record.update(
-                        kind="episode", actor=self.name, policy_version=core.policy_version
-                    )
-                    pipe.xadd(
-                        self.redis_keys.telemetry,
-                        {b"m": encode_record(record)},
-                        maxlen=TELEMETRY_MAXLEN,
-                        approximate=True,
-                    )
-                pipe.execute()
+            for episode in finished:
+                record = dataclasses.asdict(episode)
+                record.update(kind="episode", actor=self.name, policy_version=core.policy_version)
+                self._records.append(record)
+                self.episodes += 1
+            if self._records:
+                self._redis("episodes", self._send_records)
             if core.frames >= next_poll:
                 self._poll_weights()
                 next_poll = core.frames + self.weights_poll_frames
@@ -130,26 +194,34 @@ class ActorRunner:
                     "frames_per_s": (core.frames - last_frames) / interval,
                     "policy_version": core.policy_version,
                     "chunks_written": self.chunks_written,
+                    "chunks_unsent": len(self.unsent),
                 }
-                pipe = self.client.pipeline(transaction=False)
-                pipe.hset(self.redis_keys.heartbeats, self.name, time.time())
-                pipe.hset(self.redis_keys.stats, self.name, encode_record(stats))
-                pipe.hincrby(self.redis_keys.counters, "env_steps", core.env_steps - last_steps)
-                pipe.hincrby(self.redis_keys.counters, "frames", core.frames - last_frames)
-                pipe.execute()
+                self._redis("heartbeat", lambda stats=stats: self._send_counts(stats))
                 last_beat, last_steps, last_frames = now, core.env_steps, core.frames
-        chunks = core.take_chunks(flush=True)
-        if chunks:
-            self._push(chunks)
-        pipe = self.client.pipeline(transaction=False)
-        pipe.hincrby(self.redis_keys.counters, "env_steps", core.env_steps - last_steps)
-        pipe.hincrby(self.redis_keys.counters, "frames", core.frames - last_frames)
-        pipe.execute()
+        self._push(core.take_chunks(flush=True))
+        self._flush_before_exit()
         core.close()
         return {
             "env_steps": core.env_steps,
             "frames": core.frames,
             "chunks_written": self.chunks_written,
+            "chunks_unsent": len(self.unsent),
             "weight_updates": self.weight_updates,
             "policy_version": core.policy_version,
         }
+
+    def _flush_before_exit(self, timeout_s: float = 30.0) -> None:
+        """Sends what is left (retrying through a short outage); says what could not be sent."""
+        deadline, delay = time.monotonic() + timeout_s, 0.05
+        while True:
+            sent = self._redis("exit", self._send) and self._redis("exit", self._send_records)
+            if sent and self._redis("exit", self._send_counts):
+                return
+            if time.monotonic() > deadline:
+                logger.error(
+                    "%s: Redis unavailable at exit: %d chunks and %d episode records not sent",
+                    self.name, len(self.unsent), len(self._records),
+                )  # fmt: skip
+                return
+            time.sleep(delay)
+            delay = min(2 * delay, 2.0)

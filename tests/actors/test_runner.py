@@ -1,0 +1,65 @@
+"""The actor loop through a Redis outage (real redis-server, killed and restarted): it plays on,
+keeps what it cannot send in a bounded buffer, and once Redis is back every chunk, episode and
+env step is counted exactly once."""
+
+import dataclasses
+import os
+import signal
+import threading
+import time
+
+import redis
+
+from actors.actor import ActorConfig, ActorCore
+from actors.runner import ActorRunner
+from common.config import EnvConfig, NetworkConfig
+from common.redis_io import EmbeddedRedis, RedisEndpoint, RedisKeys
+from common.wire import decode_chunk
+from tests.learner.test_learning import Corridor
+
+
+def _wait(condition, timeout_s=30.0):
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_an_actor_plays_through_a_redis_outage_and_loses_nothing(tmp_path):
+    server = EmbeddedRedis(data_dir=tmp_path / "redis")
+    try:
+        endpoint = RedisEndpoint(server.url, "outage")
+        core = ActorCore(
+            dataclasses.replace(EnvConfig(), action_set="right_jump"),
+            ActorConfig(envs_per_actor=2, chunk_length=10),
+            NetworkConfig(conv_channels=(4, 8, 8), hidden=16),
+            epsilons=[1.0, 1.0], env_factory=Corridor,
+        )  # fmt: skip
+        reset_frames = core.frames  # the envs' first resets, before the runner plays
+        runner = ActorRunner(core, endpoint, heartbeat_s=0.2, max_unsent_chunks=20)
+        thread = threading.Thread(target=runner.run, daemon=True)
+        thread.start()
+        _wait(lambda: runner.chunks_written >= 5)
+        os.kill(server.process.pid, signal.SIGKILL)
+        server.process.wait()
+        steps_at_outage = core.env_steps
+        _wait(lambda: core.env_steps > steps_at_outage + 100)  # it plays on
+        _wait(lambda: len(runner.unsent) >= 20)  # until its buffer is full: then it waits
+        time.sleep(0.5)
+        assert len(runner.unsent) <= 20 + 2  # one step's chunks can come on top
+        assert server.restart_if_dead()
+        _wait(lambda: not runner.unsent and runner.chunks_written > 25)
+        runner.stop()
+        thread.join(timeout=30)
+        assert not thread.is_alive()
+        client, keys = redis.Redis.from_url(server.url), RedisKeys("outage")
+        counters = {k.decode(): int(v) for k, v in client.hgetall(keys.counters).items()}
+        assert client.xlen(keys.experience) == counters["chunks_written"] == runner.chunks_written
+        assert counters["env_steps"] == core.env_steps
+        assert counters["frames"] == core.frames - reset_frames
+        entries = client.xrange(keys.experience)
+        chunks = [decode_chunk(fields[b"c"], "outage", 4, 2) for _, fields in entries]
+        assert counters["transitions_written"] == sum(len(chunk) for chunk in chunks)
+        assert client.xlen(keys.telemetry) == runner.episodes > 0
+    finally:
+        server.stop()
