@@ -79,6 +79,18 @@ def _ablation_report(module, config, args: list[str]) -> None:
     console.print(f"written: {png}" + (f", {config.table_out}" if config.table_out else ""))
 
 
+def _chaos(module, config, args: list[str]) -> None:
+    result = module.run(config)
+    for name, ok in result["checks"].items():
+        console.print(f"{'[green]ok[/green]' if ok else '[red]FAILED[/red]'} {name}")
+    kills = ", ".join(f"{k['role']}@{k['t']:.0f}s" for k in result["kills"])
+    console.print(f"kills: {kills}\nfinal counters: {result['final_counters']}, "
+                  f"stream backlog {result['stream_backlog']}")  # fmt: skip
+    console.print(f"written: {config.run_dir / 'chaos.json'}")
+    if not result["passed"]:
+        raise SystemExit(1)
+
+
 def _grid(module, config, args: list[str]) -> None:
     results, plot_path = module.run(config)
     for algorithm, result in results.items():
@@ -176,6 +188,8 @@ COMMANDS: dict[tuple[str, ...], _Command] = {
                                   "train recipe rows on 1-1 at one budget"),
     ("ablation", "report"): _Command("launch.ablation", "AblationReportConfig", _ablation_report,
                                      "the rows' eval results: table and PNG"),
+    ("chaos",): _Command("launch.chaos", "ChaosConfig", _chaos,
+                         "train while killing random roles; check the books"),
     ("grid",): _Command("launch.grid_world", "GridConfig", _grid,
                         "tabular Q vs double Q on the 3×3 grid"),
     ("bench", "env"): _Command("launch.bench.env", "BenchEnvConfig", _bench_env,

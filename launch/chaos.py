@@ -1,0 +1,207 @@
+"""`mario chaos`: trains while killing its roles one after another, then checks the books.
+
+It starts its own redis-server (append-only, as the embedded one), runs `mario train
+--redis-url …` on it, and every `--every-s` seconds SIGKILLs the next role of: an actor, the
+replay shard, the learner (Ray processes), the redis-server (each in turn, in a shuffled order).
+This script restarts a killed redis-server after 1–5 s, as an external Redis that comes back.
+Meanwhile it reads the run's counters every second. At the end it stops the run with SIGTERM
+and checks:
+
+- training progressed (env steps and learner updates grew after the first kill);
+- no counter ever went backwards;
+- every chunk is accounted for: chunks_written == inserted + rejected + still in the stream;
+- the run exited cleanly, and no process it started is left.
+
+It prints the result, writes it to RUN_DIR/chaos.json, and exits 1 if a check failed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+import random
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import redis
+
+from common.redis_io import EmbeddedRedis, RedisKeys, connect
+from launch.reaper import _processes, descendants
+
+logger = logging.getLogger("chaos")
+ROLES = ("actor", "shard", "learner", "redis-server")
+_ROLE_TITLES = {"actor": "ray::ActorWorker", "shard": "ray::ShardWorker",
+                "learner": "ray::LearnerWorker"}  # fmt: skip
+COUNTERS = ("env_steps", "frames", "updates", "chunks_written", "chunks_inserted",
+            "chunks_rejected", "transitions_written")  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class ChaosConfig:
+    """Train for --minutes while SIGKILLing a random role every --every-s seconds; check after."""
+
+    run_dir: pathlib.Path = pathlib.Path("runs/chaos")
+    """The run directory (emptied first)."""
+    minutes: float = 5.0
+    """How long the run trains under fire."""
+    every_s: float = 30.0
+    """Seconds between two kills."""
+    roles: tuple[str, ...] = ROLES
+    """Roles to kill, each in turn (the order is shuffled once)."""
+    seed: int = 0
+    """Seed of the choice of roles."""
+    train_args: str = ""
+    """More `mario train` flags, as one string (e.g. "--replay.capacity 20000")."""
+
+    def __post_init__(self) -> None:
+        unknown = set(self.roles) - set(ROLES)
+        if unknown or not self.roles:
+            raise ValueError(f"roles {sorted(unknown) or '()'} are not in {ROLES}")
+        if self.minutes <= 0 or self.every_s <= 0:
+            raise ValueError(f"minutes ({self.minutes}) and every_s ({self.every_s}) must be > 0")
+
+
+def _role_pids(driver: int, title: str) -> list[int]:
+    """The driver's descendants whose command line starts with `title`."""
+    pids = []
+    for pid in descendants(driver, _processes()):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as file:
+                command = file.read().split(b"\0")[0].decode(errors="replace")
+        except OSError:
+            continue
+        if command.startswith(title):
+            pids.append(pid)
+    return pids
+
+
+def run(config: ChaosConfig) -> dict:
+    run_dir = config.run_dir
+    if run_dir.exists():
+        subprocess.run(["rm", "-rf", str(run_dir)], check=True)
+    run_dir.mkdir(parents=True)
+    rng = random.Random(config.seed)
+    order = rng.sample(config.roles, len(config.roles))  # every role in turn, in a random order
+    server = EmbeddedRedis(data_dir=run_dir.parent / f"{run_dir.name}-redis")
+    keys = RedisKeys(run_dir.name)
+    client = connect(server.url)
+    command = [sys.executable, "-m", "launch.cli", "train", "--redis-url", server.url,
+               "--run-dir", str(run_dir), "--total-env-steps", "1000000000", "--no-live-display",
+               "--wandb", "offline", *shlex.split(config.train_args)]  # fmt: skip
+    log = (run_dir / "chaos-train.log").open("w")
+    driver = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    kills: list[dict] = []
+    backwards: list[str] = []
+    last: dict[str, int] = {}
+    first_kill_counters: dict[str, int] | None = None
+    start = time.monotonic()
+    next_kill = start + config.every_s
+    redis_back_at: float | None = None
+    noted: dict[int, int] = {}  # the run's processes: pid → start time
+
+    def read_counters() -> dict[str, int] | None:
+        try:
+            raw = client.hgetall(keys.counters)
+        except redis.RedisError:
+            return None
+        return {k.decode(): int(v) for k, v in raw.items()}
+
+    try:
+        while time.monotonic() - start < config.minutes * 60:
+            time.sleep(1.0)
+            if driver.poll() is not None:
+                break
+            noted.update(descendants(driver.pid, _processes()))
+            if redis_back_at is not None and time.monotonic() >= redis_back_at:
+                server.restart_if_dead()
+                redis_back_at = None
+            counters = read_counters()
+            if counters:
+                for name in COUNTERS:
+                    if counters.get(name, 0) < last.get(name, 0):
+                        backwards.append(f"{name}: {last[name]} → {counters.get(name, 0)}")
+                last = {**last, **{k: max(v, last.get(k, 0)) for k, v in counters.items()}}
+            if time.monotonic() < next_kill or redis_back_at is not None:
+                continue
+            next_kill = time.monotonic() + config.every_s
+            role = order[len(kills) % len(order)]
+            if role == "redis-server":
+                pids = [server.process.pid] if server.process.poll() is None else []
+            else:
+                pids = _role_pids(driver.pid, _ROLE_TITLES[role])
+            if not pids:
+                kills.append({"t": round(time.monotonic() - start, 1), "role": role, "pid": None})
+                continue
+            pid = rng.choice(pids)
+            if first_kill_counters is None:
+                first_kill_counters = dict(last)
+            os.kill(pid, signal.SIGKILL)
+            kills.append({"t": round(time.monotonic() - start, 1), "role": role, "pid": pid})
+            logger.info("killed %s (pid %d)", role, pid)
+            if role == "redis-server":
+                server.process.wait()
+                redis_back_at = time.monotonic() + rng.uniform(1, 5)
+        if redis_back_at is not None:
+            time.sleep(max(0.0, redis_back_at - time.monotonic()))
+            server.restart_if_dead()
+        driver.send_signal(signal.SIGTERM)
+        exit_code = driver.wait(timeout=300)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+        log.close()
+    # What the run left: its counters and the stream (the chunks no shard took), in this Redis.
+    server.restart_if_dead()
+    final = read_counters() or {}
+    backlog = client.xlen(keys.experience)
+    time.sleep(6)  # the reaper's grace period, if the driver had died
+    left = _leftovers(noted)
+    server.stop()
+    baseline = first_kill_counters or {}
+    checks = {
+        "progressed": final.get("env_steps", 0) > baseline.get("env_steps", 0)
+        and final.get("updates", 0) > baseline.get("updates", 0),
+        "counters_never_backwards": not backwards,
+        "chunks_accounted": final.get("chunks_written", 0)
+        == final.get("chunks_inserted", 0) + final.get("chunks_rejected", 0) + backlog,
+        "clean_exit": exit_code == 0,
+        "no_process_left": not left,
+    }
+    result = {
+        "minutes": config.minutes,
+        "every_s": config.every_s,
+        "kills": kills,
+        "counters_at_first_kill": baseline,
+        "final_counters": final,
+        "stream_backlog": backlog,
+        "backwards": backwards,
+        "exit_code": exit_code,
+        "left_processes": left,
+        "checks": checks,
+        "passed": all(checks.values()),
+    }
+    (run_dir / "chaos.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _leftovers(noted: dict[int, int]) -> list[str]:
+    """The noted processes (pid → start time) that still run as themselves."""
+    current = _processes()
+    left = []
+    for pid, start_time in noted.items():
+        if current.get(pid, (0, None))[1] != start_time:
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as file:
+                command = file.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        left.append(f"{pid} {command[:120]}")
+    return left
