@@ -42,6 +42,7 @@ from launch.roles import (
     build_shard,
 )
 from launch.trainer import BACKEND_COUNTERS, episode_record, quietly, replay_snapshot_path
+from replay_server.replay import write_snapshot
 
 logger = logging.getLogger("ray_backend")
 KEEP_LEARNER_STATE_S = 60.0  # at most this much learning is lost when the learner dies
@@ -87,9 +88,15 @@ class ShardWorker:
         with self._lock:
             return self.shard.stats()
 
-    def snapshot(self, path: str) -> None:
+    def snapshot(self, path: str) -> tuple[float, float]:
+        """Writes the replay's snapshot: a copy taken under the lock, written outside it.
+        Returns (seconds sampling and ingest waited, seconds in all)."""
+        start = time.monotonic()
         with self._lock:
-            self.shard.snapshot(pathlib.Path(path))
+            arrays = self.shard.replay.snapshot_arrays()
+        locked = time.monotonic() - start
+        write_snapshot(pathlib.Path(path), arrays)
+        return locked, time.monotonic() - start
 
     def pid(self) -> int:
         return os.getpid()
@@ -599,8 +606,11 @@ class RayBackend:
         return {"learner": state, "rng": {}}
 
     def snapshot_replay(self, run_dir: pathlib.Path) -> None:
-        ray.get([shard.snapshot.remote(str(replay_snapshot_path(run_dir, i)))
-                 for i, shard in enumerate(self.shards)], timeout=600)  # fmt: skip
+        locked = ray.get([shard.snapshot.remote(str(replay_snapshot_path(run_dir, i)))
+                          for i, shard in enumerate(self.shards)], timeout=600)  # fmt: skip
+        logger.info("replay snapshots written (%s s); shards locked (no sampling, no ingest) for "
+                    "%s s", ", ".join(f"{total:.1f}" for _, total in locked),
+                    ", ".join(f"{held:.2f}" for held, _ in locked))  # fmt: skip
 
     def start_eval(self, seeds: list[int], best_rank, video_path: pathlib.Path) -> None:
         # The evaluator runs on this node, so it writes the video into the run directory.

@@ -335,21 +335,20 @@ class PrioritizedReplay:
 
     def snapshot(self, path: pathlib.Path) -> None:
         """Writes the whole replay to one .npz (no pickle), atomically."""
-        path = pathlib.Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp.npz")
+        write_snapshot(path, self.snapshot_arrays(copy=False))
+
+    def snapshot_arrays(self, copy: bool = True) -> dict[str, np.ndarray]:
+        """The replay's state as arrays for write_snapshot: copies (a memcpy, fast) when the
+        replay goes on changing while they are written, so only the copy needs a lock."""
         counters = np.array(
             [self.config.capacity, self.frame_capacity, self.stack]
             + [self._get_counter(name) for name in self._SNAPSHOT_COUNTERS],
             dtype=np.int64,
         )
-        np.savez(
-            tmp,
-            counters=counters,
-            leaves=self.tree.nodes[self.tree.size : self.tree.size + self.config.capacity],
-            **{name: getattr(self, name) for name in self._SNAPSHOT_ARRAYS},
-        )
-        tmp.replace(path)
+        leaves = self.tree.nodes[self.tree.size : self.tree.size + self.config.capacity]
+        arrays = {"counters": counters, "leaves": leaves,
+                  **{name: getattr(self, name) for name in self._SNAPSHOT_ARRAYS}}  # fmt: skip
+        return {name: array.copy() for name, array in arrays.items()} if copy else arrays
 
     def restore(self, path: pathlib.Path) -> None:
         """Loads a snapshot written by a replay of the same capacity and stack.
@@ -380,3 +379,12 @@ class PrioritizedReplay:
         for name, value in zip(self._SNAPSHOT_COUNTERS, counters[3:], strict=True):
             self._set_counter(name, int(value))
         self.tree.set(np.arange(self.config.capacity), arrays["leaves"])
+
+
+def write_snapshot(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
+    """Writes snapshot arrays to one .npz (no pickle), atomically (a temp file, then rename)."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
