@@ -39,10 +39,13 @@ class Row:
     """What the row changes, in words."""
     flags: tuple[str, ...] = ()
     """Flags after the base recipe's (later flags win)."""
+    on_base: bool = True
+    """False: the flags alone, on `mario train`'s defaults instead of the base recipe."""
 
 
 ROWS: dict[str, Row] = {
     "base": Row("the base recipe"),
+    "defaults": Row("`mario train`'s defaults, none of the base recipe", on_base=False),
     "small-net": Row("network width: conv 16-32-32, hidden 256 (Nature: 32-64-64, 512)",
                      ("--network.conv-channels", "16", "32", "32", "--network.hidden", "256")),
     "right-only": Row("action set: right_only (5 actions)", ("--env.action-set", "right_only")),
@@ -102,7 +105,8 @@ def command(row: str, root: pathlib.Path, env_steps: int, checkpoint_minutes: fl
     return [
         "train", "--run-dir", str(root.expanduser() / row), "--resume-existing",
         "--total-env-steps", str(env_steps), "--checkpoint-minutes", f"{checkpoint_minutes:g}",
-        "--no-live-display", "--wandb", "offline", *BASE, *ROWS[row].flags,
+        "--no-live-display", "--wandb", "offline", *(BASE if ROWS[row].on_base else ()),
+        *ROWS[row].flags,
     ]  # fmt: skip
 
 
