@@ -58,20 +58,28 @@ class ActorRunner:
         self._records: collections.deque = collections.deque(maxlen=10_000)  # episodes, unsent
         self._reported = {"env_steps": core.env_steps, "frames": core.frames}
         self._down_since: float | None = None
+        self._retry_at, self._backoff = 0.0, 0.1
 
     def stop(self) -> None:
         self._stop.set()
 
-    def _redis(self, what: str, call) -> bool:
-        """Runs a Redis call; on a lost connection notes the outage and returns False."""
+    def _redis(self, what: str, call, force: bool = False) -> bool:
+        """Runs a Redis call; on a lost connection notes the outage and returns False. During
+        an outage calls are not even tried until a backoff (0.1 s doubling to 5 s) has passed,
+        unless `force`: a host that does not answer costs a connect timeout each time."""
+        now = time.monotonic()
+        if self._down_since is not None and now < self._retry_at and not force:
+            return False
         try:
             call()
         except (redis.ConnectionError, redis.TimeoutError) as error:
             if self._down_since is None:
-                self._down_since = time.monotonic()
+                self._down_since, self._backoff = now, 0.1
                 logger.warning("%s: Redis unavailable (%s) at %s; playing on, keeping chunks "
                                "(at most %d)", self.name, error, what,
                                self.max_unsent_chunks)  # fmt: skip
+            self._retry_at = time.monotonic() + self._backoff
+            self._backoff = min(2 * self._backoff, 5.0)
             return False
         if self._down_since is not None:
             logger.warning("%s: Redis is back after %.1f s", self.name,
@@ -107,25 +115,24 @@ class ActorRunner:
         """Queues the chunks and sends what the backlog allows; while the buffer is full (Redis
         down), waits with backoff."""
         self.unsent.extend(chunks)
-        delay = 0.05
         while not self._redis("chunks", self._send) and not self._stop.is_set():
             if len(self.unsent) < self.max_unsent_chunks:
                 return
-            self._stop.wait(delay)
-            delay = min(2 * delay, 2.0)
+            self._stop.wait(max(0.05, self._retry_at - time.monotonic()))
 
     def _send(self) -> None:
         backlog_limit = self.redis_config.max_stream_chunks
         # Backpressure: wait while the replay shards are this far behind (XLEN is the backlog,
         # since shards trim what they consumed). The MAXLEN ~ cap is only a safety net.
-        while (
-            self.client.xlen(self.redis_keys.experience) >= backlog_limit
-            and not self._stop.is_set()
-        ):
+        while True:
+            room = backlog_limit - self.client.xlen(self.redis_keys.experience)
+            if room > 0 or self._stop.is_set():
+                break
             self._stop.wait(0.05)
         if not self.unsent:
             return
-        chunks = list(self.unsent)
+        # no more than the backlog has room for (many actors back from an outage at once)
+        chunks = [self.unsent[i] for i in range(min(len(self.unsent), max(room, 1)))]
         pipe = self.client.pipeline(transaction=True)
         for chunk in chunks:
             pipe.xadd(
@@ -137,7 +144,8 @@ class ActorRunner:
         pipe.hincrby(self.redis_keys.counters, "chunks_written", len(chunks))
         pipe.hincrby(self.redis_keys.counters, "transitions_written", sum(len(c) for c in chunks))
         pipe.execute()
-        self.unsent.clear()
+        for _ in chunks:
+            self.unsent.popleft()
         self.chunks_written += len(chunks)
 
     def _send_records(self) -> None:
@@ -214,8 +222,9 @@ class ActorRunner:
         """Sends what is left (retrying through a short outage); says what could not be sent."""
         deadline, delay = time.monotonic() + timeout_s, 0.05
         while True:
-            sent = self._redis("exit", self._send) and self._redis("exit", self._send_records)
-            if sent and self._redis("exit", self._send_counts):
+            sent = (self._redis("exit", self._send, force=True) and not self.unsent
+                    and self._redis("exit", self._send_records, force=True))  # fmt: skip
+            if sent and self._redis("exit", self._send_counts, force=True):
                 return
             if time.monotonic() > deadline:
                 logger.error(

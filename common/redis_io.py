@@ -176,7 +176,11 @@ class EmbeddedRedis:
         self.data_dir = data_dir
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.restarts = 0
-        self._start()
+        try:
+            self._start()
+        except Exception:
+            self.stop()
+            raise
 
     def _start(self) -> None:
         binary = find_redis_server()
@@ -213,10 +217,11 @@ class EmbeddedRedis:
             try:
                 client.ping()
                 break
-            except redis.ConnectionError:
+            except redis.ConnectionError:  # (BusyLoadingError too: still reading its file)
                 if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.process.kill()  # before reading its stderr, which would wait for it
+                    self.process.wait()
                     error = self.process.stderr.read().decode() if self.process.stderr else ""
-                    self.stop()
                     raise RuntimeError(f"redis-server did not start: {error}") from None
                 time.sleep(0.05)
         client.close()
@@ -229,7 +234,11 @@ class EmbeddedRedis:
             return False
         code = self.process.returncode
         self.restarts += 1
-        self._start()
+        try:
+            self._start()
+        except (OSError, RuntimeError) as error:  # its data stays for the next try
+            logger.error("restarting the embedded redis-server failed: %s", error)
+            return False
         logger.warning("the embedded redis-server had ended (exit %s); restarted on %s%s",
                        code, self.url, " from its append-only file" if self.persistent
                        else " empty (no persistence)")  # fmt: skip

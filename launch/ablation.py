@@ -10,6 +10,7 @@ markdown table and one PNG of the evaluation curves.
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 import shlex
 import signal
@@ -116,11 +117,25 @@ def run(config: AblationRunConfig) -> list[list[str]]:
         command(row, config.root, config.env_steps, config.checkpoint_minutes)
         for row in config.rows
     ]
-    for args in commands:
+    for row, args in zip(config.rows, commands, strict=True):
         print("mario " + shlex.join(args), flush=True)
-        if not config.dry_run and not _train(args):
+        if config.dry_run:
+            continue
+        if row_done(config.root.expanduser() / row, config.env_steps):
+            print(f"row {row}: done (evaluated at its budget); skipped", flush=True)
+            continue
+        if not _train(args):
             break
     return commands
+
+
+def row_done(run_dir: pathlib.Path, env_steps: int) -> bool:
+    """Whether the row's run reached the budget and was evaluated there (its status.json)."""
+    try:
+        status = json.loads((run_dir / "status.json").read_text())
+        return status["last_eval"]["env_steps"] >= env_steps
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def _train(args: list[str]) -> bool:

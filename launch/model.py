@@ -100,7 +100,10 @@ def _load_model_dir(path: pathlib.Path) -> Policy:
     ):
         raise CheckpointError(f"{weights_path} is not a state dict of tensors")
     card_path = path / MODEL_CARD
-    card = json.loads(card_path.read_text()) if card_path.is_file() else {}
+    try:
+        card = json.loads(card_path.read_text()) if card_path.is_file() else {}
+    except (OSError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"cannot read the model card {card_path}: {error!r}") from error
     return Policy(
         env=env,
         network=network,
@@ -141,18 +144,21 @@ def export(config: ExportConfig) -> dict:
     run_dir = pathlib.Path(config.run)
     if not run_dir.is_dir():
         raise CheckpointError(f"{run_dir} is not a run directory")
-    checkpoint = resolve_checkpoint(run_dir, config.last)
+    policy = load_policy(run_dir, config.last)
+    checkpoint = policy.source
     payload = load_checkpoint(checkpoint)
-    policy = load_policy(checkpoint)
     weights = {name: tensor.detach().cpu().float().contiguous()
                for name, tensor in policy.weights.items()}  # fmt: skip
     out = pathlib.Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.save(weights, out / MODEL_WEIGHTS)
-    size = (out / MODEL_WEIGHTS).stat().st_size
+    tmp = out / (MODEL_WEIGHTS + ".tmp")
+    torch.save(weights, tmp)
+    size = tmp.stat().st_size
     if size > MAX_WEIGHTS_BYTES:
-        raise ValueError(f"{out / MODEL_WEIGHTS} is {size:,} bytes, over the {MAX_WEIGHTS_BYTES:,} "
-                         "a shipped model may have: train a smaller --network")  # fmt: skip
+        tmp.unlink()
+        raise ValueError(f"the weights are {size:,} bytes, over the {MAX_WEIGHTS_BYTES:,} a "
+                         "shipped model may have: train a smaller --network")  # fmt: skip
+    tmp.replace(out / MODEL_WEIGHTS)
     model_config = {"env": dataclasses.asdict(policy.env),
                     "network": dataclasses.asdict(policy.network)}  # fmt: skip
     (out / MODEL_CONFIG).write_text(json.dumps(model_config, indent=2) + "\n")

@@ -117,10 +117,7 @@ class LearnerWorker:
         """`updates_floor`: a learner restarted from an older state counts on from the updates
         its predecessor reached, so the counter and the weights' version never go back."""
         replay = RayReplayClient(shards, prefetch, spec.seed)
-        self.runner = build_learner_runner(spec, endpoint, replay, state)
-        if updates_floor > self.runner.learner.updates:
-            self.runner.learner.updates = updates_floor
-            self.runner.publish()
+        self.runner = build_learner_runner(spec, endpoint, replay, state, updates_floor)
 
     def run(self) -> dict:
         return self.runner.run()
@@ -375,9 +372,11 @@ class RayBackend:
         self.client = self.endpoint.connect(outage_s=0)
         resources.callback(quietly, "closing the Redis client", self.client.close)
         self.redis_keys = self.endpoint.keys
+        self._counters = dict.fromkeys(BACKEND_COUNTERS, 0)
         if checkpoint is not None:  # the counters continue where the checkpoint left them
             saved = {k: v for k, v in checkpoint["counters"].items() if isinstance(v, int)}
             self.client.hset(self.redis_keys.counters, mapping=saved)
+            self._counters.update({k: v for k, v in saved.items() if k in self._counters})
         # A Redis that outlived an earlier start of this run (external, persistent) still holds
         # its episodes, stats and heartbeats: read only new episodes, forget old roles.
         newest = self.client.xrevrange(self.redis_keys.telemetry, count=1)
@@ -478,10 +477,10 @@ class RayBackend:
         if _finished(self.learner_run):
             try:
                 ray.get(self.learner_run)
-            except ray.exceptions.RayActorError as error:  # the process, not the code, failed
+            except ray.exceptions.ActorDiedError as error:  # the process, not the code, failed
                 self._restart_learner(error)
                 return
-            except ray.exceptions.RayTaskError:
+            except ray.exceptions.RayError:
                 self._call(self.learner_run)  # raises RoleFailed with the learner's own error
             raise RoleFailed("the learner loop ended without being stopped")
         self._kept.refresh(self.learner)
@@ -535,7 +534,19 @@ class RayBackend:
             return self._counters
         counters = dict.fromkeys(BACKEND_COUNTERS, 0)
         counters.update({name.decode(): int(value) for name, value in raw.items()})
-        # never backwards: a restarted server may have lost the last writes (external, no AOF)
+        # Never backwards: an external Redis that restarted without its data (or lost its last
+        # writes) gets back the counts the driver last read, and counts on from them.
+        behind = {k: v for k, v in self._counters.items() if counters.get(k, 0) < v}
+        if behind:
+            logger.warning(
+                "Redis lost counts (%s): writing back what the driver last read",
+                ", ".join(f"{k} {counters.get(k, 0)} < {v}" for k, v in behind.items()),
+            )
+            with contextlib.suppress(redis.RedisError):
+                pipe = self.client.pipeline(transaction=True)
+                for name, value in behind.items():
+                    pipe.hincrby(self.redis_keys.counters, name, value - counters.get(name, 0))
+                pipe.execute()
         self._counters = {k: max(v, self._counters.get(k, 0)) for k, v in counters.items()}
         return self._counters
 
@@ -601,7 +612,10 @@ class RayBackend:
                 raise
             logger.error("the learner cannot give its state (%s): the checkpoint takes the one "
                          "kept %.0f s ago", error, self._kept.age_s())  # fmt: skip
-            return {"learner": self._kept.state, "rng": {}}
+            kept = self._kept.state
+            # its update count goes on from the counter, as a restarted learner's would
+            updates = max(int(kept["updates"]), self._counters.get("updates", 0))
+            return {"learner": {**kept, "updates": updates}, "rng": {}}
         self._kept.take(state)
         return {"learner": state, "rng": {}}
 

@@ -60,6 +60,7 @@ def reap(noted: dict[int, int], grace_s: float = GRACE_S) -> list[int]:
     Returns the pids signalled."""
     current = _processes()
     alive = [pid for pid, start in noted.items() if current.get(pid, (0, None))[1] == start]
+    signalled = list(alive)
     for pid in alive:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGTERM)
@@ -71,7 +72,7 @@ def reap(noted: dict[int, int], grace_s: float = GRACE_S) -> list[int]:
     for pid in alive:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
-    return list(noted)
+    return signalled
 
 
 def now_ticks() -> int:

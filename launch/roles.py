@@ -162,11 +162,16 @@ def build_shard(spec: ReplaySpec, endpoint: RedisEndpoint) -> ReplayShard:
 
 
 def build_learner_runner(
-    spec: LearnerSpec, endpoint: RedisEndpoint, replay: ReplayClient, state: dict | None = None
+    spec: LearnerSpec,
+    endpoint: RedisEndpoint,
+    replay: ReplayClient,
+    state: dict | None = None,
+    updates_floor: int = 0,
 ) -> LearnerRunner:
-    return LearnerRunner(
-        build_learner(spec, state),
-        replay,
-        endpoint,
-        publish_every_updates=spec.publish_every_updates,
-    )
+    """`updates_floor`: a learner restarted from an older state counts on from the updates its
+    predecessor reached (set before it first publishes), so the counter and the weights'
+    version never go back."""
+    learner = build_learner(spec, state)
+    learner.updates = max(learner.updates, updates_floor)
+    publish = spec.publish_every_updates
+    return LearnerRunner(learner, replay, endpoint, publish_every_updates=publish)

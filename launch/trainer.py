@@ -182,6 +182,7 @@ class Trainer:
         self.last_eval: dict | None = trainer_state.get("last_eval")
         self._eval_started_at: int | None = None
         self._budget_spent = False
+        self._stop: StopSignals | None = None
         self._start = time.monotonic()
         self._rate_base: tuple[float, dict[str, int]] | None = None
         self._metrics: MetricsLogger | None = None
@@ -205,7 +206,7 @@ class Trainer:
             reaper = Reaper()
             resources.callback(reaper.done)
             # A stop signal during the start ends the run right after it, cleanly.
-            stop = resources.enter_context(StopSignals())
+            stop = self._stop = resources.enter_context(StopSignals())
             self.backend.start(resources, self.checkpoint)
             stop.install()  # ray.init installed a SIGTERM handler of its own: ours must win
             self._metrics = MetricsLogger(
@@ -294,9 +295,9 @@ class Trainer:
         """Starts an evaluation every --eval.every-env-steps; takes the one that finished."""
         every, env_steps = self.config.eval.every_env_steps, self.counters["env_steps"]
         # A round also starts when the budget is reached: the run ends with an evaluation.
-        due = self.next_eval_at
-        if self.last_eval is None or self.last_eval["env_steps"] < env_steps:
-            due = min(due, self.config.total_env_steps)
+        due, total = self.next_eval_at, self.config.total_env_steps
+        if self.last_eval is None or self.last_eval["env_steps"] < total:
+            due = min(due, total)
         if every and self._eval_started_at is None and env_steps >= due:
             best = self.best_eval
             best_rank = eval_rank(best["flag_rate"], best["x_pos_mean"]) if best else None
@@ -313,12 +314,21 @@ class Trainer:
                 self._eval_started_at = None
 
     def _finish_eval(self) -> None:
+        """Waits for the round in flight; if it was started before the budget was reached,
+        starts and waits for one more on the final weights. A stop signal ends the wait."""
         deadline = time.monotonic() + FINAL_EVAL_WAIT_S
-        if self._eval_started_at is not None:
+        for _ in range(2):
+            if self._eval_started_at is None:
+                self._evaluate()  # starts the budget's round unless the last one was at it
+            if self._eval_started_at is None:
+                return
             logger.info("waiting for the evaluation of %d env steps", self._eval_started_at)
-        while self._eval_started_at is not None and time.monotonic() < deadline:
-            self._evaluate()
-            time.sleep(0.5)
+            while self._eval_started_at is not None and time.monotonic() < deadline:
+                if self._stop is not None and self._stop.requested:
+                    logger.warning("stop requested: the final evaluation is not waited for")
+                    return
+                time.sleep(0.5)
+                self._evaluate()
         if self._eval_started_at is not None:
             logger.warning("the evaluation of %d env steps did not finish in %d s; not logged",
                            self._eval_started_at, FINAL_EVAL_WAIT_S)  # fmt: skip

@@ -48,13 +48,7 @@ class ReplayShard:
         self._last_trim = 0.0
         # Stream ids: the newest entry this shard read, and the newest it screened (_screen).
         self._read_to = self._screened_to = "0-0"
-        try:
-            self.client.xgroup_create(
-                self.redis_keys.experience, REPLAY_GROUP, id="0", mkstream=True
-            )
-        except redis.ResponseError as error:
-            if "BUSYGROUP" not in str(error):
-                raise
+        self._create_group()
 
     def ingest(self, max_chunks: int = 32, block_ms: int | None = None) -> int:
         """Reads up to max_chunks entries, inserts them, acks them; returns how many were read.
@@ -104,6 +98,14 @@ class ReplayShard:
         Returns how many entries it deleted."""
         start = max(self._screened_to, self._read_to, key=_id_key)
         entries = self.client.xrange(self.redis_keys.experience, min=f"({start}", count=max_chunks)
+        if entries:
+            self._screened_to = _as_str(entries[-1][0])
+            # only entries no shard was given yet: delivered ones are their reader's to judge
+            delivered = "0-0"
+            for group in self.client.xinfo_groups(self.redis_keys.experience):
+                if _as_str(group["name"]) == REPLAY_GROUP:
+                    delivered = _as_str(group.get("last-delivered-id", b"0-0"))
+            entries = [(i, f) for i, f in entries if _id_key(_as_str(i)) > _id_key(delivered)]
         bad = []
         for entry_id, fields in entries:
             try:
@@ -112,24 +114,41 @@ class ReplayShard:
                 bad.append(entry_id)
                 logger.warning("shard %d deleted waiting entry %s: %s", self.shard_id, entry_id,
                                error)  # fmt: skip
-        if entries:
-            self._screened_to = _as_str(entries[-1][0])
-        if bad:
-            pipe = self.client.pipeline(transaction=True)
-            pipe.xdel(self.redis_keys.experience, *bad)
-            pipe.hincrby(self.redis_keys.counters, "chunks_rejected", len(bad))
-            pipe.execute()
-        return len(bad)
+        deleted = 0
+        for entry_id in bad:  # counted only if this XDEL removed it (another shard may have)
+            if self.client.xdel(self.redis_keys.experience, entry_id):
+                self.client.hincrby(self.redis_keys.counters, "chunks_rejected", 1)
+                deleted += 1
+        return deleted
 
     def _read(self, stream_id: str, count: int, block_ms: int | None) -> list:
-        response = self.client.xreadgroup(
-            REPLAY_GROUP,
-            self.consumer,
-            {self.redis_keys.experience: stream_id},
-            count=count,
-            block=block_ms,
-        )
+        try:
+            response = self.client.xreadgroup(
+                REPLAY_GROUP,
+                self.consumer,
+                {self.redis_keys.experience: stream_id},
+                count=count,
+                block=block_ms,
+            )
+        except redis.ResponseError as error:
+            if "NOGROUP" not in str(error):
+                raise
+            # Redis came back without its data (an external server without persistence):
+            # the group (and the stream) are made again; what was lost is lost.
+            logger.warning("shard %d: the stream's consumer group is gone; creating it again",
+                           self.shard_id)  # fmt: skip
+            self._create_group()
+            return []
         return response[0][1] if response else []
+
+    def _create_group(self) -> None:
+        try:
+            self.client.xgroup_create(
+                self.redis_keys.experience, REPLAY_GROUP, id="0", mkstream=True
+            )
+        except redis.ResponseError as error:
+            if "BUSYGROUP" not in str(error):
+                raise
 
     def _maybe_trim(self) -> None:
         """Deletes stream entries every consumer is done with, so XLEN is the backlog."""

@@ -254,6 +254,15 @@ def test_export_writes_a_model_folder_that_eval_and_play_take(trained_run, tmp_p
     assert all(torch.equal(weights[k], best["learner"]["online"][k]) for k in weights)
     assert "## Final evaluation" in (out / "README.md").read_text()
 
+    last = tmp_path / "smb-last"
+    main(["export", str(trained_run), "--last", "--out", str(last), "--eval-episodes", "0"])
+    last_card = json.loads((last / "model_card.json").read_text())
+    assert last_card["source"]["checkpoint"] == "checkpoint.pt"
+    final = load_checkpoint(trained_run)
+    assert last_card["training"]["env_steps"] == final["counters"]["env_steps"]
+    last_weights = torch.load(last / "model.pt", weights_only=True)
+    assert all(torch.equal(last_weights[k], final["learner"]["online"][k]) for k in last_weights)
+
     main(["eval", str(out), "--episodes", "1", "--max-episode-steps", "30"])
     summary = json.loads((out / "eval" / "eval.json").read_text())
     assert summary["checkpoint"] == str(out / "model.pt")

@@ -93,3 +93,18 @@ def test_every_row_is_a_valid_train_command_differing_from_the_base(row):
 def test_unknown_rows_are_named():
     with pytest.raises(ValueError, match=r"rows \['bogus'\] are unknown"):
         ablation.AblationRunConfig(rows=("base", "bogus"))
+
+
+@pytest.mark.parametrize(
+    "status, done",
+    [
+        ({"last_eval": {"env_steps": 300_020}}, True),
+        ({"last_eval": {"env_steps": 250_000}}, False),
+        ({"last_eval": None}, False),
+        (None, False),
+    ],
+)
+def test_a_row_evaluated_at_its_budget_is_not_run_again(tmp_path, status, done):
+    if status is not None:
+        (tmp_path / "status.json").write_text(json.dumps(status))
+    assert ablation.row_done(tmp_path, 300_000) == done

@@ -9,7 +9,7 @@ def test_help_lists_every_command(capsys):
     main(["--help"])
     out = capsys.readouterr().out
     for words, command in COMMANDS.items():
-        assert f"{' '.join(words):<14} {command.help}" in out
+        assert f"{' '.join(words):<16} {command.help}" in out
 
 
 def test_bench_help_lists_the_benches(capsys):
