@@ -56,10 +56,13 @@ PREEXISTING = set()
 PREEXISTING = {line.split()[0] for line in processes("raylet|gcs_server|ray::")}
 
 
-def leftover_processes(run_dir) -> str:
-    """Ray's daemons, and the run's embedded redis-server (its title names its port)."""
+def leftover_processes(run_dir, driver: int | None = None) -> str:
+    """Ray's daemons (of the driver's own Ray session when its pid is known: a training run
+    started beside the tests is not theirs), and the run's embedded redis-server (its title
+    names its port)."""
     port = (run_dir / "redis_url").read_text().strip().rsplit(":", 1)[1].split("/")[0]
-    return "\n".join(processes(f"raylet|gcs_server|redis-server 127.0.0.1:{port}"))
+    ray = f"(raylet|gcs_server).*session_[^ ]*_{driver}/" if driver else "raylet|gcs_server"
+    return "\n".join(processes(f"{ray}|redis-server 127.0.0.1:{port}"))
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +88,7 @@ def test_experience_flows_learner_updates_actors_get_new_weights(distributed_run
     assert evals and all(r["step"] >= 600 for r in evals)
     assert load_checkpoint(distributed_run / "best.pt")["eval"]["env_steps"] >= 600
     assert list((distributed_run / "wandb").glob("offline-run-*"))
-    assert leftover_processes(distributed_run) == ""
+    assert leftover_processes(distributed_run, os.getpid()) == ""
 
 
 def test_resume_continues_counters_and_replay(distributed_run):
@@ -97,7 +100,7 @@ def test_resume_continues_counters_and_replay(distributed_run):
     with np.load(distributed_run / "replay-0.npz") as snapshot:
         inserted = int(snapshot["counters"][7])
     assert inserted > before["counters"]["chunks_inserted"] * 50  # warm: old + new contents
-    assert leftover_processes(distributed_run) == ""
+    assert leftover_processes(distributed_run, os.getpid()) == ""
 
 
 def test_killed_shard_loses_no_chunk_that_was_in_redis(redis_url, tmp_path):
@@ -225,7 +228,7 @@ def test_two_shards_dead_actor_and_learner_replaced_sigterm_stops_everything(tmp
     for shard in (0, 1):
         with np.load(run_dir / f"replay-{shard}.npz") as snapshot:
             assert int(snapshot["counters"][7]) > 0
-    assert leftover_processes(run_dir) == ""
+    assert leftover_processes(run_dir, process.pid) == ""
 
 
 def test_serial_resume_of_a_ray_run_is_an_error_naming_both_modes(distributed_run, capsys):
@@ -258,11 +261,13 @@ def test_a_failing_learner_ends_the_run_with_its_error_and_leaves_no_process(tmp
     command = [sys.executable, "-m", "launch.cli", *TINY, "--total-env-steps", "100000000",
                "--run-dir", str(run_dir)]  # fmt: skip
     env = {**os.environ, "MARIO_LEARNER_FAILURE_AT_UPDATE": "20"}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=400)
-    assert result.returncode == 1
-    assert "the learner failed: RuntimeError: injected failure at update 20" in result.stdout
-    assert "injected failure at update 20" in result.stderr  # its traceback, in the log
-    assert leftover_processes(run_dir) == ""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=env)  # fmt: skip
+    stdout, stderr = process.communicate(timeout=400)
+    assert process.returncode == 1
+    assert "the learner failed: RuntimeError: injected failure at update 20" in stdout
+    assert "injected failure at update 20" in stderr  # its traceback, in the log
+    assert leftover_processes(run_dir, process.pid) == ""
 
 
 def test_redis_restarted_then_killed_driver_leaves_no_process_and_resume_says_what_was_lost(
@@ -281,23 +286,25 @@ def test_redis_restarted_then_killed_driver_leaves_no_process_and_resume_says_wh
             time.sleep(0.5)
         # The embedded redis-server dies: the driver restarts it from its append-only file,
         # the roles' commands retry meanwhile, and training goes on.
-        (server,) = [line.split()[0] for line in leftover_processes(run_dir).splitlines()
-                     if "redis-server" in line]  # fmt: skip
+        run_processes = leftover_processes(run_dir, process.pid).splitlines()
+        (server,) = [line.split()[0] for line in run_processes if "redis-server" in line]
         os.kill(int(server), signal.SIGKILL)
         time.sleep(2)
         _wait_for_steps(process, metrics, _env_steps(metrics) + 200)
         servers = [
-            line for line in leftover_processes(run_dir).splitlines() if "redis-server" in line
+            line
+            for line in leftover_processes(run_dir, process.pid).splitlines()
+            if "redis-server" in line
         ]
         assert len(servers) == 1 and servers[0].split()[0] != server
         _wait_for_steps(process, metrics, load_checkpoint(run_dir)["counters"]["env_steps"] + 100)
-        assert leftover_processes(run_dir) != ""  # the run's redis-server, raylet, gcs_server
+        assert leftover_processes(run_dir, process.pid) != ""  # its redis-server, raylet, gcs
         os.kill(process.pid, signal.SIGKILL)  # only the driver: no cleanup of its own
         process.wait(timeout=10)
         deadline = time.monotonic() + 60  # the reaper notices at once, then allows 5 s' grace
-        while leftover_processes(run_dir) and time.monotonic() < deadline:
+        while leftover_processes(run_dir, process.pid) and time.monotonic() < deadline:
             time.sleep(1)
-        assert leftover_processes(run_dir) == ""
+        assert leftover_processes(run_dir, process.pid) == ""
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
@@ -310,4 +317,4 @@ def test_redis_restarted_then_killed_driver_leaves_no_process_and_resume_says_wh
     with caplog.at_level("WARNING", logger="train"):
         main([*TINY, "--total-env-steps", str(saved + 50), "--resume", str(run_dir)])
     assert f"the run had reached {reached} env steps; its checkpoint holds {saved}" in caplog.text
-    assert leftover_processes(run_dir) == ""
+    assert leftover_processes(run_dir, os.getpid()) == ""
