@@ -57,7 +57,7 @@ class ChaosConfig:
     seed: int = 0
     """Seed of the choice of roles."""
     train_args: str = ""
-    """More `mario train` flags, as one string (e.g. "--replay.capacity 20000")."""
+    """More `mario train` flags, as one string: --train-args="--replay.capacity 20000"."""
 
     def __post_init__(self) -> None:
         unknown = set(self.roles) - set(ROLES)
@@ -129,6 +129,8 @@ def run(config: ChaosConfig) -> dict:
                 last = {**last, **{k: max(v, last.get(k, 0)) for k, v in counters.items()}}
             if time.monotonic() < next_kill or redis_back_at is not None:
                 continue
+            if first_kill_counters is None and not last.get("updates"):
+                continue  # the first kill waits until the learner has begun
             next_kill = time.monotonic() + config.every_s
             role = order[len(kills) % len(order)]
             if role == "redis-server":

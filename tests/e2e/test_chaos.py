@@ -17,7 +17,7 @@ TINY = ("--replay.capacity 4000 --replay.min-size-to-sample 300 --replay.samples
 def test_chaos_run_passes_its_checks(tmp_path):
     run_dir = tmp_path / "chaos"
     main(["chaos", "--run-dir", str(run_dir), "--minutes", "3", "--every-s", "20",
-          "--train-args", TINY])  # fmt: skip
+          f"--train-args={TINY}"])  # fmt: skip
     result = json.loads((run_dir / "chaos.json").read_text())
     assert result["passed"], result
     assert {kill["role"] for kill in result["kills"] if kill["pid"]} >= {"learner", "redis-server"}
