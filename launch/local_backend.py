@@ -18,6 +18,7 @@ from launch.errors import RoleFailed
 from launch.evaluate import evaluate_round
 from launch.roles import RoleSpecs, build_actor, build_evaluator, build_learner, build_replay
 from launch.trainer import BACKEND_COUNTERS, episode_record, replay_snapshot_path
+from learner.checkpoint import SET_DIR_KEY
 from learner.learner import cpu_copy
 from learner.runner import LearnerMeter
 
@@ -55,7 +56,8 @@ class LocalBackend:
             for name in self._counters:
                 self._counters[name] = int(saved.get(name, 0))
             self._steps_before, self._frames_before = saved["env_steps"], saved.get("frames", 0)
-            snapshot = replay_snapshot_path(self.run_dir, 0)
+            # the snapshot of the checkpoint's own set (previous/ after a fallback)
+            snapshot = replay_snapshot_path(checkpoint.get(SET_DIR_KEY, self.run_dir), 0)
             if snapshot.exists():
                 self.replay.restore(snapshot)
             rng = checkpoint.get("rng", {})
@@ -140,8 +142,10 @@ class LocalBackend:
             },
         }
 
-    def snapshot_replay(self, run_dir: pathlib.Path) -> None:
-        self.replay.snapshot(replay_snapshot_path(run_dir, 0))
+    def snapshot_replay(self, run_dir: pathlib.Path) -> list[pathlib.Path]:
+        path = replay_snapshot_path(run_dir, 0)
+        self.replay.snapshot(path)
+        return [path]
 
     def start_eval(self, seeds: list[int], best_rank, video_path: pathlib.Path) -> None:
         if self._evaluator is None:

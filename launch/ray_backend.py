@@ -42,6 +42,7 @@ from launch.roles import (
     build_shard,
 )
 from launch.trainer import BACKEND_COUNTERS, episode_record, quietly, replay_snapshot_path
+from learner.checkpoint import SET_DIR_KEY
 from replay_server.replay import write_snapshot
 
 logger = logging.getLogger("ray_backend")
@@ -385,6 +386,8 @@ class RayBackend:
         if not ray.is_initialized():
             self._start_ray(resources)
         _warn_if_redis_unreachable(url)
+        # replay snapshots come from the checkpoint's own set (previous/ after a fallback)
+        self._set_dir = checkpoint.get(SET_DIR_KEY, self.run_dir) if checkpoint else self.run_dir
         self._start_roles(resources, checkpoint["learner"] if checkpoint else None)
 
     def _start_ray(self, resources: contextlib.ExitStack) -> None:
@@ -420,7 +423,7 @@ class RayBackend:
             ShardWorker.options(
                 name=f"mario-{self.endpoint.run_id}-shard-{i}", scheduling_strategy=on_this_node
             ).remote(
-                self.specs.replay(i), self.endpoint, str(replay_snapshot_path(self.run_dir, i))
+                self.specs.replay(i), self.endpoint, str(replay_snapshot_path(self._set_dir, i))
             )
             for i in range(distributed.num_shards)
         ]
@@ -619,12 +622,15 @@ class RayBackend:
         self._kept.take(state)
         return {"learner": state, "rng": {}}
 
-    def snapshot_replay(self, run_dir: pathlib.Path) -> None:
-        locked = ray.get([shard.snapshot.remote(str(replay_snapshot_path(run_dir, i)))
-                          for i, shard in enumerate(self.shards)], timeout=600)  # fmt: skip
+    def snapshot_replay(self, run_dir: pathlib.Path) -> list[pathlib.Path]:
+        paths = [replay_snapshot_path(run_dir, i) for i in range(len(self.shards))]
+        locked = ray.get([shard.snapshot.remote(str(path))
+                          for path, shard in zip(paths, self.shards, strict=True)],
+                         timeout=600)  # fmt: skip
         logger.info("replay snapshots written (%s s); shards locked (no sampling, no ingest) for "
                     "%s s", ", ".join(f"{total:.1f}" for _, total in locked),
                     ", ".join(f"{held:.2f}" for held, _ in locked))  # fmt: skip
+        return paths
 
     def start_eval(self, seeds: list[int], best_rank, video_path: pathlib.Path) -> None:
         # The evaluator runs on this node, so it writes the video into the run directory.

@@ -38,7 +38,14 @@ from launch.config import PreparedRun, TrainConfig, prepare_run
 from launch.evaluate import eval_rank
 from launch.reaper import Reaper
 from launch.status import STATUS_FILE
-from learner.checkpoint import BEST_NAME, load_checkpoint, save_checkpoint
+from learner.checkpoint import (
+    BEST_NAME,
+    CHECKPOINT_NAME,
+    load_checkpoint,
+    rotate_set,
+    save_checkpoint,
+    write_manifest,
+)
 
 logger = logging.getLogger("train")
 
@@ -99,8 +106,9 @@ class Backend(Protocol):
     def state(self) -> dict:
         """For a checkpoint: {"learner": CPU copy of its state, "rng": random states}."""
 
-    def snapshot_replay(self, run_dir: pathlib.Path) -> None:
-        """Writes each replay shard's contents to replay_snapshot_path(run_dir, shard)."""
+    def snapshot_replay(self, run_dir: pathlib.Path) -> list[pathlib.Path]:
+        """Writes each replay shard's contents to replay_snapshot_path(run_dir, shard); returns
+        the paths."""
 
     def start_eval(
         self, seeds: list[int], best_rank: tuple[float, float] | None, video_path: pathlib.Path
@@ -410,8 +418,10 @@ class Trainer:
         """Learner state first (read under its lock), then the replay snapshots, then the file
         that names them: a checkpoint never points at a state newer than its snapshots."""
         state = self.backend.state()
+        rotate_set(self.run_dir)  # the last whole set stays in previous/ until this one is sealed
+        snapshots = []
         if self.config.snapshot_replay:
-            self.backend.snapshot_replay(self.run_dir)
+            snapshots = self.backend.snapshot_replay(self.run_dir)
         self._update_counters()
         counters = {**self.counters, "updates": int(state["learner"]["updates"])}
         counters["elapsed_s"] = round(self.elapsed_s, 1)
@@ -430,6 +440,8 @@ class Trainer:
                 },
             },
         )
+        names = [CHECKPOINT_NAME, *(path.name for path in snapshots)]
+        write_manifest(self.run_dir, names, counters["env_steps"])
         self.last_checkpoint = counters
 
     def _table(self) -> Table:

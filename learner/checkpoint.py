@@ -1,10 +1,29 @@
-"""Checkpoints: tensors and plain values only, loaded with torch.load(weights_only=True)."""
+"""Checkpoints: tensors and plain values only, loaded with torch.load(weights_only=True).
+
+A run directory's checkpoint is one set of files: checkpoint.pt and the replay snapshots
+(replay-0.npz, …), with manifest.json written last, naming each file with its size and SHA-256.
+Before a new set is written the current one moves to previous/. Loading a run directory takes
+the newest set whose files match their manifest; a torn set (a crash while writing: no manifest
+yet) or a corrupt one ("truncated", "checksum mismatch") falls back to previous/, with a
+warning; if no set is whole, the error names the file and what is wrong with it. A run from
+before the manifests (checkpoint.pt and no manifest anywhere) loads as it is.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import pathlib
+import shutil
 
 import torch
+
+logger = logging.getLogger("checkpoint")
+MANIFEST_NAME = "manifest.json"
+PREVIOUS_DIR = "previous"
+SET_DIR_KEY = "set_dir"
+"""Key of a loaded payload naming the directory its set came from (not saved)."""
 
 CHECKPOINT_NAME = "checkpoint.pt"
 BEST_NAME = "best.pt"
@@ -28,15 +47,91 @@ def save_checkpoint(
     return path
 
 
+def file_digest(path: pathlib.Path) -> dict:
+    """Size and SHA-256 of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while block := file.read(1 << 22):
+            digest.update(block)
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def rotate_set(run_dir: pathlib.Path) -> None:
+    """Moves the current set (if whole) to previous/, replacing the one there: called before a
+    new set is written, so a crash while writing it leaves the previous set to fall back to."""
+    if check_set(run_dir) is not None:
+        return  # torn or absent: nothing worth keeping over what previous/ holds
+    previous = run_dir / PREVIOUS_DIR
+    shutil.rmtree(previous, ignore_errors=True)
+    previous.mkdir()
+    manifest = json.loads((run_dir / MANIFEST_NAME).read_text())
+    for name in manifest["files"]:
+        (run_dir / name).replace(previous / name)
+    (run_dir / MANIFEST_NAME).replace(previous / MANIFEST_NAME)
+
+
+def write_manifest(run_dir: pathlib.Path, names: list[str], env_steps: int) -> None:
+    """Seals the set: the files' sizes and checksums, written atomically, last."""
+    files = {name: file_digest(run_dir / name) for name in names}
+    tmp = run_dir / (MANIFEST_NAME + ".tmp")
+    tmp.write_text(json.dumps({"env_steps": env_steps, "files": files}, indent=1) + "\n")
+    tmp.replace(run_dir / MANIFEST_NAME)
+
+
+def check_set(set_dir: pathlib.Path) -> str | None:
+    """None if the set in `set_dir` matches its manifest, else what is wrong, naming the file."""
+    manifest_path = set_dir / MANIFEST_NAME
+    if not manifest_path.is_file():
+        return f"{manifest_path}: missing (the set was not finished)"
+    try:
+        files = json.loads(manifest_path.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"{manifest_path}: unreadable ({error})"
+    for name, expected in files.items():
+        path = set_dir / name
+        if not path.is_file():
+            return f"{path}: missing"
+        size = path.stat().st_size
+        if size != expected["bytes"]:
+            kind = "truncated" if size < expected["bytes"] else "longer than its manifest says"
+            return f"{path}: {kind} ({size:,} of {expected['bytes']:,} bytes)"
+        if file_digest(path)["sha256"] != expected["sha256"]:
+            return f"{path}: checksum mismatch"
+    return None
+
+
+def resolve_set(run_dir: pathlib.Path) -> pathlib.Path:
+    """The directory of the run's newest whole checkpoint set (run_dir or run_dir/previous).
+
+    Raises:
+        CheckpointError: no whole set, naming the file and what is wrong.
+    """
+    previous = run_dir / PREVIOUS_DIR
+    if not (run_dir / MANIFEST_NAME).exists() and not (previous / MANIFEST_NAME).exists():
+        return run_dir  # a run from before the manifests
+    problem = check_set(run_dir)
+    if problem is None:
+        return run_dir
+    fallback = check_set(previous)
+    if fallback is None:
+        logger.warning("checkpoint set in %s is not whole (%s); falling back to the previous set "
+                       "in %s", run_dir, problem, previous)  # fmt: skip
+        return previous
+    raise CheckpointError(f"no whole checkpoint in {run_dir}: {problem}; previous: {fallback}")
+
+
 def load_checkpoint(path: pathlib.Path) -> dict:
-    """Loads a checkpoint file, or run_dir/checkpoint.pt when given a run directory.
+    """Loads a checkpoint file, or the newest whole set's checkpoint.pt of a run directory
+    (the payload's "set_dir" then names its directory, where its replay snapshots are).
 
     Raises:
         CheckpointError: naming the path and the problem.
     """
     path = pathlib.Path(path)
+    set_dir = None
     if path.is_dir():
-        path = path / CHECKPOINT_NAME
+        set_dir = resolve_set(path)
+        path = set_dir / CHECKPOINT_NAME
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
     try:
@@ -48,4 +143,6 @@ def load_checkpoint(path: pathlib.Path) -> dict:
     for key in ("learner", "config", "counters"):
         if key not in payload:
             raise CheckpointError(f"checkpoint {path} lacks {key!r}")
+    if set_dir is not None:
+        payload[SET_DIR_KEY] = set_dir
     return payload

@@ -275,3 +275,23 @@ def test_export_writes_a_model_folder_that_eval_and_play_take(trained_run, tmp_p
     assert printed.count("max x") >= 2 and "12 steps" in printed
     assert len(imageio.mimread(gif)) == 7  # the reset frame and 12 steps, every second one
     assert imageio.get_reader(mp4).count_frames() == 13
+
+
+def test_a_corrupt_checkpoint_set_resumes_from_the_previous_one(trained_run, tmp_path, caplog):
+    import shutil
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(trained_run, run_dir)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"checkpoint.pt", "replay-0.npz"}
+    previous = json.loads((run_dir / "previous" / "manifest.json").read_text())
+    assert previous["env_steps"] < manifest["env_steps"]
+    data = bytearray((run_dir / "replay-0.npz").read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte in the replay snapshot
+    (run_dir / "replay-0.npz").write_bytes(bytes(data))
+    flags = [arg for arg in TINY if arg != "--serial"]
+    with caplog.at_level("INFO"):
+        main([*flags, "--total-env-steps", str(previous["env_steps"] + 100), "--resume",
+              str(run_dir)])  # fmt: skip
+    assert "replay-0.npz: checksum mismatch" in caplog.text
+    assert f"at {previous['env_steps']} env steps" in caplog.text  # "resuming run … at N"

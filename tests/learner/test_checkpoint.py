@@ -1,0 +1,93 @@
+"""Checkpoint sets: sealed by a manifest, rotated to previous/, verified on load; a torn or
+corrupt set falls back to the previous one, and an error names the file and what is wrong."""
+
+import json
+
+import pytest
+import torch
+
+from learner.checkpoint import (
+    MANIFEST_NAME,
+    PREVIOUS_DIR,
+    SET_DIR_KEY,
+    CheckpointError,
+    check_set,
+    load_checkpoint,
+    resolve_set,
+    rotate_set,
+    save_checkpoint,
+    write_manifest,
+)
+
+
+def _write_set(run_dir, env_steps):
+    rotate_set(run_dir)
+    (run_dir / "replay-0.npz").write_bytes(bytes([env_steps % 256]) * 1000)
+    payload = {"learner": {"w": torch.full((3,), float(env_steps))}, "config": {},
+               "counters": {"env_steps": env_steps}}  # fmt: skip
+    save_checkpoint(run_dir, payload)
+    write_manifest(run_dir, ["checkpoint.pt", "replay-0.npz"], env_steps)
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:-10])
+
+
+def _flip(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1
+    path.write_bytes(bytes(data))
+
+
+def test_sets_rotate_and_the_newest_whole_one_loads(tmp_path):
+    _write_set(tmp_path, 100)
+    _write_set(tmp_path, 200)
+    assert json.loads((tmp_path / MANIFEST_NAME).read_text())["env_steps"] == 200
+    assert json.loads((tmp_path / PREVIOUS_DIR / MANIFEST_NAME).read_text())["env_steps"] == 100
+    payload = load_checkpoint(tmp_path)
+    assert payload["counters"]["env_steps"] == 200 and payload[SET_DIR_KEY] == tmp_path
+
+
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (lambda d: _truncate(d / "replay-0.npz"), "replay-0.npz: truncated"),
+        (lambda d: _flip(d / "checkpoint.pt"), "checkpoint.pt: checksum mismatch"),
+        (lambda d: (d / MANIFEST_NAME).unlink(), "manifest.json: missing"),  # a torn set
+        (lambda d: (d / "replay-0.npz").unlink(), "replay-0.npz: missing"),
+    ],
+)
+def test_a_bad_set_falls_back_to_the_previous_one(tmp_path, caplog, damage, reason):
+    _write_set(tmp_path, 100)
+    _write_set(tmp_path, 200)
+    damage(tmp_path)
+    assert reason in check_set(tmp_path)
+    with caplog.at_level("WARNING", logger="checkpoint"):
+        payload = load_checkpoint(tmp_path)
+    assert payload["counters"]["env_steps"] == 100
+    assert payload[SET_DIR_KEY] == tmp_path / PREVIOUS_DIR == resolve_set(tmp_path)
+    assert reason in caplog.text and "falling back to the previous set" in caplog.text
+
+
+def test_no_whole_set_is_an_error_naming_file_and_reason(tmp_path):
+    _write_set(tmp_path, 100)
+    _write_set(tmp_path, 200)
+    _truncate(tmp_path / "checkpoint.pt")
+    _flip(tmp_path / PREVIOUS_DIR / "replay-0.npz")
+    with pytest.raises(CheckpointError, match=r"checkpoint.pt: truncated.*previous.*replay-0.npz: "
+                       r"checksum mismatch"):  # fmt: skip
+        load_checkpoint(tmp_path)
+
+
+def test_a_crash_after_rotation_leaves_the_previous_set(tmp_path):
+    _write_set(tmp_path, 100)
+    rotate_set(tmp_path)  # the next set began: the current one moved, nothing new sealed yet
+    (tmp_path / "replay-0.npz").write_bytes(b"half")
+    assert load_checkpoint(tmp_path)["counters"]["env_steps"] == 100
+
+
+def test_a_run_from_before_the_manifests_loads_as_it_is(tmp_path):
+    save_checkpoint(tmp_path, {"learner": {}, "config": {}, "counters": {"env_steps": 7}})
+    assert load_checkpoint(tmp_path)["counters"]["env_steps"] == 7
+    rotate_set(tmp_path)  # not a whole set: stays where it is
+    assert (tmp_path / "checkpoint.pt").exists() and not (tmp_path / PREVIOUS_DIR).exists()
