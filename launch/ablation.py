@@ -56,6 +56,8 @@ ROWS: dict[str, Row] = {
     "stuck-truncate": Row("stuck episode: bootstrapped truncation, not a death",
                           ("--env.no-stuck-is-death",)),
     "stuck-off": Row("stuck episode: off", ("--env.no-stuck-is-death", "--env.stuck-steps", "0")),
+    "stuck-40": Row("stuck episode after 40 steps without progress (base: 100)",
+                    ("--env.stuck-steps", "40")),
     "sticky-train": Row("sticky actions 0.25 while training (as evaluated)",
                         ("--env.sticky-action-prob", "0.25")),
     "apex-epsilon": Row("ε: Ape-X ladder 0.4^(1+7i/7) from the start, no decay",
