@@ -61,16 +61,16 @@ def test_a_row_short_of_the_budget_is_reported_as_not_finished():
 
 
 def test_report_writes_the_table_and_the_curves(tmp_path):
-    for row in ("base", "small-net"):
+    for row in ("base", "nature-net"):
         (tmp_path / row).mkdir()
         lines = [json.dumps(r) for r in RECORDS]
         (tmp_path / row / "metrics.jsonl").write_text("\n".join(lines) + "\n{torn")
     out, table_out = tmp_path / "curves.png", tmp_path / "table.md"
     main(["ablation", "report", "--root", str(tmp_path), "--env-steps", "100", "--out", str(out),
-          "--table-out", str(table_out), "--rows", "base", "small-net", "dqn"])  # fmt: skip
+          "--table-out", str(table_out), "--rows", "base", "nature-net", "dqn"])  # fmt: skip
     markdown = table_out.read_text()
     assert "| base | the base recipe | 50% | 2000 / 1999 | 50%, x 2000 (100) | 1 of 3 |" in markdown
-    assert "| small-net |" in markdown and "| dqn |" in markdown
+    assert "| nature-net |" in markdown and "| dqn |" in markdown
     assert out.stat().st_size > 10_000
 
 
