@@ -159,6 +159,14 @@ def _env_steps(metrics) -> int:
     return max(steps, default=0)
 
 
+def _start_run(run_dir, *flags: str) -> subprocess.Popen:
+    """`mario train` (TINY, no budget to speak of) in a process of its own; stderr piped."""
+    command = [sys.executable, "-m", "launch.cli", *TINY, "--total-env-steps", "100000000",
+               *flags, "--run-dir", str(run_dir)]  # fmt: skip
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)  # fmt: skip
+
+
 def _updates(metrics) -> int:
     if not metrics.exists():
         return 0
@@ -188,10 +196,7 @@ def _wait_for_steps(process, metrics, target, timeout_s=240):
 def test_two_shards_dead_actor_and_learner_replaced_sigterm_stops_everything(tmp_path):
     run_dir = tmp_path / "sigterm"
     metrics = run_dir / "metrics.jsonl"
-    command = [sys.executable, "-m", "launch.cli", *TINY, "--total-env-steps", "100000000",
-               "--distributed.num-shards", "2", "--run-dir", str(run_dir)]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               start_new_session=True)  # fmt: skip
+    process = _start_run(run_dir, "--distributed.num-shards", "2")
     try:
         _wait_for_steps(process, metrics, 0)
         actors = [line.split()[0] for line in processes("ray::ActorWorker")]
@@ -275,10 +280,7 @@ def test_redis_restarted_then_killed_driver_leaves_no_process_and_resume_says_wh
 ):
     run_dir = tmp_path / "killed"
     metrics = run_dir / "metrics.jsonl"
-    command = [sys.executable, "-m", "launch.cli", *TINY, "--total-env-steps", "100000000",
-               "--checkpoint-minutes", "0.25", "--run-dir", str(run_dir)]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               start_new_session=True)  # fmt: skip
+    process = _start_run(run_dir, "--checkpoint-minutes", "0.25")
     try:
         _wait_for_steps(process, metrics, 0)
         deadline = time.monotonic() + 120
