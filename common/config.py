@@ -91,6 +91,11 @@ class EnvConfig:
     """Reward added on the step that reaches the flag (classic reward)."""
     reward_scale: float = 1.0
     """Every reward is multiplied by this (after clipping and the flag bonus)."""
+    release_jump: bool = False
+    """Release A for the first frame of a step when A was held at the end of the last one and
+    Mario stands on the ground, so that a jump action always jumps. Without it a held A does
+    nothing on landing (the NES needs a new press), and the observation cannot show that A is
+    held: a greedy policy that picks right+A at a pipe stands there for ever."""
 
     def __post_init__(self) -> None:
         parse_levels(self.level)

@@ -42,7 +42,7 @@ _RAM_SCORE = 0x07DE  # six decimal digits
 _RAM_WORLD = 0x075F
 _RAM_STAGE = 0x075C
 _RAM_GAME_MODE = 0x0770  # 2 = end of world
-_RAM_FLOAT_STATE = 0x001D  # 3 = sliding down the flag pole
+_RAM_FLOAT_STATE = 0x001D  # 0 = on the ground, 3 = sliding down the flag pole
 _RAM_ENEMY_TYPES = (0x0016, 0x0017, 0x0018, 0x0019, 0x001A)
 _RAM_CHANGE_AREA_TIMER = 0x06DE
 _RAM_PRELEVEL_TIMER = 0x07A0
@@ -259,6 +259,13 @@ class MarioEnv(gym.Env):
             byte = action_byte
             if sticky and rng.random() < sticky:
                 byte = self._previous_action_byte
+            if (
+                frame_index == 0
+                and self.config.release_jump
+                and byte & self._previous_action_byte & _BUTTONS["A"]
+                and int(self._ram[_RAM_FLOAT_STATE]) == 0
+            ):
+                byte &= ~_BUTTONS["A"] & 0xFF
             self._previous_action_byte = byte
             frames += 1
             if native:
