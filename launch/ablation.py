@@ -1,7 +1,7 @@
 """`mario ablation run|report`: the recipe search on 1-1, one lever per row, at one env-step budget.
 
-Every row is the base recipe plus the flags of its lever, trained by `mario train` into
-ROOT/<row> (continued with --resume-existing when the directory holds a run, so rows can span
+Every row is a recipe (BASE, or `mario train`'s defaults) plus the flags of its lever, trained
+by `mario train` into ROOT/<row> (continued with --resume-existing when the directory holds a run, so rows can span
 sessions). The report reads each row's metrics.jsonl: the in-training evaluation that ended the
 row at the budget, the best one before it, the training episodes, the wall time; it writes a
 markdown table and one PNG of the evaluation curves.
@@ -22,18 +22,34 @@ import tyro
 
 from launch.plots import load_metrics
 
-# The base recipe: run r1's (docs/training-runs.md: DI-adventure's two actions, a stuck episode
-# ended as a death as in R2D4, +50 at the flag, rewards ÷ 10, γ 0.99, ε decaying from 1 toward
-# a 0.1…0.01 ladder, dueling, Adam 1e-4, target sync 500, samples-per-insert 4) with the
-# narrower network, which learned as well at 300k env steps with a learner 1.8× as fast (row
-# nature-net is r1 itself). The rows after it change one lever each against this base.
+# The rows compare one lever each against one of two recipes at the same budget:
+#
+# - "base": run r1's recipe (docs/training-runs.md: DI-adventure's two actions, a stuck episode
+#   ended as a death as in R2D4, +50 at the flag, rewards ÷ 10, γ 0.99, ε decaying from 1
+#   toward a 0.1…0.01 ladder, dueling, Adam 1e-4, target sync 500, samples-per-insert 4) with
+#   the narrower network, which learned as well at 300k env steps with a learner 1.8× as fast
+#   (row nature-net is r1 itself). Its greedy policy stood at the first pipe holding right+A.
+# - "defaults": `mario train` with no recipe flags, which is the base plus --env.release-jump
+#   (a jump action always jumps). The rows measured after it changed the defaults are on it.
 BASE = (
     "--env.action-set", "right_jump", "--env.stuck-steps", "100", "--env.stuck-is-death",
-    "--env.flag-bonus", "50", "--env.reward-scale", "0.1", "--actor.gamma", "0.99",
-    "--actor.epsilon-decay-steps", "100000", "--actor.epsilon-base", "0.1",
-    "--actor.epsilon-alpha", "1", "--network.dueling", "--network.conv-channels", "16", "32",
-    "32", "--network.hidden", "256", "--learner.learning-rate", "1e-4",
-    "--learner.target-sync-updates", "500", "--replay.samples-per-insert", "4",
+    "--env.flag-bonus", "50", "--env.reward-scale", "0.1", "--env.no-release-jump",
+    "--actor.gamma", "0.99", "--actor.epsilon-decay-steps", "100000",
+    "--actor.epsilon-base", "0.1", "--actor.epsilon-alpha", "1", "--network.dueling",
+    "--network.conv-channels", "16", "32", "32", "--network.hidden", "256",
+    "--learner.learning-rate", "1e-4", "--learner.target-sync-updates", "500",
+    "--replay.samples-per-insert", "4",
+)  # fmt: skip
+
+# The parts' own defaults (the tutorial's and Ape-X's), which were `mario train`'s before the
+# recipe: right_only, γ 0.9, Ape-X's ε ladder, no stuck rule, no flag bonus, Nature's net.
+TUTORIAL = (
+    "--env.action-set", "right_only", "--env.stuck-steps", "0", "--env.no-stuck-is-death",
+    "--env.flag-bonus", "0", "--env.reward-scale", "1", "--env.no-release-jump",
+    "--actor.gamma", "0.9", "--actor.epsilon-decay-steps", "0", "--actor.epsilon-base", "0.4",
+    "--actor.epsilon-alpha", "7", "--network.no-dueling", "--network.conv-channels", "32", "64",
+    "64", "--network.hidden", "512", "--learner.learning-rate", "2.5e-4",
+    "--learner.target-sync-updates", "2000", "--replay.samples-per-insert", "8",
 )  # fmt: skip
 
 
@@ -42,21 +58,24 @@ class Row:
     lever: str
     """What the row changes, in words."""
     flags: tuple[str, ...] = ()
-    """Flags after the base recipe's (later flags win)."""
-    on_base: bool = True
-    """False: the flags alone, on `mario train`'s defaults instead of the base recipe."""
+    """Flags after its recipe's (later flags win)."""
+    against: str = "defaults"
+    """The recipe the flags change: "base" (BASE's flags) or "defaults" (`mario train`'s)."""
 
 
 ROWS: dict[str, Row] = {
-    "base": Row("the base recipe"),
-    "defaults": Row("`mario train`'s defaults, none of the base recipe", on_base=False),
+    "base": Row("run r1's recipe with the narrow net", against="base"),
+    "defaults": Row("`mario train`'s defaults: the base plus --env.release-jump"),
+    "tutorial": Row("the parts' own defaults (`mario train`'s before the recipe)", TUTORIAL),
     "nature-net": Row("network width: Nature's conv 32-64-64, hidden 512 (base: 16-32-32, 256)",
-                      ("--network.conv-channels", "32", "64", "64", "--network.hidden", "512")),
-    "right-only": Row("action set: right_only (5 actions)", ("--env.action-set", "right_only")),
+                      ("--network.conv-channels", "32", "64", "64", "--network.hidden", "512"),
+                      against="base"),
+    "right-only": Row("action set: right_only (5 actions)", ("--env.action-set", "right_only"),
+                      against="base"),
     "stuck-truncate": Row("stuck episode: bootstrapped truncation, not a death",
                           ("--env.no-stuck-is-death",)),
     "stuck-off": Row("stuck episode: off", ("--env.no-stuck-is-death", "--env.stuck-steps", "0")),
-    "stuck-40": Row("stuck episode after 40 steps without progress (base: 100)",
+    "stuck-40": Row("stuck episode after 40 steps without progress (defaults: 100)",
                     ("--env.stuck-steps", "40")),
     "sticky-train": Row("sticky actions 0.25 while training (as evaluated)",
                         ("--env.sticky-action-prob", "0.25")),
@@ -111,7 +130,7 @@ def command(row: str, root: pathlib.Path, env_steps: int, checkpoint_minutes: fl
     return [
         "train", "--run-dir", str(root.expanduser() / row), "--resume-existing",
         "--total-env-steps", str(env_steps), "--checkpoint-minutes", f"{checkpoint_minutes:g}",
-        "--no-live-display", "--wandb", "offline", *(BASE if ROWS[row].on_base else ()),
+        "--no-live-display", "--wandb", "offline", *(BASE if ROWS[row].against == "base" else ()),
         *ROWS[row].flags,
     ]  # fmt: skip
 
@@ -222,13 +241,13 @@ def _cell(value, spec: str) -> str:
 def table(results: dict[str, dict | None], env_steps: int) -> str:
     """The markdown table of the rows."""
     lines = [
-        f"| row | lever | eval flags at {env_steps:,} | eval max x mean / median | "
+        f"| row | lever | against | eval flags at {env_steps:,} | eval max x mean / median | "
         "best eval up to it (env steps) | training flags | training max x, last 100 | "
         "updates | minutes |",
-        "|---|---|---:|---|---|---:|---:|---:|---:|",
+        "|---|---|---|---:|---|---|---:|---:|---:|---:|",
     ]
     for row, result in results.items():
-        lever = ROWS[row].lever
+        lever = f"{ROWS[row].lever} | {ROWS[row].against if row not in ('base', 'defaults') else ''}"
         if result is None:
             lines.append(f"| {row} | {lever} | not run | | | | | | |")
             continue

@@ -273,3 +273,44 @@ def test_reward_scale_and_flag_bonus(scale, bonus, monkeypatch):
 def test_bad_recipe_options_name_the_value(kwargs, message):
     with pytest.raises(ValueError, match=message):
         EnvConfig(**kwargs)
+
+
+# -- release_jump: a held A is released on the ground, so a jump action always jumps -----------
+
+JUMP = 1  # ['right', 'A'] in right_jump
+
+
+def hold_jump_from(x_switch: int, release_jump: bool, steps: int = 200) -> tuple[int, list[int]]:
+    """Hops (right, right+A alternately) to x_switch, then holds right+A: (max x, Mario's y
+    per step)."""
+    environment = make_env(EnvConfig(action_set="right_jump", release_jump=release_jump))
+    _, info = environment.reset(seed=0)
+    holding, max_x, heights = False, 0, []
+    for step in range(steps):
+        holding = holding or info["x_pos"] >= x_switch
+        _, _, terminated, truncated, info = environment.step(JUMP if holding else step % 2)
+        max_x = max(max_x, info["x_pos"])
+        heights.append(int(environment._ram[0x00CE]))
+        if terminated or truncated:
+            break
+    environment.close()
+    return max_x, heights
+
+
+@pytest.mark.parametrize(("release_jump", "passes_the_pipe"), [(False, False), (True, True)])
+def test_holding_jump_at_the_first_pipe(release_jump, passes_the_pipe):
+    # Holding right+A from x 380: one jump, then (without release_jump) Mario lands before the
+    # first pipe (x 434) with A still held and stands there; with it he hops on over the pipes.
+    max_x, _ = hold_jump_from(380, release_jump)
+    assert (max_x > 600) == passes_the_pipe, max_x
+    if not passes_the_pipe:
+        assert 430 <= max_x <= 440
+
+
+def test_release_jump_keeps_the_height_of_a_held_jump_and_jumps_again_on_landing():
+    # From a standstill, holding A for 14 steps: the same full-height arc either way (A is
+    # released only on the ground), landing (y 176) at step 11; then only release_jump jumps on.
+    _, plain = hold_jump_from(0, release_jump=False, steps=14)
+    _, released = hold_jump_from(0, release_jump=True, steps=14)
+    assert plain[:11] == released[:11] and min(plain) <= 115 and plain[10] == 176
+    assert plain[11:] == [176] * 3 and max(released[11:]) < 176

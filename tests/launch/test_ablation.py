@@ -69,25 +69,42 @@ def test_report_writes_the_table_and_the_curves(tmp_path):
     main(["ablation", "report", "--root", str(tmp_path), "--env-steps", "100", "--out", str(out),
           "--table-out", str(table_out), "--rows", "base", "nature-net", "dqn"])  # fmt: skip
     markdown = table_out.read_text()
-    assert "| base | the base recipe | 50% | 2000 / 1999 | 50%, x 2000 (100) | 1 of 3 |" in markdown
+    assert ("| base | run r1's recipe with the narrow net |  | 50% | 2000 / 1999 | 50%, x 2000 (100) "
+            "| 1 of 3 |") in markdown
+    assert "| dqn | DQN: no double-Q (the tutorial's comparison) | defaults | not run |" in markdown
     assert "| nature-net |" in markdown and "| dqn |" in markdown
     assert out.stat().st_size > 10_000
 
 
 @pytest.mark.parametrize("row", list(ablation.ROWS))
-def test_every_row_is_a_valid_train_command_differing_from_the_base(row):
+def test_every_row_is_a_valid_train_command_differing_from_its_recipe(row):
     import tyro
 
-    args = ablation.command(row, pathlib.Path("/tmp/rows"), 300_000, 5)
-    config = tyro.cli(TrainConfig, args=args[1:])
-    base_args = ablation.command("base", pathlib.Path("/tmp/rows"), 300_000, 5)
-    base = tyro.cli(TrainConfig, args=base_args[1:])
-    assert config.total_env_steps == 300_000 and config.run_dir == pathlib.Path("/tmp/rows") / row
-    same_dir = pathlib.Path("/tmp/rows/x")
-    differs = dataclasses.replace(config, run_dir=same_dir) != dataclasses.replace(
-        base, run_dir=same_dir
+    def config_of(name):
+        args = ablation.command(name, pathlib.Path("/tmp/rows"), 300_000, 5)
+        config = tyro.cli(TrainConfig, args=args[1:])
+        assert config.total_env_steps == 300_000
+        assert config.run_dir == pathlib.Path("/tmp/rows") / name
+        return dataclasses.replace(config, run_dir=pathlib.Path("/tmp/rows/x"))
+
+    config = config_of(row)
+    recipe = config_of(ablation.ROWS[row].against)
+    assert (config != recipe) == (row not in ("base", "defaults")), row
+    defaults = dataclasses.replace(
+        TrainConfig(), total_env_steps=300_000, checkpoint_minutes=5, resume_existing=True,
+        live_display=False, wandb="offline", run_dir=pathlib.Path("/tmp/rows/x"),
+    )  # fmt: skip
+    assert recipe == defaults or ablation.ROWS[row].against == "base"
+
+
+def test_the_defaults_are_the_base_plus_release_jump():
+    import tyro
+
+    base = tyro.cli(TrainConfig, args=list(ablation.BASE))
+    assert base != TrainConfig() and not base.env.release_jump
+    assert dataclasses.replace(base, env=dataclasses.replace(base.env, release_jump=True)) == (
+        TrainConfig()
     )
-    assert differs == (row != "base")  # each row changes its lever, the base nothing
 
 
 def test_unknown_rows_are_named():
