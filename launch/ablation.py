@@ -1,8 +1,8 @@
 """`mario ablation run|report`: the recipe search on 1-1, one lever per row, at one env-step budget.
 
 Every row is a recipe (BASE, or `mario train`'s defaults) plus the flags of its lever, trained
-by `mario train` into ROOT/<row> (continued with --resume-existing when the directory holds a run, so rows can span
-sessions). The report reads each row's metrics.jsonl: the in-training evaluation that ended the
+by `mario train` into ROOT/<row> (continued with --resume-existing when the directory holds a
+run, so rows can span sessions). The report reads each row's metrics.jsonl: the in-training evaluation that ended the
 row at the budget, the best one before it, the training episodes, the wall time; it writes a
 markdown table and one PNG of the evaluation curves.
 """
@@ -247,7 +247,8 @@ def table(results: dict[str, dict | None], env_steps: int) -> str:
         "|---|---|---|---:|---|---|---:|---:|---:|---:|",
     ]
     for row, result in results.items():
-        lever = f"{ROWS[row].lever} | {ROWS[row].against if row not in ('base', 'defaults') else ''}"
+        against = "" if row in ("base", "defaults") else ROWS[row].against
+        lever = f"{ROWS[row].lever} | {against}"
         if result is None:
             lines.append(f"| {row} | {lever} | not run | | | | | | |")
             continue

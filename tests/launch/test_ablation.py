@@ -69,8 +69,10 @@ def test_report_writes_the_table_and_the_curves(tmp_path):
     main(["ablation", "report", "--root", str(tmp_path), "--env-steps", "100", "--out", str(out),
           "--table-out", str(table_out), "--rows", "base", "nature-net", "dqn"])  # fmt: skip
     markdown = table_out.read_text()
-    assert ("| base | run r1's recipe with the narrow net |  | 50% | 2000 / 1999 | 50%, x 2000 (100) "
-            "| 1 of 3 |") in markdown
+    assert (
+        "| base | run r1's recipe with the narrow net |  | 50% | 2000 / 1999 | "
+        "50%, x 2000 (100) | 1 of 3 |"
+    ) in markdown
     assert "| dqn | DQN: no double-Q (the tutorial's comparison) | defaults | not run |" in markdown
     assert "| nature-net |" in markdown and "| dqn |" in markdown
     assert out.stat().st_size > 10_000
