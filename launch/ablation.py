@@ -2,9 +2,9 @@
 
 Every row is a recipe (BASE, or `mario train`'s defaults) plus the flags of its lever, trained
 by `mario train` into ROOT/<row> (continued with --resume-existing when the directory holds a
-run, so rows can span sessions). The report reads each row's metrics.jsonl: the in-training evaluation that ended the
-row at the budget, the best one before it, the training episodes, the wall time; it writes a
-markdown table and one PNG of the evaluation curves.
+run, so rows can span sessions). The report reads each row's metrics.jsonl: the in-training
+evaluation that ended the row at the budget, the best one before it, the training episodes, the
+wall time; it writes a markdown table and one PNG of the evaluation curves.
 """
 
 from __future__ import annotations
