@@ -1,6 +1,8 @@
 """Wire format: exact round trips, and typed errors (never a crash) on corrupt input."""
 
 import struct
+import subprocess
+import sys
 import zlib
 
 import lz4.frame
@@ -107,3 +109,37 @@ def test_random_bytes_and_bit_flips_never_escape_as_other_errors():
         except WireError:
             pass
     assert accepted == 0  # the CRC-32 catches every flipped bit, even in a pixel
+
+
+_BOMB_PROBE = """
+import resource, sys
+from common.wire import WireError, decode_chunk
+message = open(sys.argv[1], "rb").read()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    decode_chunk(message, "run-a", stack=4, num_actions=5)
+    print("decoded")
+except WireError as error:
+    print("rejected:", error)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(before, after)  # peak RSS in KiB
+"""
+
+
+def test_a_decompression_bomb_costs_no_more_memory_than_its_header_promises(tmp_path):
+    # 1 GiB of zeros in a ~4 MB lz4 frame, behind a valid header (a real 10-transition chunk's)
+    # and a valid CRC: the decoder stops after the promised size + 1 bytes, so the peak RSS of
+    # the decoding process grows by about the promised size, not by the 1 GiB.
+    message = encode_chunk(synthetic_chunk(np.random.default_rng(1), 10), "run-a")
+    compressor = lz4.frame.LZ4FrameCompressor()
+    zeros = bytes(16 * 2**20)
+    body = compressor.begin() + b"".join(compressor.compress(zeros) for _ in range(64))
+    body += compressor.flush()
+    path = tmp_path / "bomb.bin"
+    path.write_bytes(_header_swap(message, body=body))
+    result = subprocess.run([sys.executable, "-c", _BOMB_PROBE, str(path)], capture_output=True,
+                            text=True, timeout=120, check=True)  # fmt: skip
+    verdict, sizes = result.stdout.splitlines()
+    before_kib, after_kib = map(int, sizes.split())
+    assert verdict.startswith("rejected: body has more than")
+    assert (after_kib - before_kib) * 1024 < 64 * 2**20, (before_kib, after_kib)
