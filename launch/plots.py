@@ -14,7 +14,7 @@ from launch.grid_world import rolling_mean
 
 @dataclasses.dataclass(frozen=True)
 class PlotConfig:
-    """Render a run's learning curve (episode x_pos and return, loss) to PNG."""
+    """Render a run's learning curve (episode x_pos and return, loss, greedy eval) to PNG."""
 
     run_dirs: tyro.conf.Positional[tuple[pathlib.Path, ...]]
     """Run directories to plot (several are drawn side by side in each panel)."""
@@ -38,13 +38,21 @@ def load_metrics(run_dir: pathlib.Path) -> list[dict]:
     return records
 
 
+def eval_curve(records: list[dict]) -> list[tuple[int, float, float]]:
+    """(env steps, flag rate, mean max x) of each evaluation round, in env-step order."""
+    rounds = [r for r in records if "eval/flag_rate" in r]
+    return sorted((r["eval/env_steps"], r["eval/flag_rate"], r["eval/x_pos_mean"]) for r in rounds)
+
+
 def plot(config: PlotConfig) -> pathlib.Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    figure, grid = plt.subplots(2, 2, figsize=(13, 8))
+    axes = grid.flatten()
+    eval_x = axes[3].twinx()
     for run_dir in config.run_dirs:
         records = load_metrics(run_dir)
         # (runs before 2026-11-24 04:15 logged distributed episodes as max_x_pos/episode_return)
@@ -66,6 +74,12 @@ def plot(config: PlotConfig) -> pathlib.Path:
             axes[2].plot(
                 [r["step"] for r in updates], [r["learner/loss"] for r in updates], label=label
             )
+        evals = eval_curve(records)
+        if evals:
+            steps, flags, x_means = zip(*evals, strict=True)
+            line = axes[3].plot(steps, flags, marker="o", label=f"{label}: flag rate")[0]
+            eval_x.plot(steps, x_means, linestyle="--", color=line.get_color(),
+                        label=f"{label}: mean max x")  # fmt: skip
     axes[0].set(
         title=f"max x_pos per episode (rolling mean of {config.window})",
         xlabel="env steps",
@@ -74,8 +88,11 @@ def plot(config: PlotConfig) -> pathlib.Path:
     axes[0].axhline(3161, color="grey", linestyle=":", linewidth=1)  # 1-1's flag pole
     axes[1].set(title="episode return (rolling mean)", xlabel="env steps", ylabel="return")
     axes[2].set(title="learner loss", xlabel="env steps", ylabel="Huber loss")
+    axes[3].set(title="greedy evaluation during training (sticky 0.25)", xlabel="env steps",
+                ylabel="flag rate (solid)", ylim=(-0.05, 1.05))  # fmt: skip
+    eval_x.set(ylabel="mean max x_pos (dashed)", ylim=(0, 3300))
     for axis in axes:
-        axis.legend(loc="upper left")
+        axis.legend(loc="upper left", fontsize=8)
     figure.tight_layout()
     out = config.out or pathlib.Path(config.run_dirs[0]) / "learning_curve.png"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,29 @@
+"""`mario plot`: the learning curve, with the in-training evaluation."""
+
+import json
+
+from PIL import Image
+
+from launch.cli import main
+from launch.plots import eval_curve
+
+RECORDS = [
+    {"step": 10, "episode/x_pos": 300, "episode/return": 5.0},
+    {"step": 120, "eval/env_steps": 100, "eval/flag_rate": 0.1, "eval/x_pos_mean": 900.0},
+    {"step": 20, "learner/loss": 0.5},
+    {"step": 60, "eval/env_steps": 50, "eval/flag_rate": 0.0, "eval/x_pos_mean": 400.0},
+    {"step": 30, "episode/x_pos": 700, "episode/return": 9.0},
+]
+
+
+def test_eval_curve_is_the_rounds_in_env_step_order():
+    assert eval_curve(RECORDS) == [(50, 0.0, 400.0), (100, 0.1, 900.0)]
+    assert eval_curve([r for r in RECORDS if "eval/flag_rate" not in r]) == []
+
+
+def test_plot_draws_four_panels_from_a_run(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("\n".join(map(json.dumps, RECORDS)) + "\n{torn")
+    out = tmp_path / "curve.png"
+    main(["plot", str(tmp_path), "--out", str(out)])
+    with Image.open(out) as image:
+        assert image.size == (1170, 720)  # 13 × 8 inches at 90 dpi: the 2 × 2 panels
