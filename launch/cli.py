@@ -67,6 +67,9 @@ def _status(module, config, args: list[str]) -> None:
 
 def _plot(module, config, args: list[str]) -> None:
     console.print(f"written: {module.plot(config)}")
+    for run_dir in config.run_dirs:
+        lines = module.describe_milestones(module.milestones(module.load_metrics(run_dir)))
+        console.print(f"{run_dir}: greedy evaluation first at " + "; ".join(lines))
 
 
 def _ablation_run(module, config, args: list[str]) -> None:

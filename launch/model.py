@@ -24,7 +24,7 @@ import torch
 import tyro
 
 from common.config import EnvConfig, NetworkConfig, config_from_dict
-from launch.plots import load_metrics
+from launch.plots import describe_milestones, load_metrics, milestones
 from learner.checkpoint import BEST_NAME, CHECKPOINT_NAME, CheckpointError, load_checkpoint
 
 MODEL_WEIGHTS = "model.pt"
@@ -183,6 +183,7 @@ def export(config: ExportConfig) -> dict:
         "train_config": payload["config"],
         "selected_by": payload.get("eval"),
         "eval_curve": _eval_curve(run_dir),
+        "eval_milestones": _milestones(run_dir),
         "final_eval": None,
     }
     if card["selected_by"]:
@@ -219,6 +220,13 @@ def _eval_curve(run_dir: pathlib.Path) -> list[dict]:
     return [{"env_steps": r["eval/env_steps"], "flag_rate": r["eval/flag_rate"],
              "x_pos_mean": r["eval/x_pos_mean"], "x_pos_median": r["eval/x_pos_median"]}
             for r in records if "eval/flag_rate" in r]  # fmt: skip
+
+
+def _milestones(run_dir: pathlib.Path) -> dict:
+    try:
+        return milestones(load_metrics(run_dir))
+    except FileNotFoundError:
+        return {}
 
 
 def _write_card(out: pathlib.Path, card: dict) -> None:
@@ -271,6 +279,9 @@ def card_markdown(card: dict) -> str:
         ]
         lines += [f"| {p['env_steps']:,} | {p['flag_rate']:.0%} | {p['x_pos_mean']:.0f} | "
                   f"{p['x_pos_median']:.0f} |" for p in card["eval_curve"]]  # fmt: skip
+    if card.get("eval_milestones"):
+        lines += ["", "First rounds past each flag rate:", ""]
+        lines += [f"- {line}" for line in describe_milestones(card["eval_milestones"])]
     return "\n".join(lines) + "\n"
 
 

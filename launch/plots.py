@@ -44,6 +44,46 @@ def eval_curve(records: list[dict]) -> list[tuple[int, float, float]]:
     return sorted((r["eval/env_steps"], r["eval/flag_rate"], r["eval/x_pos_mean"]) for r in rounds)
 
 
+MILESTONES = (("flag_rate > 0", 0.0, False), ("flag_rate > 0.5", 0.5, False),
+              ("flag_rate >= 0.9", 0.9, True))  # fmt: skip
+
+
+def milestones(records: list[dict]) -> dict[str, dict | None]:
+    """When the greedy evaluation first reached each flag rate of MILESTONES: the env step of the
+    evaluated weights and the run's training wall time then (elapsed_s, carried across resumes,
+    interpolated between the counter records around that step); None if never."""
+    progress = sorted((r["step"], r["elapsed_s"]) for r in records
+                      if "counters/env_steps" in r and "elapsed_s" in r)  # fmt: skip
+    reached: dict[str, dict | None] = {}
+    for name, threshold, inclusive in MILESTONES:
+        first = next((steps for steps, rate, _ in eval_curve(records)
+                      if rate > threshold or (inclusive and rate >= threshold)), None)  # fmt: skip
+        if first is None:
+            reached[name] = None
+            continue
+        elapsed = None
+        if progress:
+            steps, seconds = zip(*progress, strict=True)
+            elapsed = float(np.interp(first, steps, seconds))
+        reached[name] = {"env_steps": first, "elapsed_s": elapsed}
+    return reached
+
+
+def describe_milestones(reached: dict[str, dict | None]) -> list[str]:
+    """One line per milestone, e.g. "flag_rate > 0: 350,000 env steps, 1 h 02 min of training"."""
+    lines = []
+    for name, when in reached.items():
+        if when is None:
+            lines.append(f"{name}: not reached")
+            continue
+        wall = ""
+        if when["elapsed_s"] is not None:
+            minutes = round(when["elapsed_s"] / 60)
+            wall = f", {minutes // 60} h {minutes % 60:02d} min of training"
+        lines.append(f"{name}: {when['env_steps']:,} env steps{wall}")
+    return lines
+
+
 def plot(config: PlotConfig) -> pathlib.Path:
     import matplotlib
 

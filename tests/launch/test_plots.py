@@ -5,7 +5,7 @@ import json
 from PIL import Image
 
 from launch.cli import main
-from launch.plots import eval_curve
+from launch.plots import describe_milestones, eval_curve, milestones
 
 RECORDS = [
     {"step": 10, "episode/x_pos": 300, "episode/return": 5.0},
@@ -27,3 +27,25 @@ def test_plot_draws_four_panels_from_a_run(tmp_path):
     main(["plot", str(tmp_path), "--out", str(out)])
     with Image.open(out) as image:
         assert image.size == (1170, 720)  # 13 × 8 inches at 90 dpi: the 2 × 2 panels
+
+
+def test_milestones_give_the_first_round_past_each_flag_rate_and_its_wall_time():
+    records = [
+        {"step": 0, "counters/env_steps": 0, "elapsed_s": 0.0},
+        {"step": 1000, "counters/env_steps": 1000, "elapsed_s": 100.0},
+        {"step": 3000, "counters/env_steps": 3000, "elapsed_s": 500.0},
+        {"step": 1100, "eval/env_steps": 1000, "eval/flag_rate": 0.0, "eval/x_pos_mean": 1.0},
+        {"step": 2100, "eval/env_steps": 2000, "eval/flag_rate": 0.2, "eval/x_pos_mean": 2.0},
+        {"step": 3100, "eval/env_steps": 3000, "eval/flag_rate": 0.9, "eval/x_pos_mean": 3.0},
+    ]
+    reached = milestones(records)
+    assert reached == {
+        "flag_rate > 0": {"env_steps": 2000, "elapsed_s": 300.0},  # halfway from 100 s to 500 s
+        "flag_rate > 0.5": {"env_steps": 3000, "elapsed_s": 500.0},
+        "flag_rate >= 0.9": {"env_steps": 3000, "elapsed_s": 500.0},
+    }
+    assert (
+        describe_milestones(reached)[0] == "flag_rate > 0: 2,000 env steps, 0 h 05 min of training"
+    )
+    assert milestones(records[:4])["flag_rate > 0"] is None
+    assert describe_milestones(milestones(records[:4]))[1] == "flag_rate > 0.5: not reached"
