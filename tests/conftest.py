@@ -1,4 +1,4 @@
-"""Shared fixtures: a real redis-server on a free loopback port."""
+"""Shared fixtures: a real redis-server on a free loopback port; the parallel test groups."""
 
 import pytest
 import redis
@@ -19,3 +19,18 @@ def redis_url(redis_server):
     client.flushall()
     client.close()
     return redis_server.url
+
+
+# Files that start Ray clusters (or processes whose leftovers they look for by name) run one
+# after another on one pytest-xdist worker; every other file is a group of its own, so its
+# module-scoped fixtures (a short training run) are built once.
+SERIAL_GROUP_FILES = frozenset({
+    "test_distributed.py", "test_chaos.py", "test_compose_processes.py", "test_ray_multinode.py",
+})  # fmt: skip
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        name = item.path.name
+        group = "ray-clusters" if name in SERIAL_GROUP_FILES else str(item.path)
+        item.add_marker(pytest.mark.xdist_group(group))
