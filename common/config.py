@@ -155,6 +155,13 @@ class NetworkConfig:
             raise ValueError(f"hidden ({self.hidden}) must be >= 1")
 
 
+def recipe_network() -> NetworkConfig:
+    """`mario train`'s network (launch/config.py has the rest of its recipe): dueling, conv
+    16-32-32, 256 hidden units — as good as Nature's at 300k env steps on 1-1, 1.8× the
+    learner's updates/s on CPU."""
+    return NetworkConfig(dueling=True, conv_channels=(16, 32, 32), hidden=256)
+
+
 def config_to_dict(config) -> dict:
     """A frozen config as plain JSON-able values (paths become strings)."""
 

@@ -14,7 +14,7 @@ import os
 import pathlib
 
 from actors.actor import ActorConfig
-from common.config import EnvConfig, NetworkConfig, config_from_dict
+from common.config import EnvConfig, NetworkConfig, config_from_dict, recipe_network
 from common.redis_io import RedisConfig
 from launch.evaluate import TrainEvalConfig
 from learner.checkpoint import CHECKPOINT_NAME, load_checkpoint
@@ -89,10 +89,6 @@ def recipe_replay() -> ReplayConfig:
 
 def recipe_learner() -> LearnerConfig:
     return LearnerConfig(learning_rate=1e-4, target_sync_updates=500)
-
-
-def recipe_network() -> NetworkConfig:
-    return NetworkConfig(dueling=True, conv_channels=(16, 32, 32), hidden=256)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import torch
 
-from common.config import NetworkConfig
+from common.config import NetworkConfig, recipe_network
 from learner.learner import Learner, LearnerConfig
 from replay_server.replay import Sample
 
@@ -39,9 +39,9 @@ class BenchLearnerConfig:
     """Speed options: plain, compile, bf16, channels-last, all (the three together)."""
     seconds: float = 5.0
     """Seconds of measured updates per configuration (after warm-up)."""
-    network: NetworkConfig = dataclasses.field(default_factory=NetworkConfig)
-    num_actions: int = 5
-    """Actions of the Q-network (right_only: 5)."""
+    network: NetworkConfig = dataclasses.field(default_factory=recipe_network)
+    num_actions: int = 2
+    """Actions of the Q-network (`mario train`'s right_jump: 2; right_only: 5)."""
     out: pathlib.Path = pathlib.Path("runs/bench/learner.json")
     """Where the JSON result is written."""
 
