@@ -141,6 +141,8 @@ class MarioEnv(gym.Env):
         self._gray_previous = np.empty(_SCREEN_SHAPE, dtype=np.uint8)
         self._episode_steps = 0
         self._previous_action_byte = 0
+        self._a_outlived_its_jump = False  # A held since before Mario's last time in the air
+        self._a_was_airborne = False
         self._x_last = 0
         self._time_last = 0
         self._max_x = 0
@@ -207,6 +209,7 @@ class MarioEnv(gym.Env):
         self._x_last = self._x_pos()
         self._time_last = self._clock()
         self._previous_action_byte = 0
+        self._a_outlived_its_jump = self._a_was_airborne = False
         self._episode_steps = 0
         self._done = False
         self._ring.fill(self._observe_frame())
@@ -259,13 +262,8 @@ class MarioEnv(gym.Env):
             byte = action_byte
             if sticky and rng.random() < sticky:
                 byte = self._previous_action_byte
-            if (
-                frame_index == 0
-                and self.config.release_jump
-                and byte & self._previous_action_byte & _BUTTONS["A"]
-                and int(self._ram[_RAM_FLOAT_STATE]) == 0
-            ):
-                byte &= ~_BUTTONS["A"] & 0xFF
+            if frame_index == 0 and self._a_outlived_its_jump and byte & _BUTTONS["A"]:
+                byte &= ~_BUTTONS["A"] & 0xFF  # release_jump: let go of A for this one frame
             self._previous_action_byte = byte
             frames += 1
             if native:
@@ -282,6 +280,8 @@ class MarioEnv(gym.Env):
                 terminated = dying or self._flag_get()
                 if not terminated:
                     frames += self._skip_cutscenes()
+            if self.config.release_jump:
+                self._track_held_jump(byte)
             if terminated:
                 break
             if frame_index == skip - 2:
@@ -291,6 +291,20 @@ class MarioEnv(gym.Env):
             self._x_last = self._x_pos()
         self._write_observation(pooled)
         return total_reward, terminated, frames
+
+    def _track_held_jump(self, byte: int) -> None:
+        """For release_jump: whether the A held now was pressed before Mario's last time in the
+        air and he stands on the ground again — a held A the NES will not jump on. A new press
+        counts from the frame it starts; the game sets the airborne state a frame after a press,
+        so a press on a step's last frame is not mistaken for one that already jumped."""
+        if not byte & _BUTTONS["A"]:
+            self._a_outlived_its_jump = False
+            self._a_was_airborne = False
+            return
+        airborne = int(self._ram[_RAM_FLOAT_STATE]) != 0
+        if airborne:
+            self._a_was_airborne = True
+        self._a_outlived_its_jump = self._a_was_airborne and not airborne
 
     def _observe_frame(self) -> np.ndarray:
         self._emulator.copy_screen_grayscale(self._gray)

@@ -41,6 +41,10 @@ BASE = (
     "--replay.samples-per-insert", "4",
 )  # fmt: skip
 
+# `mario train`'s defaults spelled out (a test checks they still are), so that a row's run keeps
+# its meaning if the defaults change, and resuming a row made on other defaults is an error.
+DEFAULTS = tuple("--env.release-jump" if flag == "--env.no-release-jump" else flag for flag in BASE)
+
 # The parts' own defaults (the tutorial's and Ape-X's), which were `mario train`'s before the
 # recipe: right_only, γ 0.9, Ape-X's ε ladder, no stuck rule, no flag bonus, Nature's net.
 TUTORIAL = (
@@ -60,13 +64,15 @@ class Row:
     flags: tuple[str, ...] = ()
     """Flags after its recipe's (later flags win)."""
     against: str = "defaults"
-    """The recipe the flags change: "base" (BASE's flags) or "defaults" (`mario train`'s)."""
+    """The recipe the flags change: "base" (BASE), "defaults" (DEFAULTS: `mario train`'s) or
+    "none" (the flags alone)."""
 
 
 ROWS: dict[str, Row] = {
     "base": Row("run r1's recipe with the narrow net", against="base"),
     "defaults": Row("`mario train`'s defaults: the base plus --env.release-jump"),
-    "tutorial": Row("the parts' own defaults (`mario train`'s before the recipe)", TUTORIAL),
+    "tutorial": Row("the parts' own defaults (`mario train`'s before the recipe)", TUTORIAL,
+                    against="none"),
     "nature-net": Row("network width: Nature's conv 32-64-64, hidden 512 (base: 16-32-32, 256)",
                       ("--network.conv-channels", "32", "64", "64", "--network.hidden", "512"),
                       against="base"),
@@ -95,6 +101,7 @@ ROWS: dict[str, Row] = {
     "dqn": Row("DQN: no double-Q (the tutorial's comparison)", ("--learner.no-double",)),
 }  # fmt: skip
 
+RECIPES = {"base": BASE, "defaults": DEFAULTS, "none": ()}
 DEFAULT_ROOT = pathlib.Path("~/mario-runs/ablation")
 
 
@@ -130,8 +137,7 @@ def command(row: str, root: pathlib.Path, env_steps: int, checkpoint_minutes: fl
     return [
         "train", "--run-dir", str(root.expanduser() / row), "--resume-existing",
         "--total-env-steps", str(env_steps), "--checkpoint-minutes", f"{checkpoint_minutes:g}",
-        "--no-live-display", "--wandb", "offline", *(BASE if ROWS[row].against == "base" else ()),
-        *ROWS[row].flags,
+        "--no-live-display", "--wandb", "offline", *RECIPES[ROWS[row].against], *ROWS[row].flags,
     ]  # fmt: skip
 
 
@@ -247,7 +253,11 @@ def table(results: dict[str, dict | None], env_steps: int) -> str:
         "|---|---|---|---:|---|---|---:|---:|---:|---:|",
     ]
     for row, result in results.items():
-        against = "" if row in ("base", "defaults") else ROWS[row].against
+        against = (
+            ""
+            if row in ("base", "defaults") or ROWS[row].against == "none"
+            else (ROWS[row].against)
+        )
         lever = f"{ROWS[row].lever} | {against}"
         if result is None:
             lines.append(f"| {row} | {lever} | not run | | | | | | |")

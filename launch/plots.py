@@ -44,6 +44,19 @@ def eval_curve(records: list[dict]) -> list[tuple[int, float, float]]:
     return sorted((r["eval/env_steps"], r["eval/flag_rate"], r["eval/x_pos_mean"]) for r in rounds)
 
 
+def without_lost_work(records: list[dict]) -> list[dict]:
+    """The records without those a crash lost: a run resumed from a checkpoint logs its steps
+    again from there, after the lost session's records of the same steps; those are dropped."""
+    kept: list[dict] = []
+    for record in records:
+        step = record.get("step")
+        if step is not None:
+            while kept and kept[-1].get("step", -1) >= step and "counters/env_steps" in record:
+                kept.pop()
+        kept.append(record)
+    return kept
+
+
 MILESTONES = (("flag_rate > 0", 0.0, False), ("flag_rate > 0.5", 0.5, False),
               ("flag_rate >= 0.9", 0.9, True))  # fmt: skip
 
@@ -52,6 +65,7 @@ def milestones(records: list[dict]) -> dict[str, dict | None]:
     """When the greedy evaluation first reached each flag rate of MILESTONES: the env step of the
     evaluated weights and the run's training wall time then (elapsed_s, carried across resumes,
     interpolated between the counter records around that step); None if never."""
+    records = without_lost_work(records)
     progress = sorted((r["step"], r["elapsed_s"]) for r in records
                       if "counters/env_steps" in r and "elapsed_s" in r)  # fmt: skip
     reached: dict[str, dict | None] = {}
@@ -133,6 +147,8 @@ def plot(config: PlotConfig) -> pathlib.Path:
     eval_x.set(ylabel="mean max x_pos (dashed)", ylim=(0, 3300))
     for axis in axes:
         axis.legend(loc="upper left", fontsize=8)
+    if eval_x.lines:
+        eval_x.legend(loc="upper right", fontsize=8)
     figure.tight_layout()
     out = config.out or pathlib.Path(config.run_dirs[0]) / "learning_curve.png"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ import collections
 import contextlib
 import dataclasses
 import datetime
+import fcntl
 import json
 import logging
 import os
@@ -562,7 +563,50 @@ def train(
     the config fields set on the command line (see prepare_run); `command`: the command line,
     recorded in the run's invocations.jsonl with the code's commit and the machine.
     """
-    run = prepare_run(requested, given)
+    named = requested.resume or requested.run_dir
+    with contextlib.ExitStack() as held:
+        if named is not None and (pathlib.Path(named).is_dir() or requested.resume is None):
+            held.enter_context(lock_run_dir(pathlib.Path(named)))
+        run = prepare_run(requested, given)
+        if named is None:
+            held.enter_context(lock_run_dir(run.run_dir))
+        return _train(run, console, command)
+
+
+RUN_LOCK = ".lock"
+
+
+@contextlib.contextmanager
+def lock_run_dir(run_dir: pathlib.Path):
+    """Holds an exclusive lock on the run directory (flock on RUN_LOCK, which names the holder's
+    pid) while a `mario train` uses it: a second trainer on the same directory would mix two
+    runs' checkpoints and metrics. The kernel drops the lock when the holder dies, however.
+
+    Raises:
+        ValueError: the directory is held by another process, named by its pid.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / RUN_LOCK, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise ValueError(
+                f"run directory {run_dir} is in use by another mario train (pid {holder}): "
+                "stop that one first, or pick another --run-dir"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _train(run: PreparedRun, console: Console | None, command: list[str] | None) -> dict:
     if run.checkpoint:
         log_lost_work(run)
     record_invocation(run, command)

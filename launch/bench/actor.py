@@ -11,17 +11,18 @@ import time
 import torch
 
 from actors.actor import ActorConfig, ActorCore, slot_epsilons
-from common.config import EnvConfig, NetworkConfig
+from common.config import EnvConfig, NetworkConfig, recipe_network
 from launch.bench.env import raw_emulator_fps
+from launch.config import recipe_actor, recipe_env
 
 
 @dataclasses.dataclass(frozen=True)
 class BenchActorConfig:
     """Measure one actor (K envs + batched CPU inference + n-step adder + chunking)."""
 
-    env: EnvConfig = dataclasses.field(default_factory=EnvConfig)
-    actor: ActorConfig = dataclasses.field(default_factory=ActorConfig)
-    network: NetworkConfig = dataclasses.field(default_factory=NetworkConfig)
+    env: EnvConfig = dataclasses.field(default_factory=recipe_env)
+    actor: ActorConfig = dataclasses.field(default_factory=recipe_actor)
+    network: NetworkConfig = dataclasses.field(default_factory=recipe_network)
     seconds: float = 20.0
     """Seconds for each of the two measurements."""
     cpu: int | None = 0

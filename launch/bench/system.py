@@ -10,15 +10,16 @@ import tempfile
 import numpy as np
 from rich.console import Console
 
-from launch.config import TrainConfig
+from launch.config import TrainConfig, recipe_replay
 from launch.plots import load_metrics
 from launch.trainer import train
-from replay_server.replay import ReplayConfig
 
 
 def _default_train() -> TrainConfig:
-    # The learner starts early enough to be measured inside a short window.
-    return TrainConfig(replay=ReplayConfig(capacity=50_000, min_size_to_sample=2_000))
+    # `mario train`'s recipe, with a smaller replay whose learner starts early enough to be
+    # measured inside a short window.
+    replay = dataclasses.replace(recipe_replay(), capacity=50_000, min_size_to_sample=2_000)
+    return TrainConfig(replay=replay)
 
 
 @dataclasses.dataclass(frozen=True)

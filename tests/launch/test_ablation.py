@@ -90,13 +90,14 @@ def test_every_row_is_a_valid_train_command_differing_from_its_recipe(row):
         return dataclasses.replace(config, run_dir=pathlib.Path("/tmp/rows/x"))
 
     config = config_of(row)
-    recipe = config_of(ablation.ROWS[row].against)
+    against = ablation.ROWS[row].against
+    recipe = config_of(against) if against != "none" else None
     assert (config != recipe) == (row not in ("base", "defaults")), row
     defaults = dataclasses.replace(
         TrainConfig(), total_env_steps=300_000, checkpoint_minutes=5, resume_existing=True,
         live_display=False, wandb="offline", run_dir=pathlib.Path("/tmp/rows/x"),
     )  # fmt: skip
-    assert recipe == defaults or ablation.ROWS[row].against == "base"
+    assert (recipe == defaults) == (against == "defaults"), row
 
 
 def test_the_defaults_are_the_base_plus_release_jump():
@@ -106,6 +107,25 @@ def test_the_defaults_are_the_base_plus_release_jump():
     assert base != TrainConfig() and not base.env.release_jump
     assert dataclasses.replace(base, env=dataclasses.replace(base.env, release_jump=True)) == (
         TrainConfig()
+    )
+    assert tyro.cli(TrainConfig, args=list(ablation.DEFAULTS)) == TrainConfig()
+
+
+def test_the_tutorial_row_is_the_parts_own_defaults():
+    import tyro
+
+    from actors.actor import ActorConfig
+    from common.config import EnvConfig, NetworkConfig
+    from learner.learner import LearnerConfig
+    from replay_server.replay import ReplayConfig
+
+    tutorial = tyro.cli(TrainConfig, args=list(ablation.TUTORIAL))
+    assert (tutorial.env, tutorial.actor, tutorial.network, tutorial.learner, tutorial.replay) == (
+        EnvConfig(),
+        ActorConfig(),
+        NetworkConfig(),
+        LearnerConfig(),
+        ReplayConfig(),
     )
 
 

@@ -49,3 +49,23 @@ def test_milestones_give_the_first_round_past_each_flag_rate_and_its_wall_time()
     )
     assert milestones(records[:4])["flag_rate > 0"] is None
     assert describe_milestones(milestones(records[:4]))[1] == "flag_rate > 0.5: not reached"
+
+
+def test_milestones_ignore_the_work_a_crash_lost():
+    # A session evaluated at 2,000 (flag rate 0.6) and logged up to 3,000 env steps, then died;
+    # the run resumed from its checkpoint at 1,000 and logged those steps again: the lost
+    # session's round does not count, and the wall time is the resumed session's.
+    records = [
+        {"step": 1000, "counters/env_steps": 1000, "elapsed_s": 100.0},
+        {"step": 2100, "eval/env_steps": 2000, "eval/flag_rate": 0.6, "eval/x_pos_mean": 2.0},
+        {"step": 3000, "counters/env_steps": 3000, "elapsed_s": 300.0},
+        {"step": 1000, "counters/env_steps": 1000, "elapsed_s": 100.0},
+        {"step": 2000, "counters/env_steps": 2000, "elapsed_s": 400.0},
+        {"step": 2100, "eval/env_steps": 2000, "eval/flag_rate": 0.2, "eval/x_pos_mean": 2.0},
+        {"step": 3000, "counters/env_steps": 3000, "elapsed_s": 600.0},
+    ]
+    assert milestones(records) == {
+        "flag_rate > 0": {"env_steps": 2000, "elapsed_s": 400.0},
+        "flag_rate > 0.5": None,
+        "flag_rate >= 0.9": None,
+    }

@@ -1,5 +1,6 @@
 """Bad deployment settings of `mario train` are clear errors that name the value."""
 
+import os
 import pathlib
 import socket
 
@@ -8,6 +9,7 @@ import redis
 
 from launch.cli import main
 from launch.config import DistributedConfig, TrainConfig, given_fields
+from launch.trainer import RUN_LOCK, lock_run_dir
 
 
 @pytest.mark.parametrize(
@@ -82,3 +84,20 @@ def test_a_busy_head_port_is_a_clear_error_and_leaves_nothing_running(tmp_path, 
 )
 def test_given_fields_reads_the_flags_of_a_command_line(args, given):
     assert given_fields(args) == given
+
+
+def test_a_run_directory_in_use_is_refused_naming_the_holder(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    with lock_run_dir(run_dir):
+        assert (run_dir / RUN_LOCK).read_text().strip() == str(os.getpid())
+        in_use = rf"{run_dir} is in use .* \(pid {os.getpid()}\)"
+        with pytest.raises(ValueError, match=in_use), lock_run_dir(run_dir):
+            pass
+        for flags in (["--run-dir", str(run_dir)], ["--resume", str(run_dir)]):
+            with pytest.raises(SystemExit) as exit_info:
+                main(["train", "--serial", *flags, "--wandb", "disabled", "--no-live-display"])
+            assert exit_info.value.code == 1
+            assert "is in use by another mario train" in " ".join(capsys.readouterr().out.split())
+        assert list(run_dir.iterdir()) == [run_dir / RUN_LOCK]  # nothing else was written
+    with lock_run_dir(run_dir):  # released when its holder lets go (or dies)
+        pass
