@@ -29,6 +29,7 @@ SERIAL_GROUP_FILES = frozenset({
 })  # fmt: skip
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's hook, which reads the groups
 def pytest_collection_modifyitems(config, items):
     for item in items:
         name = item.path.name
