@@ -149,7 +149,9 @@ class ActorRunner:
         self.chunks_written += len(chunks)
 
     def _send_records(self) -> None:
-        pipe = self.client.pipeline(transaction=False)
+        # MULTI/EXEC: a connection lost halfway through must not leave some records written
+        # (they are kept and sent again), which would count those episodes twice.
+        pipe = self.client.pipeline(transaction=True)
         for record in self._records:
             pipe.xadd(self.redis_keys.telemetry, {b"m": encode_record(record)},
                       maxlen=TELEMETRY_MAXLEN, approximate=True)  # fmt: skip

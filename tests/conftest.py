@@ -21,17 +21,16 @@ def redis_url(redis_server):
     return redis_server.url
 
 
-# Files that start Ray clusters (or processes whose leftovers they look for by name) run one
-# after another on one pytest-xdist worker; every other file is a group of its own, so its
-# module-scoped fixtures (a short training run) are built once.
-SERIAL_GROUP_FILES = frozenset({
-    "test_distributed.py", "test_chaos.py", "test_compose_processes.py", "test_ray_multinode.py",
-})  # fmt: skip
+# Test files run in parallel (pytest-xdist --dist loadgroup), each file a group of its own, so
+# that its module-scoped fixtures (a short training run) are built once. The two files that
+# start multi-node Ray clusters (several raylets, ray jobs) share a group, so that at most two
+# Ray clusters run at once on a 2-core machine; tests that look for their processes by name
+# look only among their own run's descendants.
+SHARED_GROUPS = {"test_compose_processes.py": "ray-nodes", "test_ray_multinode.py": "ray-nodes"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's hook, which reads the groups
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        name = item.path.name
-        group = "ray-clusters" if name in SERIAL_GROUP_FILES else str(item.path)
+        group = SHARED_GROUPS.get(item.path.name, str(item.path))
         item.add_marker(pytest.mark.xdist_group(group))

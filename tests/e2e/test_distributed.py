@@ -45,11 +45,35 @@ TINY = [
 ]  # fmt: skip
 
 
-def processes(pattern: str) -> list[str]:
+def processes(pattern: str, under: int | None = None) -> list[str]:
     """`pid command` of the processes matching pattern that these tests started: a Ray cluster
-    that already ran on the machine (a training run beside the tests) is not theirs."""
+    that already ran on the machine (a training run beside the tests) is not theirs; with
+    `under`, only that process's descendants (other tests' clusters may run beside)."""
     result = subprocess.run(["pgrep", "-af", pattern], capture_output=True, text=True)
-    return [line for line in result.stdout.splitlines() if line.split()[0] not in PREEXISTING]
+    mine = descendants(under) if under is not None else None
+    lines = [line for line in result.stdout.splitlines() if line.split()[0] not in PREEXISTING]
+    return [line for line in lines if mine is None or int(line.split()[0]) in mine]
+
+
+def descendants(root: int) -> set[int]:
+    """The pids of root's descendants (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(parent, []).append(int(entry))
+    found, stack = set(), [root]
+    while stack:
+        for child in children.get(stack.pop(), ()):
+            if child not in found:
+                found.add(child)
+                stack.append(child)
+    return found
 
 
 PREEXISTING = set()
@@ -199,24 +223,26 @@ def test_two_shards_dead_actor_and_learner_replaced_sigterm_stops_everything(tmp
     process = _start_run(run_dir, "--distributed.num-shards", "2")
     try:
         _wait_for_steps(process, metrics, 0)
-        actors = [line.split()[0] for line in processes("ray::ActorWorker")]
+        actors = [line.split()[0] for line in processes("ray::ActorWorker", process.pid)]
         assert len(actors) == 2
         os.kill(int(actors[0]), signal.SIGKILL)  # an actor crashes; training goes on
         time.sleep(3)
         _wait_for_steps(process, metrics, _env_steps(metrics) + 200)
         deadline = time.monotonic() + 120  # Ray restarts the process (slowly on a busy machine)
         while True:
-            restarted = [line.split()[0] for line in processes("ray::ActorWorker")]
+            restarted = [line.split()[0] for line in processes("ray::ActorWorker", process.pid)]
             if len(restarted) == 2 or time.monotonic() > deadline:
                 break
             time.sleep(1)
         assert len(restarted) == 2 and actors[0] not in restarted
         # The learner's process dies: a new learner continues, its counter never going back.
-        (learner,) = [line.split()[0] for line in processes("ray::LearnerWorker")]
+        (learner,) = [line.split()[0] for line in processes("ray::LearnerWorker", process.pid)]
         updates_before = _updates(metrics)
         os.kill(int(learner), signal.SIGKILL)
         _wait_for(process, lambda: _updates(metrics) > updates_before + 30)
-        assert [line.split()[0] for line in processes("ray::LearnerWorker")] != [learner]
+        assert [line.split()[0] for line in processes("ray::LearnerWorker", process.pid)] != [
+            learner
+        ]
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=180) == 0
     finally:

@@ -159,7 +159,9 @@ def test_existing_run_dir_needs_resume_and_resume_existing_continues(trained_run
     before = load_checkpoint(trained_run)["counters"]["env_steps"]
     with pytest.raises(SystemExit):  # would overwrite a checkpoint
         main([*TINY, "--total-env-steps", "10", "--run-dir", str(trained_run)])
-    assert f"run_dir {trained_run} already holds a checkpoint" in capsys.readouterr().out
+    assert f"run_dir {trained_run} already holds a checkpoint" in " ".join(
+        capsys.readouterr().out.split()
+    )
     budget = before + 100
     main([*TINY, "--total-env-steps", str(budget), "--run-dir", str(trained_run),
           "--resume-existing"])  # fmt: skip
