@@ -43,13 +43,36 @@ ROLE_OUTAGE_S = 90.0
 for the driver to restart an embedded redis-server, or for an external one to come back."""
 
 
+class _Refused(Exception):
+    """Carries an error that retrying cannot fix past redis-py's retry loop."""
+
+
+class OutageRetry(Retry):
+    """Retries lost connections, not refusals: a wrong or missing password (redis-py's
+    AuthenticationError is a ConnectionError) fails at once instead of after the whole outage
+    window."""
+
+    def call_with_retry(self, do, fail, *args, **kwargs):
+        def attempt():
+            try:
+                return do()
+            except redis.AuthenticationError as error:
+                raise _Refused() from error
+
+        try:
+            return super().call_with_retry(attempt, fail, *args, **kwargs)
+        except _Refused as refused:
+            raise refused.__cause__ from None
+
+
 def connect(url: str, config: RedisConfig | None = None, outage_s: float = 0.0) -> redis.Redis:
     """A client for `url` with the config's ACL user, password and TLS settings. With
     `outage_s` > 0, each command retries a lost connection with exponential backoff (0.05 s
-    doubling up to 2 s) for about that long; else it fails at once."""
+    doubling up to 2 s) for about that long; else it fails at once. A refused password fails at
+    once either way."""
     kwargs = {}
     if outage_s > 0:
-        kwargs["retry"] = Retry(ExponentialBackoff(cap=2.0, base=0.05), int(outage_s / 2) + 6)
+        kwargs["retry"] = OutageRetry(ExponentialBackoff(cap=2.0, base=0.05), int(outage_s / 2) + 6)
         kwargs["retry_on_error"] = [redis.ConnectionError, redis.TimeoutError]
     if config is not None:
         if config.username:

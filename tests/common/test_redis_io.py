@@ -8,8 +8,9 @@ import time
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
 
-from common.redis_io import EmbeddedRedis, connect
+from common.redis_io import EmbeddedRedis, OutageRetry, connect
 
 
 def test_a_killed_persistent_server_restarts_with_what_it_acknowledged(tmp_path):
@@ -52,3 +53,40 @@ def test_an_in_memory_server_restarts_empty():
         assert client.get("key") is None
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize(
+    ("errors", "calls", "outcome"),
+    [
+        ([], 1, "ok"),
+        ([redis.ConnectionError("lost")] * 2, 3, "ok"),  # a lost connection is retried
+        ([redis.TimeoutError("slow")] * 5, 4, redis.TimeoutError),  # 3 retries, then it gives up
+        ([redis.AuthenticationError("invalid password")], 1, redis.AuthenticationError),
+        ([redis.ConnectionError("lost"), redis.AuthenticationError("no")], 2,
+         redis.AuthenticationError),
+    ],
+)  # fmt: skip
+def test_outage_retry_retries_lost_connections_not_refusals(errors, calls, outcome):
+    retry = OutageRetry(NoBackoff(), 3)
+    pending, made = list(errors), []
+
+    def do():
+        made.append(1)
+        if pending:
+            raise pending.pop(0)
+        return "ok"
+
+    if outcome == "ok":
+        assert retry.call_with_retry(do, lambda error: None) == "ok"
+    else:
+        with pytest.raises(outcome):
+            retry.call_with_retry(do, lambda error: None)
+    assert len(made) == calls
+
+
+def test_a_wrong_password_fails_at_once_even_with_an_outage_window():
+    with EmbeddedRedis(password="s3cret") as server:
+        client = connect(server.url, outage_s=90)  # would retry a lost connection for ~90 s
+        with pytest.raises(redis.AuthenticationError):
+            client.ping()
+        assert isinstance(client.get_retry(), OutageRetry)  # the window is there; refusals skip it
