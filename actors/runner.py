@@ -10,11 +10,12 @@ import dataclasses
 import logging
 import threading
 import time
+import uuid
 
 import redis
 
 from actors.actor import ActorCore
-from common.redis_io import RedisEndpoint
+from common.redis_io import OnceWriter, RedisEndpoint
 from common.wire import WireError, decode_weights, encode_chunk, encode_record
 
 logger = logging.getLogger("actor")
@@ -57,6 +58,11 @@ class ActorRunner:
         self.unsent: collections.deque = collections.deque()  # chunks Redis has not taken yet
         self._records: collections.deque = collections.deque(maxlen=10_000)  # episodes, unsent
         self._reported = {"env_steps": core.env_steps, "frames": core.frames}
+        # exactly once, also when Redis applied a batch and died before it could answer
+        incarnation = uuid.uuid4().hex[:12]
+        self._writers = {channel: OnceWriter(self.client, self.redis_keys,
+                                             f"{self.name}:{incarnation}:{channel}")
+                         for channel in ("chunks", "records", "counts")}  # fmt: skip
         self._down_since: float | None = None
         self._retry_at, self._backoff = 0.0, 0.1
 
@@ -131,45 +137,52 @@ class ActorRunner:
             self._stop.wait(0.05)
         if not self.unsent:
             return
-        # no more than the backlog has room for (many actors back from an outage at once)
-        chunks = [self.unsent[i] for i in range(min(len(self.unsent), max(room, 1)))]
-        pipe = self.client.pipeline(transaction=True)
-        for chunk in chunks:
-            pipe.xadd(
-                self.redis_keys.experience,
-                {b"c": encode_chunk(chunk, self.run_id)},
-                maxlen=4 * backlog_limit,
-                approximate=True,
-            )
-        pipe.hincrby(self.redis_keys.counters, "chunks_written", len(chunks))
-        pipe.hincrby(self.redis_keys.counters, "transitions_written", sum(len(c) for c in chunks))
-        pipe.execute()
-        for _ in chunks:
+
+        def batch():  # no more than the backlog has room for (many actors back from an outage)
+            chunks = [self.unsent[i] for i in range(min(len(self.unsent), max(room, 1)))]
+            key, cap = self.redis_keys.experience, 4 * backlog_limit
+            commands = [("XADD", key, "MAXLEN", "~", cap, "*", "c", encode_chunk(c, self.run_id))
+                        for c in chunks]  # fmt: skip
+            counters = self.redis_keys.counters
+            commands.append(("HINCRBY", counters, "chunks_written", len(chunks)))
+            commands.append(("HINCRBY", counters, "transitions_written",
+                             sum(len(c) for c in chunks)))  # fmt: skip
+            return commands, len(chunks)
+
+        sent = self._writers["chunks"].write(batch)  # the chunks stay in `unsent` until then
+        for _ in range(sent):
             self.unsent.popleft()
-        self.chunks_written += len(chunks)
+        self.chunks_written += sent
 
     def _send_records(self) -> None:
-        # MULTI/EXEC: a connection lost halfway through must not leave some records written
-        # (they are kept and sent again), which would count those episodes twice.
-        pipe = self.client.pipeline(transaction=True)
-        for record in self._records:
-            pipe.xadd(self.redis_keys.telemetry, {b"m": encode_record(record)},
-                      maxlen=TELEMETRY_MAXLEN, approximate=True)  # fmt: skip
-        pipe.execute()
-        self._records.clear()
+        def batch():
+            records = list(self._records)
+            self._records.clear()
+            key = self.redis_keys.telemetry
+            return [("XADD", key, "MAXLEN", "~", TELEMETRY_MAXLEN, "*", "m", encode_record(r))
+                    for r in records], records  # fmt: skip
+
+        self._writers["records"].write(batch)
 
     def _send_counts(self, stats: dict | None = None) -> None:
         """Heartbeat, stats, and the env steps and frames played since the last report."""
-        core = self.core
-        pipe = self.client.pipeline(transaction=True)
-        if stats is not None:
-            pipe.hset(self.redis_keys.heartbeats, self.name, time.time())
-            pipe.hset(self.redis_keys.stats, self.name, encode_record(stats))
-        pipe.hincrby(self.redis_keys.counters, "env_steps",
-                     core.env_steps - self._reported["env_steps"])  # fmt: skip
-        pipe.hincrby(self.redis_keys.counters, "frames", core.frames - self._reported["frames"])
-        pipe.execute()
-        self._reported = {"env_steps": core.env_steps, "frames": core.frames}
+
+        def batch():
+            core, commands = self.core, []
+            if stats is not None:
+                commands.append(("HSET", self.redis_keys.heartbeats, self.name, time.time()))
+                commands.append(("HSET", self.redis_keys.stats, self.name, encode_record(stats)))
+            counters = self.redis_keys.counters
+            for name, now in (("env_steps", core.env_steps), ("frames", core.frames)):
+                commands.append(("HINCRBY", counters, name, now - self._reported[name]))
+                self._reported[name] = now  # in this batch now, sent at least once
+            return commands, None
+
+        self._writers["counts"].write(batch)
+
+    def unsent_records(self) -> int:
+        """Episode records Redis has not acknowledged."""
+        return len(self._records) + len(self._writers["records"].pending or ())
 
     def run(self, max_env_steps: int | None = None) -> dict:
         """Acts until stop() (or max_env_steps); returns final counters."""
@@ -189,7 +202,7 @@ class ActorRunner:
                 record.update(kind="episode", actor=self.name, policy_version=core.policy_version)
                 self._records.append(record)
                 self.episodes += 1
-            if self._records:
+            if self._records or self._writers["records"].busy:
                 self._redis("episodes", self._send_records)
             if core.frames >= next_poll:
                 self._poll_weights()
@@ -225,13 +238,14 @@ class ActorRunner:
         deadline, delay = time.monotonic() + timeout_s, 0.05
         while True:
             sent = (self._redis("exit", self._send, force=True) and not self.unsent
-                    and self._redis("exit", self._send_records, force=True))  # fmt: skip
+                    and self._redis("exit", self._send_records, force=True)
+                    and not self.unsent_records())  # fmt: skip
             if sent and self._redis("exit", self._send_counts, force=True):
                 return
             if time.monotonic() > deadline:
                 logger.error(
                     "%s: Redis unavailable at exit: %d chunks and %d episode records not sent",
-                    self.name, len(self.unsent), len(self._records),
+                    self.name, len(self.unsent), self.unsent_records(),
                 )  # fmt: skip
                 return
             time.sleep(delay)

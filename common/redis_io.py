@@ -129,8 +129,75 @@ class RedisKeys:
         """Hash role-name → its latest stats (common.wire.encode_record), for `mario status`."""
         return self._key("stats")
 
+    @property
+    def producers(self) -> str:
+        """Hash producer → sequence number of its last applied batch (OnceWriter)."""
+        return self._key("producers")
+
 
 REPLAY_GROUP = "replay"
+
+# Applies a batch of commands unless this producer's batch `seq` was applied before, in one
+# atomic step. ARGV: producer, seq, then each command as its argument count and its arguments.
+_ONCE_SCRIPT = """
+local seq = tonumber(ARGV[2])
+if seq <= tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0') then return 0 end
+local i = 3
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  redis.call(unpack(ARGV, i + 1, i + n))
+  i = i + n + 1
+end
+redis.call('HSET', KEYS[1], ARGV[1], seq)
+return 1
+"""
+
+
+class OnceWriter:
+    """Writes batches of commands so that each is applied exactly once, however often it is sent.
+
+    A batch whose reply was lost (Redis applied it, then the connection or the server died) is
+    sent again with the same sequence number, and Redis skips it: a MULTI/EXEC alone would count
+    those episodes or env steps twice. Until a batch is acknowledged the writer keeps it and
+    sends nothing else, so a retry is the very same batch. One writer per producer and channel:
+    the producer name should be new for each process (a restarted actor starts over at 1)."""
+
+    def __init__(self, client: redis.Redis, keys: RedisKeys, producer: str):
+        self._script = client.register_script(_ONCE_SCRIPT)
+        self._key = keys.producers
+        self.producer = producer
+        self.seq = 0
+        self._pending: tuple[int, list, object] | None = None
+        self.replayed = 0  # batches a retry found already applied
+
+    @property
+    def busy(self) -> bool:
+        """Whether a batch waits to be acknowledged (its send raised)."""
+        return self._pending is not None
+
+    @property
+    def pending(self):
+        """What `build` returned for the batch not yet acknowledged, or None."""
+        return None if self._pending is None else self._pending[2]
+
+    def write(self, build):
+        """Sends the pending batch or, if none, the one `build()` returns as (commands, result),
+        each command a tuple of its name and arguments. Returns the batch's result once Redis
+        has it; a lost connection raises and keeps the batch for the next call, which sends it
+        and not a new one (`build` is not called): the caller builds from what is still
+        unsent, or calls write again while `busy`."""
+        if self._pending is None:
+            commands, result = build()
+            args = []
+            for command in commands:
+                args += [len(command), *command]
+            self.seq += 1
+            self._pending = (self.seq, args, result)
+        seq, args, result = self._pending
+        applied = self._script(keys=[self._key], args=[self.producer, seq, *args])
+        self.replayed += int(applied) == 0
+        self._pending = None
+        return result
 
 
 @dataclasses.dataclass(frozen=True)

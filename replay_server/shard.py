@@ -1,7 +1,8 @@
 """A replay shard: a PrioritizedReplay fed from the run's Redis stream through a consumer group.
 
 Delivery guarantee: an entry is XACKed only after its chunk is inserted (or counted as
-rejected), in the same MULTI as the counters. A shard that dies between reading and acking
+rejected), in one atomic step with the counters (an OnceWriter batch, applied once even if its
+answer is lost and the client sends it again). A shard that dies between reading and acking
 leaves the entries pending under its consumer name; its successor (same name) reads its own
 pending entries first. So every chunk that reached Redis ends up inserted or rejected, and
 `written == inserted + rejected + still in the stream` holds across restarts.
@@ -12,11 +13,12 @@ from __future__ import annotations
 import logging
 import pathlib
 import time
+import uuid
 
 import numpy as np
 import redis
 
-from common.redis_io import REPLAY_GROUP, RedisEndpoint
+from common.redis_io import REPLAY_GROUP, OnceWriter, RedisEndpoint
 from common.wire import WireError, decode_chunk
 from replay_server.replay import PrioritizedReplay, Sample
 
@@ -48,6 +50,10 @@ class ReplayShard:
         self._last_trim = 0.0
         # Stream ids: the newest entry this shard read, and the newest it screened (_screen).
         self._read_to = self._screened_to = "0-0"
+        # the acks and counts in one step, applied once even if a lost reply makes the client
+        # send them again
+        self._acks = OnceWriter(self.client, self.redis_keys,
+                                f"{self.consumer}:{uuid.uuid4().hex[:12]}:acks")  # fmt: skip
         self._create_group()
 
     def ingest(self, max_chunks: int = 32, block_ms: int | None = None) -> int:
@@ -76,13 +82,13 @@ class ReplayShard:
                 rejected += 1
                 logger.warning("shard %d dropped entry %s: %s", self.shard_id, entry_id, error)
         if ids:
-            pipe = self.client.pipeline(transaction=True)
-            pipe.xack(self.redis_keys.experience, REPLAY_GROUP, *ids)
-            if inserted:
-                pipe.hincrby(self.redis_keys.counters, "chunks_inserted", inserted)
-            if rejected:
-                pipe.hincrby(self.redis_keys.counters, "chunks_rejected", rejected)
-            pipe.execute()
+            counters = self.redis_keys.counters
+            commands = [("XACK", self.redis_keys.experience, REPLAY_GROUP, *ids),
+                        ("HINCRBY", counters, "chunks_inserted", inserted),
+                        ("HINCRBY", counters, "chunks_rejected", rejected)]  # fmt: skip
+            if self._acks.busy:  # the acks of a batch whose write raised go first
+                self._acks.write(None)
+            self._acks.write(lambda: (commands, None))
         self._maybe_trim()
         return len(ids)
 

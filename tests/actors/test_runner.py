@@ -1,6 +1,6 @@
 """The actor loop through a Redis outage (real redis-server, killed and restarted): it plays on,
 keeps what it cannot send in a bounded buffer, and once Redis is back every chunk, episode and
-env step is counted exactly once."""
+env step is counted exactly once; also when Redis applied a batch whose answer was lost."""
 
 import dataclasses
 import os
@@ -15,6 +15,7 @@ from actors.runner import ActorRunner
 from common.config import EnvConfig, NetworkConfig
 from common.redis_io import EmbeddedRedis, RedisEndpoint, RedisKeys
 from common.wire import decode_chunk
+from tests.common.reply_dropper import ReplyDropper
 from tests.learner.test_learning import Corridor
 
 
@@ -25,16 +26,20 @@ def _wait(condition, timeout_s=30.0):
         time.sleep(0.05)
 
 
+def _corridor_actor() -> ActorCore:
+    return ActorCore(
+        dataclasses.replace(EnvConfig(), action_set="right_jump"),
+        ActorConfig(envs_per_actor=2, chunk_length=10),
+        NetworkConfig(conv_channels=(4, 8, 8), hidden=16),
+        epsilons=[1.0, 1.0], env_factory=Corridor,
+    )  # fmt: skip
+
+
 def test_an_actor_plays_through_a_redis_outage_and_loses_nothing(tmp_path):
     server = EmbeddedRedis(data_dir=tmp_path / "redis")
     try:
         endpoint = RedisEndpoint(server.url, "outage")
-        core = ActorCore(
-            dataclasses.replace(EnvConfig(), action_set="right_jump"),
-            ActorConfig(envs_per_actor=2, chunk_length=10),
-            NetworkConfig(conv_channels=(4, 8, 8), hidden=16),
-            epsilons=[1.0, 1.0], env_factory=Corridor,
-        )  # fmt: skip
+        core = _corridor_actor()
         reset_frames = core.frames  # the envs' first resets, before the runner plays
         runner = ActorRunner(core, endpoint, heartbeat_s=0.2, max_unsent_chunks=20)
         thread = threading.Thread(target=runner.run, daemon=True)
@@ -63,3 +68,32 @@ def test_an_actor_plays_through_a_redis_outage_and_loses_nothing(tmp_path):
         assert client.xlen(keys.telemetry) == runner.episodes > 0
     finally:
         server.stop()
+
+
+def test_batches_whose_replies_were_lost_are_counted_once(redis_server, redis_url):
+    """Redis applies a batch and the answer never comes (the server died right then, or the
+    network): the actor sends it again, and still every chunk, episode and env step counts once."""
+    dropper = ReplyDropper(redis_server.port)
+    try:
+        core = _corridor_actor()
+        reset_frames = core.frames
+        runner = ActorRunner(core, RedisEndpoint(dropper.url, "lost"), heartbeat_s=0.2)
+        thread = threading.Thread(target=runner.run, daemon=True)
+        thread.start()
+        _wait(lambda: runner.episodes >= 3 and runner.chunks_written >= 3)
+        for channel in ("records", "counts", "chunks"):  # each writer's batch once
+            dropped = dropper.dropped
+            dropper.arm(f":{channel}\r\n".encode())  # the producer name ends the argument
+            _wait(lambda dropped=dropped: dropper.dropped > dropped)
+            _wait(lambda channel=channel: runner._writers[channel].replayed == 1)
+        runner.stop()
+        thread.join(timeout=30)
+        assert not thread.is_alive()
+        client, keys = redis.Redis.from_url(redis_url), RedisKeys("lost")
+        counters = {k.decode(): int(v) for k, v in client.hgetall(keys.counters).items()}
+        assert client.xlen(keys.experience) == counters["chunks_written"] == runner.chunks_written
+        assert counters["env_steps"] == core.env_steps
+        assert counters["frames"] == core.frames - reset_frames
+        assert client.xlen(keys.telemetry) == runner.episodes
+    finally:
+        dropper.close()

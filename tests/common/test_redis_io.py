@@ -10,7 +10,8 @@ import pytest
 import redis
 from redis.backoff import NoBackoff
 
-from common.redis_io import EmbeddedRedis, OutageRetry, connect
+from common.redis_io import EmbeddedRedis, OnceWriter, OutageRetry, RedisKeys, connect
+from tests.common.reply_dropper import ReplyDropper
 
 
 def test_a_killed_persistent_server_restarts_with_what_it_acknowledged(tmp_path):
@@ -90,3 +91,67 @@ def test_a_wrong_password_fails_at_once_even_with_an_outage_window():
         with pytest.raises(redis.AuthenticationError):
             client.ping()
         assert isinstance(client.get_retry(), OutageRetry)  # the window is there; refusals skip it
+
+
+def _stream_batch(index):
+    return [("XADD", "stream", "*", "i", index), ("HINCRBY", "counters", "written", 1)], index
+
+
+def test_a_batch_whose_reply_was_lost_is_applied_once(redis_server, redis_url):
+    dropper = ReplyDropper(redis_server.port)
+    try:
+        client, check = connect(dropper.url), redis.Redis.from_url(redis_url)
+        writer = OnceWriter(client, RedisKeys("once"), "actor-0:abc:chunks")
+        assert writer.write(lambda: _stream_batch(0)) == 0  # loads the script too
+        dropper.arm(b"actor-0:abc:chunks")
+        with pytest.raises(redis.ConnectionError):
+            writer.write(lambda: _stream_batch(1))
+        assert dropper.dropped == 1 and writer.busy and writer.pending == 1
+        assert check.xlen("stream") == 2  # Redis applied it: only the answer was lost
+        # the retry sends the same batch (build is not called) and Redis skips it
+        assert writer.write(lambda: pytest.fail("built a new batch")) == 1
+        assert not writer.busy and writer.replayed == 1
+        assert writer.write(lambda: _stream_batch(2)) == 2
+        assert check.xlen("stream") == 3 and int(check.hget("counters", "written")) == 3
+        assert [int(f[b"i"]) for _, f in check.xrange("stream")] == [0, 1, 2]
+        # a MULTI/EXEC sent again after the same loss counts twice: why the writer exists
+        dropper.arm(b"MULTI")
+        pipe = client.pipeline(transaction=True)
+        pipe.hincrby("counters", "written", 1)
+        with pytest.raises(redis.ConnectionError):
+            pipe.execute()
+        pipe.hincrby("counters", "written", 1)
+        pipe.execute()
+        assert int(check.hget("counters", "written")) == 5
+    finally:
+        dropper.close()
+
+
+def test_each_producer_counts_its_own_batches(redis_url):
+    client = connect(redis_url)
+    first = OnceWriter(client, RedisKeys("once"), "actor-0:aaa:records")
+    again = OnceWriter(client, RedisKeys("once"), "actor-0:aaa:records")  # same name: skipped
+    restarted = OnceWriter(client, RedisKeys("once"), "actor-0:bbb:records")  # a new process
+    for writer, applied in ((first, 1), (again, 1), (restarted, 2)):
+        writer.write(lambda: _stream_batch(0))
+        assert client.xlen("stream") == applied
+    assert (first.replayed, again.replayed, restarted.replayed) == (0, 1, 0)
+    assert client.hgetall(RedisKeys("once").producers) == {
+        b"actor-0:aaa:records": b"1", b"actor-0:bbb:records": b"1"}  # fmt: skip
+
+
+def test_a_batch_lost_with_the_server_is_sent_again_to_the_new_one(tmp_path):
+    server = EmbeddedRedis()  # in memory: a restart loses everything, the batch included
+    try:
+        client = connect(server.url)
+        writer = OnceWriter(client, RedisKeys("once"), "actor-0:abc:counts")
+        writer.write(lambda: _stream_batch(0))
+        server.process.kill()
+        server.process.wait()
+        with pytest.raises(redis.ConnectionError):
+            writer.write(lambda: _stream_batch(1))
+        assert server.restart_if_dead()
+        assert writer.write(lambda: pytest.fail("built a new batch")) == 1
+        assert client.xlen("stream") == 1 and writer.replayed == 0
+    finally:
+        server.stop()

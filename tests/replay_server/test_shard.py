@@ -9,6 +9,7 @@ from common.redis_io import REPLAY_GROUP, RedisConfig, RedisEndpoint, RedisKeys
 from common.wire import encode_chunk
 from replay_server.replay import PrioritizedReplay, ReplayConfig
 from replay_server.shard import ReplayShard
+from tests.common.reply_dropper import ReplyDropper
 
 RUN = "test-run"
 # samples_per_insert ≈ 0: the rate limiter never holds inserts back (no learner here)
@@ -140,3 +141,20 @@ def test_junk_waiting_behind_a_full_rate_limiter_is_deleted_not_counted_as_backl
     # Screened entries are not screened again, and once the learner catches up they go in.
     shard.replay.limiter.samples += 10_000
     assert drain(shard) == 10 and int(client.hget(keys.counters, "chunks_inserted")) == 15
+
+
+def test_acks_whose_reply_was_lost_are_counted_once(redis_server, redis_url):
+    dropper = ReplyDropper(redis_server.port)
+    try:
+        client, keys = redis.Redis.from_url(redis_url), RedisKeys(RUN)
+        shard = make_shard(dropper.url)  # its client retries the lost answer by itself
+        write_chunks(client, 3, np.random.default_rng(0))
+        assert drain(shard) == 3  # loads the script
+        write_chunks(client, 4, np.random.default_rng(1))
+        dropper.arm(b":acks\r\n")
+        assert drain(shard) == 4
+        assert dropper.dropped == 1 and shard._acks.replayed == 1
+        assert int(client.hget(keys.counters, "chunks_inserted")) == 7 == shard.replay.size // 20
+        assert client.xpending(keys.experience, REPLAY_GROUP)["pending"] == 0
+    finally:
+        dropper.close()
