@@ -2,7 +2,8 @@
 
 It starts its own redis-server (append-only, as the embedded one), runs `mario train
 --redis-url …` on it, and every `--every-s` seconds SIGKILLs the next role of: an actor, the
-replay shard, the learner (Ray processes), the redis-server (each in turn, in a shuffled order).
+replay shard, the learner (Ray processes), the redis-server (each in turn, in a shuffled order;
+a role with no process at that moment, one Ray is restarting, is tried again next time).
 This script restarts a killed redis-server after 1–5 s, as an external Redis that comes back.
 Meanwhile it reads the run's counters every second. At the end it stops the run with SIGTERM
 and checks:
@@ -54,6 +55,8 @@ class ChaosConfig:
     """Seconds between two kills."""
     roles: tuple[str, ...] = ROLES
     """Roles to kill, each in turn (the order is shuffled once)."""
+    kills: int | None = None
+    """Stop after this many kills (and `every_s` more seconds of training), if before --minutes."""
     seed: int = 0
     """Seed of the choice of roles."""
     train_args: str = ""
@@ -65,6 +68,8 @@ class ChaosConfig:
             raise ValueError(f"roles {sorted(unknown) or '()'} are not in {ROLES}")
         if self.minutes <= 0 or self.every_s <= 0:
             raise ValueError(f"minutes ({self.minutes}) and every_s ({self.every_s}) must be > 0")
+        if self.kills is not None and self.kills < 1:
+            raise ValueError(f"kills ({self.kills}) must be >= 1")
 
 
 def _role_pids(driver: int, title: str) -> list[int]:
@@ -131,8 +136,11 @@ def run(config: ChaosConfig) -> dict:
                 continue
             if first_kill_counters is None and not last.get("updates"):
                 continue  # the first kill waits until the learner has begun
+            done = sum(1 for kill in kills if kill["pid"])
+            if config.kills is not None and done >= config.kills:
+                break  # the last kill, then `every_s` of training after it
             next_kill = time.monotonic() + config.every_s
-            role = order[len(kills) % len(order)]
+            role = order[done % len(order)]  # a role with no process is tried again next time
             if role == "redis-server":
                 pids = [server.process.pid] if server.process.poll() is None else []
             else:
@@ -179,6 +187,7 @@ def run(config: ChaosConfig) -> dict:
     result = {
         "minutes": config.minutes,
         "every_s": config.every_s,
+        "order": order,
         "kills": kills,
         "counters_at_first_kill": baseline,
         "final_counters": final,

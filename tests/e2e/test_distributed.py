@@ -217,51 +217,6 @@ def _wait_for_steps(process, metrics, target, timeout_s=240):
     raise AssertionError(f"env steps did not pass {target} in {timeout_s} s")
 
 
-def test_two_shards_dead_actor_and_learner_replaced_sigterm_stops_everything(tmp_path):
-    run_dir = tmp_path / "sigterm"
-    metrics = run_dir / "metrics.jsonl"
-    process = _start_run(run_dir, "--distributed.num-shards", "2")
-    try:
-        _wait_for_steps(process, metrics, 0)
-        actors = [line.split()[0] for line in processes("ray::ActorWorker", process.pid)]
-        assert len(actors) == 2
-        os.kill(int(actors[0]), signal.SIGKILL)  # an actor crashes; training goes on
-        time.sleep(3)
-        _wait_for_steps(process, metrics, _env_steps(metrics) + 200)
-        deadline = time.monotonic() + 120  # Ray restarts the process (slowly on a busy machine)
-        while True:
-            restarted = [line.split()[0] for line in processes("ray::ActorWorker", process.pid)]
-            if len(restarted) == 2 or time.monotonic() > deadline:
-                break
-            time.sleep(1)
-        assert len(restarted) == 2 and actors[0] not in restarted
-        # The learner's process dies: a new learner continues, its counter never going back.
-        (learner,) = [line.split()[0] for line in processes("ray::LearnerWorker", process.pid)]
-        updates_before = _updates(metrics)
-        os.kill(int(learner), signal.SIGKILL)
-        _wait_for(process, lambda: _updates(metrics) > updates_before + 30)
-        assert [line.split()[0] for line in processes("ray::LearnerWorker", process.pid)] != [
-            learner
-        ]
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=180) == 0
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-    log = process.stderr.read().decode()
-    assert re.search(r"the learner died \(\w+\); restarting it from its state of update \d+", log)
-    records = [json.loads(line) for line in metrics.read_text().splitlines()]
-    updates = [r["counters/updates"] for r in records if "counters/updates" in r]
-    assert updates == sorted(updates)  # never backwards, across the learner's death
-    counters = load_checkpoint(run_dir)["counters"]
-    assert counters["env_steps"] > 200 and counters["updates"] >= updates[-1]
-    # two shards shared the stream through the consumer group; both got chunks
-    for shard in (0, 1):
-        with np.load(run_dir / f"replay-{shard}.npz") as snapshot:
-            assert int(snapshot["counters"][7]) > 0
-    assert leftover_processes(run_dir, process.pid) == ""
-
-
 def test_serial_resume_of_a_ray_run_is_an_error_naming_both_modes(distributed_run, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "--serial", "--resume", str(distributed_run)])
