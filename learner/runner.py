@@ -78,10 +78,20 @@ class LearnerRunner:
     def run(self, max_updates: int | None = None) -> dict:
         """Learns until stop() (or max_updates); returns final counters."""
         learner = self.learner
-        last_report = time.monotonic()
+        last_report, metrics = time.monotonic(), {}
         while not self._stop.is_set():
             if max_updates is not None and learner.updates >= max_updates:
                 break
+            now = time.monotonic()
+            if now - last_report >= self.report_every_s:  # also while it waits for the replay
+                pipe = self.client.pipeline(transaction=False)
+                pipe.hset(self.redis_keys.heartbeats, "learner", time.time())
+                pipe.hset(
+                    self.redis_keys.stats, "learner", encode_record(self.meter.report(metrics))
+                )
+                pipe.hset(self.redis_keys.counters, "updates", learner.updates)
+                pipe.execute()
+                last_report = now
             wait_start = time.monotonic()
             item = self.replay.next_sample(self.batch_size)
             if item is None:
@@ -93,16 +103,6 @@ class LearnerRunner:
             self.replay.update_priorities(shard_id, sample.keys, td_abs)
             if learner.updates % self.publish_every_updates == 0:
                 self.publish()
-            now = time.monotonic()
-            if now - last_report >= self.report_every_s:
-                pipe = self.client.pipeline(transaction=False)
-                pipe.hset(self.redis_keys.heartbeats, "learner", time.time())
-                pipe.hset(
-                    self.redis_keys.stats, "learner", encode_record(self.meter.report(metrics))
-                )
-                pipe.hset(self.redis_keys.counters, "updates", learner.updates)
-                pipe.execute()
-                last_report = now
         self.publish()
         self.client.hset(self.redis_keys.counters, "updates", learner.updates)
         return {"updates": learner.updates}
