@@ -203,6 +203,8 @@ class AblationReportConfig:
     """PNG of the evaluation curves."""
     table_out: pathlib.Path | None = None
     """Also write the markdown table there."""
+    pair_out: pathlib.Path = pathlib.Path("docs/dqn-vs-ddqn.png")
+    """PNG of the tutorial's comparison (rows `dqn` and `defaults`), when both are reported."""
 
     def __post_init__(self) -> None:
         _check_rows(self.rows)
@@ -279,15 +281,100 @@ def table(results: dict[str, dict | None], env_steps: int) -> str:
     return "\n".join(lines)
 
 
+PAIR = ("dqn", "defaults")  # the tutorial's comparison: DQN against double DQN
+X_LEVELS = (1000, 1500, 2000)
+
+
+def episodes_to(records: list[dict], env_steps: int, window: int = 100) -> dict[str, int | None]:
+    """How many training episodes (in the order they ended, up to the budget) a row needed: to
+    its first flag, and until the mean max x of its last `window` episodes first reached each of
+    X_LEVELS. None: not within the budget."""
+    episodes = [r for r in records if "episode/x_pos" in r and r["step"] <= env_steps]
+    out = {"first flag": next((i + 1 for i, r in enumerate(episodes) if r["episode/flag_get"]),
+                              None)}  # fmt: skip
+    x = np.array([r["episode/x_pos"] for r in episodes], dtype=float)
+    means = np.convolve(x, np.ones(window) / window, mode="valid") if len(x) >= window else []
+    for level in X_LEVELS:
+        reached = np.flatnonzero(np.asarray(means) >= level)
+        out[f"mean max x ≥ {level:,}"] = int(reached[0]) + window if len(reached) else None
+    return out
+
+
+def pair_table(records: dict[str, list[dict]], env_steps: int) -> str:
+    """DQN against double DQN: episodes to each milestone, their ratio, the evaluation."""
+    dqn, ddqn = (episodes_to(records[row], env_steps) for row in PAIR)
+    lines = [f"| training episodes to (budget {env_steps:,} env steps) | DQN | double DQN | "
+             "DQN ÷ double DQN |", "|---|---:|---:|---:|"]  # fmt: skip
+    for name in dqn:
+        a, b = dqn[name], ddqn[name]
+        ratio = f"{a / b:.2f}" if a and b else "–"
+        lines.append(f"| {name} | {_cell(a, ',')} | {_cell(b, ',')} | {ratio} |")
+    return "\n".join(lines)
+
+
+def plot_pair(records: dict[str, list[dict]], env_steps: int, out: pathlib.Path) -> pathlib.Path:
+    """One figure: training max x (mean of the last 100) against episodes, and the greedy
+    evaluation's flag rate and mean max x against env steps, for DQN and double DQN."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 3, figsize=(17, 4.5))
+    for row, label in zip(PAIR, ("DQN", "double DQN"), strict=True):
+        x = [r["episode/x_pos"] for r in records[row]
+             if "episode/x_pos" in r and r["step"] <= env_steps]  # fmt: skip
+        if len(x) >= 100:
+            axes[0].plot(np.arange(100, len(x) + 1),
+                         np.convolve(x, np.ones(100) / 100, mode="valid"), label=label)  # fmt: skip
+        evals = row_result(records[row], env_steps)["evals"]
+        _plot_evals_on(axes[1], axes[2], evals, env_steps, label)
+    axes[0].set(title="training max x, mean of the last 100 episodes", xlabel="training episodes",
+                ylabel="x_pos")  # fmt: skip
+    return _save(figure, axes, axes[1], axes[2], out)
+
+
+def _plot_evals_on(flag_axis, x_axis, evals: list[tuple], env_steps: int, label: str) -> None:
+    evals = [e for e in evals if e[0] <= env_steps * 1.05]
+    if evals:
+        steps, flags, x_mean = zip(*evals, strict=True)
+        flag_axis.plot(steps, flags, marker="o", label=label)
+        x_axis.plot(steps, x_mean, marker="o", label=label)
+
+
+def _save(figure, axes, flag_axis, x_axis, out: pathlib.Path) -> pathlib.Path:
+    """Titles the evaluation panels, adds the legends, writes the PNG."""
+    import matplotlib.pyplot as plt
+
+    flag_axis.set(title="greedy eval flag rate (sticky 0.25)", xlabel="env steps",
+                  ylabel="flag rate", ylim=(-0.05, 1.05))  # fmt: skip
+    x_axis.set(title="greedy eval max x, mean", xlabel="env steps", ylabel="x_pos")
+    x_axis.axhline(3161, color="grey", linestyle=":", linewidth=1)  # 1-1's flag pole
+    for axis in axes:
+        axis.legend(loc="upper left", fontsize=8)
+    figure.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=90)
+    plt.close(figure)
+    return out
+
+
 def report(config: AblationReportConfig) -> tuple[str, pathlib.Path]:
-    """Prints nothing; returns the markdown table and the PNG path."""
+    """Prints nothing; returns the markdown table and the PNG path. With rows `dqn` and
+    `defaults` both run to the budget, the table is followed by their comparison, drawn in
+    `pair_out`."""
     root = config.root.expanduser()
     results: dict[str, dict | None] = {}
+    records: dict[str, list[dict]] = {}
     for row in config.rows:
         run_dir = root / row
-        has_run = (run_dir / "metrics.jsonl").is_file()
-        results[row] = row_result(load_metrics(run_dir), config.env_steps) if has_run else None
+        if (run_dir / "metrics.jsonl").is_file():
+            records[row] = load_metrics(run_dir)
+        results[row] = row_result(records[row], config.env_steps) if row in records else None
     markdown = table(results, config.env_steps)
+    if all(results.get(row) and results[row]["done"] for row in PAIR):
+        markdown += "\n\n" + pair_table(records, config.env_steps)
+        plot_pair(records, config.env_steps, config.pair_out)
     if config.table_out:
         config.table_out.parent.mkdir(parents=True, exist_ok=True)
         config.table_out.write_text(markdown + "\n")
@@ -303,20 +390,5 @@ def plot_evals(results: dict[str, dict | None], env_steps: int, out: pathlib.Pat
 
     figure, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     for row, result in results.items():
-        evals = [e for e in (result or {}).get("evals", []) if e[0] <= env_steps * 1.05]
-        if not evals:
-            continue
-        steps, flags, x_mean = zip(*evals, strict=True)
-        axes[0].plot(steps, flags, marker="o", label=row)
-        axes[1].plot(steps, x_mean, marker="o", label=row)
-    axes[0].set(title="greedy eval flag rate (sticky 0.25)", xlabel="env steps",
-                ylabel="flag rate", ylim=(-0.05, 1.05))  # fmt: skip
-    axes[1].set(title="greedy eval max x, mean", xlabel="env steps", ylabel="x_pos")
-    axes[1].axhline(3161, color="grey", linestyle=":", linewidth=1)  # 1-1's flag pole
-    for axis in axes:
-        axis.legend(loc="upper left", fontsize=8)
-    figure.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out, dpi=90)
-    plt.close(figure)
-    return out
+        _plot_evals_on(axes[0], axes[1], (result or {}).get("evals", []), env_steps, row)
+    return _save(figure, axes, axes[0], axes[1], out)

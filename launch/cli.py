@@ -79,7 +79,8 @@ def _ablation_run(module, config, args: list[str]) -> None:
 def _ablation_report(module, config, args: list[str]) -> None:
     markdown, png = module.report(config)
     print(markdown)
-    console.print(f"written: {png}" + (f", {config.table_out}" if config.table_out else ""))
+    written = [png, config.table_out, config.pair_out if "double DQN" in markdown else None]
+    console.print("written: " + ", ".join(str(path) for path in written if path))
 
 
 def _chaos(module, config, args: list[str]) -> None:

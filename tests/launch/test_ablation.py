@@ -147,3 +147,49 @@ def test_a_row_evaluated_at_its_budget_is_not_run_again(tmp_path, status, done):
     if status is not None:
         (tmp_path / "status.json").write_text(json.dumps(status))
     assert ablation.row_done(tmp_path, 300_000) == done
+
+
+# max x of five episodes ending at steps 10…50; the 4th took the flag. Means of two: 1000, 1200,
+# 1500, 2000 (after episodes 2, 3, 4, 5).
+PAIR_EPISODES = [_episode(10, 500), _episode(20, 1500), _episode(30, 900),
+                 _episode(40, 2100, flag=1), _episode(50, 1900)]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "budget, expected",
+    [
+        (50, {"first flag": 4, "mean max x ≥ 1,000": 2, "mean max x ≥ 1,500": 4,
+              "mean max x ≥ 2,000": 5}),
+        (40, {"first flag": 4, "mean max x ≥ 1,000": 2, "mean max x ≥ 1,500": 4,
+              "mean max x ≥ 2,000": None}),
+        (30, {"first flag": None, "mean max x ≥ 1,000": 2, "mean max x ≥ 1,500": None,
+              "mean max x ≥ 2,000": None}),
+        (10, {"first flag": None, "mean max x ≥ 1,000": None, "mean max x ≥ 1,500": None,
+              "mean max x ≥ 2,000": None}),  # one episode: no mean of two yet
+    ],
+)  # fmt: skip
+def test_episodes_to_each_milestone(budget, expected):
+    assert ablation.episodes_to(PAIR_EPISODES, budget, window=2) == expected
+
+
+def test_report_compares_dqn_with_double_dqn_when_both_ran(tmp_path):
+    slow = [_episode(10 * (i + 1), 1100 if i >= 100 else 600) for i in range(200)]  # DQN
+    fast = [_episode(10 * (i + 1), 1100 if i >= 50 else 600) for i in range(200)]  # double
+    for row, episodes in (("dqn", slow), ("defaults", fast)):
+        (tmp_path / row).mkdir()
+        lines = [json.dumps(r) for r in (*episodes, _eval(2000, 0.0, 900.0))]
+        (tmp_path / row / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    pair = tmp_path / "pair.png"
+    markdown, _ = ablation.report(ablation.AblationReportConfig(
+        root=tmp_path, env_steps=2000, rows=("defaults", "dqn"), out=tmp_path / "curves.png",
+        pair_out=pair))  # fmt: skip
+    # a mean of 100 episodes ≥ 1,000 needs 80 of them at 1,100: after episode 100 + 80 (DQN),
+    # 50 + 80 (double DQN); neither mean reaches 1,500, neither row took a flag
+    assert "| mean max x ≥ 1,000 | 180 | 130 | 1.38 |" in markdown
+    assert "| mean max x ≥ 1,500 | – | – | – |" in markdown
+    assert "| first flag | – | – | – |" in markdown
+    assert pair.stat().st_size > 10_000
+    single, _ = ablation.report(ablation.AblationReportConfig(
+        root=tmp_path, env_steps=2000, rows=("dqn",), out=tmp_path / "c.png",
+        pair_out=tmp_path / "none.png"))  # fmt: skip
+    assert "double DQN" not in single and not (tmp_path / "none.png").exists()
