@@ -8,7 +8,10 @@ launch.reaper DRIVER_PID SINCE`) with a pipe on its stdin. Every second the watc
 driver's descendants started since the Trainer started it (pid and start time, from /proc).
 When the pipe closes without the word "done" (the driver died: the kernel closes its end), it
 sends SIGTERM to each noted process that still runs with the same start time, then SIGKILL to
-what is left after a grace period. Linux only (/proc); elsewhere the watchdog does nothing.
+what is left after a grace period. A process started after the last note (in the driver's last
+second) is found by its environment: the driver sets MARIO_RUN_TOKEN, a random word of this
+start, which everything it starts inherits (Ray's processes and workers, redis-server). Linux
+only (/proc); elsewhere the watchdog does nothing.
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 
 GRACE_S = 5.0
+TOKEN_VARIABLE = "MARIO_RUN_TOKEN"
 POLL_S = 1.0
 
 
@@ -55,6 +60,24 @@ def descendants(root: int, table: dict[int, tuple[int, int]]) -> dict[int, int]:
     return found
 
 
+def carrying(token: str, since: int, table: dict[int, tuple[int, int]]) -> dict[int, int]:
+    """The processes in `table` started at or after `since` whose environment has the token:
+    pid → start time."""
+    marker = f"{TOKEN_VARIABLE}={token}".encode()
+    found = {}
+    for pid, (_, start) in table.items():
+        if start < since or pid == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as file:
+                environment = file.read().split(b"\0")
+        except OSError:
+            continue
+        if marker in environment:
+            found[pid] = start
+    return found
+
+
 def reap(noted: dict[int, int], grace_s: float = GRACE_S) -> list[int]:
     """SIGTERM, then SIGKILL after `grace_s`, to each noted process still running as itself.
     Returns the pids signalled."""
@@ -81,9 +104,9 @@ def now_ticks() -> int:
         return int(float(file.read().split()[0]) * os.sysconf("SC_CLK_TCK"))
 
 
-def watch(driver: int, since: int, stdin_fd: int = 0) -> int:
+def watch(driver: int, since: int, token: str = "", stdin_fd: int = 0) -> int:
     """Notes the driver's descendants started at or after `since` (clock ticks since boot)
-    until stdin closes; reaps them unless told "done"."""
+    until stdin closes; reaps them, and the processes that carry `token`, unless told "done"."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the driver, which then says done
     own = os.getpid()
     noted: dict[int, int] = {}
@@ -100,6 +123,8 @@ def watch(driver: int, since: int, stdin_fd: int = 0) -> int:
                       if start >= since and pid != own})  # fmt: skip
     if b"done" in received:
         return 0
+    if token:
+        noted.update(carrying(token, since, _processes()))
     reaped = reap(noted)
     print(f"reaper: driver {driver} died; signalled {len(reaped)} processes", file=sys.stderr)
     return 0
@@ -113,8 +138,10 @@ class Reaper:
         if sys.platform.startswith("linux"):
             # Only what starts from now on is the run's (the clock ticks are coarse: 10 ms).
             since = now_ticks() - 1
+            token = uuid.uuid4().hex
+            os.environ[TOKEN_VARIABLE] = token  # inherited by all the driver starts from now on
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "launch.reaper", str(os.getpid()), str(since)],
+                [sys.executable, "-m", "launch.reaper", str(os.getpid()), str(since), token],
                 stdin=subprocess.PIPE,
                 start_new_session=True,  # a signal to the driver's process group spares it
             )
@@ -130,4 +157,4 @@ class Reaper:
 
 
 if __name__ == "__main__":
-    sys.exit(watch(int(sys.argv[1]), int(sys.argv[2])))
+    sys.exit(watch(int(sys.argv[1]), int(sys.argv[2]), *sys.argv[3:4]))

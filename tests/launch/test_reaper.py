@@ -45,3 +45,30 @@ def test_a_killed_driver_takes_what_it_started_with_it(ending, newer_survives):
         assert _alive(older)  # started before the reaper: never the run's
     finally:
         subprocess.run(["kill", "-9", str(older), str(newer)], capture_output=True)
+
+
+LATE_DRIVER = textwrap.dedent("""
+    import os, signal, subprocess, time
+    from launch.reaper import Reaper
+    reaper = Reaper()
+    time.sleep(1.5)  # the watchdog runs and polls
+    # started in the driver's last moment: no poll of the watchdog can have noted it
+    late = subprocess.Popen(["sleep", "302"], start_new_session=True)
+    print(late.pid, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the reaper reads /proc")
+def test_a_process_started_just_before_the_driver_died_is_found_by_its_environment():
+    driver = subprocess.Popen([sys.executable, "-c", LATE_DRIVER], stdout=subprocess.PIPE,
+                              text=True)  # fmt: skip
+    late = int(driver.stdout.readline())
+    try:
+        driver.wait(timeout=30)
+        deadline = time.monotonic() + 20
+        while _alive(late) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(late)
+    finally:
+        subprocess.run(["kill", "-9", str(late)], capture_output=True)
