@@ -162,7 +162,10 @@ class ActorRunner:
             return [("XADD", key, "MAXLEN", "~", TELEMETRY_MAXLEN, "*", "m", encode_record(r))
                     for r in records], records  # fmt: skip
 
-        self._writers["records"].write(batch)
+        writer = self._writers["records"]
+        writer.flush()  # the batch a lost connection left first, then what came since
+        if self._records:
+            writer.write(batch)
 
     def _send_counts(self, stats: dict | None = None) -> None:
         """Heartbeat, stats, and the env steps and frames played since the last report."""
@@ -178,6 +181,7 @@ class ActorRunner:
                 self._reported[name] = now  # in this batch now, sent at least once
             return commands, None
 
+        self._writers["counts"].flush()  # an older heartbeat's batch first, then this one
         self._writers["counts"].write(batch)
 
     def unsent_records(self) -> int:

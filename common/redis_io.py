@@ -185,7 +185,8 @@ class OnceWriter:
         each command a tuple of its name and arguments. Returns the batch's result once Redis
         has it; a lost connection raises and keeps the batch for the next call, which sends it
         and not a new one (`build` is not called): the caller builds from what is still
-        unsent, or calls write again while `busy`."""
+        unsent, or calls flush() first. Any other error drops the batch and raises. Redis's Lua
+        unpacks at most ~8,000 arguments per command: keep each command below that."""
         if self._pending is None:
             commands, result = build()
             args = []
@@ -194,10 +195,20 @@ class OnceWriter:
             self.seq += 1
             self._pending = (self.seq, args, result)
         seq, args, result = self._pending
-        applied = self._script(keys=[self._key], args=[self.producer, seq, *args])
+        try:
+            applied = self._script(keys=[self._key], args=[self.producer, seq, *args])
+        except (redis.ConnectionError, redis.TimeoutError):
+            raise  # kept: sent again by the next call
+        except redis.RedisError:
+            self._pending = None  # a bad batch (a bug, not an outage): sending it again cannot help
+            raise
         self.replayed += int(applied) == 0
         self._pending = None
         return result
+
+    def flush(self):
+        """Sends the pending batch, if any; returns its result (None if there was none)."""
+        return self.write(None) if self.busy else None
 
 
 @dataclasses.dataclass(frozen=True)

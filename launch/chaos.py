@@ -3,7 +3,8 @@
 It starts its own redis-server (append-only, as the embedded one), runs `mario train
 --redis-url …` on it, and every `--every-s` seconds SIGKILLs the next role of: an actor, the
 replay shard, the learner (Ray processes), the redis-server (each in turn, in a shuffled order;
-a role with no process at that moment, one Ray is restarting, is tried again next time).
+a role with no process at that moment, one Ray is restarting, is tried again next time, and
+skipped after three tries).
 This script restarts a killed redis-server after 1–5 s, as an external Redis that comes back.
 Meanwhile it reads the run's counters every second. At the end it stops the run with SIGTERM
 and checks:
@@ -109,6 +110,7 @@ def run(config: ChaosConfig) -> dict:
     next_kill = start + config.every_s
     redis_back_at: float | None = None
     noted: dict[int, int] = {}  # the run's processes: pid → start time
+    turn = misses = 0  # whose turn it is; how often in a row that role had no process
 
     def read_counters() -> dict[str, int] | None:
         try:
@@ -136,18 +138,21 @@ def run(config: ChaosConfig) -> dict:
                 continue
             if first_kill_counters is None and not last.get("updates"):
                 continue  # the first kill waits until the learner has begun
-            done = sum(1 for kill in kills if kill["pid"])
-            if config.kills is not None and done >= config.kills:
+            if config.kills is not None and sum(1 for k in kills if k["pid"]) >= config.kills:
                 break  # the last kill, then `every_s` of training after it
             next_kill = time.monotonic() + config.every_s
-            role = order[done % len(order)]  # a role with no process is tried again next time
+            role = order[turn % len(order)]
             if role == "redis-server":
                 pids = [server.process.pid] if server.process.poll() is None else []
             else:
                 pids = _role_pids(driver.pid, _ROLE_TITLES[role])
             if not pids:
                 kills.append({"t": round(time.monotonic() - start, 1), "role": role, "pid": None})
+                misses += 1
+                if misses == 3:  # not there three times in a row: the next role's turn
+                    turn, misses = turn + 1, 0
                 continue
+            turn, misses = turn + 1, 0
             pid = rng.choice(pids)
             if first_kill_counters is None:
                 first_kill_counters = dict(last)

@@ -105,6 +105,8 @@ class ShardWorker:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
+        with contextlib.suppress(redis.RedisError), self._lock:
+            self.shard.send_acks()  # what an outage left unacked, if Redis answers now
 
 
 @ray.remote(num_cpus=1, max_concurrency=4)

@@ -139,6 +139,7 @@ class Reaper:
             # Only what starts from now on is the run's (the clock ticks are coarse: 10 ms).
             since = now_ticks() - 1
             token = uuid.uuid4().hex
+            self._previous_token = os.environ.get(TOKEN_VARIABLE)
             os.environ[TOKEN_VARIABLE] = token  # inherited by all the driver starts from now on
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "launch.reaper", str(os.getpid()), str(since), token],
@@ -149,6 +150,10 @@ class Reaper:
     def done(self) -> None:
         if self.process is None:
             return
+        if self._previous_token is None:  # what this process starts next is not the run's
+            os.environ.pop(TOKEN_VARIABLE, None)
+        else:
+            os.environ[TOKEN_VARIABLE] = self._previous_token
         with contextlib.suppress(OSError):
             self.process.stdin.write(b"done")
             self.process.stdin.close()

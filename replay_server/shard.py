@@ -24,6 +24,13 @@ from replay_server.replay import PrioritizedReplay, Sample
 
 logger = logging.getLogger("replay_shard")
 CHUNK_FIELD = b"c"
+# Deletes a malformed waiting entry and counts it as rejected, in one step: sent again after a
+# lost answer, the XDEL finds nothing and nothing is counted twice.
+_DELETE_AND_COUNT = """
+if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('HINCRBY', KEYS[2], 'chunks_rejected', 1)
+return 1
+"""
 
 
 class ReplayShard:
@@ -54,6 +61,9 @@ class ReplayShard:
         # send them again
         self._acks = OnceWriter(self.client, self.redis_keys,
                                 f"{self.consumer}:{uuid.uuid4().hex[:12]}:acks")  # fmt: skip
+        self._unacked: list = []  # ids inserted (or rejected) and not yet acked
+        self._uncounted = {"chunks_inserted": 0, "chunks_rejected": 0}
+        self._delete_bad = self.client.register_script(_DELETE_AND_COUNT)
         self._create_group()
 
     def ingest(self, max_chunks: int = 32, block_ms: int | None = None) -> int:
@@ -63,6 +73,7 @@ class ReplayShard:
         entries wait in Redis, where actors see the backlog. Meanwhile it screens them, so that
         only valid chunks count as backlog (see _screen).
         """
+        self.send_acks()  # what an earlier ingest could not ack, before reading more
         if not self.replay.can_insert(1):
             self._screen(max_chunks)
             return 0
@@ -81,16 +92,32 @@ class ReplayShard:
             except (WireError, ValueError) as error:
                 rejected += 1
                 logger.warning("shard %d dropped entry %s: %s", self.shard_id, entry_id, error)
-        if ids:
-            counters = self.redis_keys.counters
-            commands = [("XACK", self.redis_keys.experience, REPLAY_GROUP, *ids),
-                        ("HINCRBY", counters, "chunks_inserted", inserted),
-                        ("HINCRBY", counters, "chunks_rejected", rejected)]  # fmt: skip
-            if self._acks.busy:  # the acks of a batch whose write raised go first
-                self._acks.write(None)
-            self._acks.write(lambda: (commands, None))
+        self._unacked += ids  # in the replay now: acked (with their counts) even if this fails
+        self._uncounted["chunks_inserted"] += inserted
+        self._uncounted["chunks_rejected"] += rejected
+        self.send_acks()
         self._maybe_trim()
         return len(ids)
+
+    def send_acks(self) -> None:
+        """Acks the entries taken in and adds them to the counters, in one OnceWriter batch
+        (XACK in slices: Redis's Lua unpacks at most ~8,000 arguments). A lost connection raises
+        and keeps them, for the next call."""
+        self._acks.flush()
+        if not self._unacked:
+            return
+
+        def batch():
+            ids, counts = self._unacked, self._uncounted
+            self._unacked, self._uncounted = [], dict.fromkeys(counts, 0)
+            key = self.redis_keys.experience
+            commands = [("XACK", key, REPLAY_GROUP, *ids[i : i + 1000])
+                        for i in range(0, len(ids), 1000)]  # fmt: skip
+            commands += [("HINCRBY", self.redis_keys.counters, name, value)
+                         for name, value in counts.items()]  # fmt: skip
+            return commands, None
+
+        self._acks.write(batch)
 
     def _decode(self, fields):
         if fields is None or CHUNK_FIELD not in fields:
@@ -122,9 +149,8 @@ class ReplayShard:
                                error)  # fmt: skip
         deleted = 0
         for entry_id in bad:  # counted only if this XDEL removed it (another shard may have)
-            if self.client.xdel(self.redis_keys.experience, entry_id):
-                self.client.hincrby(self.redis_keys.counters, "chunks_rejected", 1)
-                deleted += 1
+            keys = [self.redis_keys.experience, self.redis_keys.counters]
+            deleted += int(self._delete_bad(keys=keys, args=[entry_id]))
         return deleted
 
     def _read(self, stream_id: str, count: int, block_ms: int | None) -> list:

@@ -97,3 +97,26 @@ def test_batches_whose_replies_were_lost_are_counted_once(redis_server, redis_ur
         assert client.xlen(keys.telemetry) == runner.episodes
     finally:
         dropper.close()
+
+
+def test_counts_held_back_by_a_lost_request_go_out_with_the_later_ones(redis_server, redis_url):
+    dropper = ReplyDropper(redis_server.port)
+    try:
+        core = _corridor_actor()
+        reset_frames = core.frames
+        runner = ActorRunner(core, RedisEndpoint(dropper.url, "held"))
+        runner._send_counts()  # loads the script
+        for _ in range(10):
+            core.step()
+        dropper.arm(b":counts\r\n", request=True)  # this report never reaches Redis
+        assert not runner._redis("heartbeat", runner._send_counts)
+        assert runner._writers["counts"].busy
+        for _ in range(20):
+            core.step()
+        runner._flush_before_exit(timeout_s=10)
+        counters = redis.Redis.from_url(redis_url).hgetall(RedisKeys("held").counters)
+        assert int(counters[b"env_steps"]) == core.env_steps == 30 * 2  # two envs
+        assert int(counters[b"frames"]) == core.frames - reset_frames
+        core.close()
+    finally:
+        dropper.close()

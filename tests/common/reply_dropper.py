@@ -1,7 +1,8 @@
 """A TCP proxy in front of a real redis-server that loses one reply on request: it forwards the
 client's next request that contains given bytes, and when the server answers, closes the client's
 connection instead of passing the answer on. Redis applied the command; the client cannot know,
-and sends it again: the case a MULTI/EXEC cannot make exactly-once."""
+and sends it again: the case a MULTI/EXEC cannot make exactly-once. Or it loses the request
+itself (`arm(..., request=True)`): the connection closes and Redis never sees it."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ class ReplyDropper:
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
         self._match: bytes | None = None
+        self._lose_request = False
         self._lock = threading.Lock()
         self.dropped = 0
         threading.Thread(target=self._accept, daemon=True).start()
@@ -24,10 +26,11 @@ class ReplyDropper:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}"
 
-    def arm(self, match: bytes) -> None:
-        """Loses the reply to the next request (on any connection) that contains `match`."""
+    def arm(self, match: bytes, request: bool = False) -> None:
+        """Loses the reply to the next request (on any connection) that contains `match`, or
+        with `request` that request itself."""
         with self._lock:
-            self._match = match
+            self._match, self._lose_request = match, request
 
     def close(self) -> None:
         self._listener.close()
@@ -49,6 +52,9 @@ class ReplyDropper:
                 with self._lock:
                     if self._match is not None and self._match in data:
                         self._match, state["drop"] = None, True  # before the server can answer
+                        if self._lose_request:
+                            self.dropped += 1
+                            break
                 server.sendall(data)
         except OSError:
             pass

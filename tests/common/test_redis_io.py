@@ -155,3 +155,12 @@ def test_a_batch_lost_with_the_server_is_sent_again_to_the_new_one(tmp_path):
         assert client.xlen("stream") == 1 and writer.replayed == 0
     finally:
         server.stop()
+
+
+def test_a_batch_redis_refuses_is_dropped_not_sent_for_ever(redis_url):
+    client = connect(redis_url)
+    client.set("stream", "not a stream")
+    writer = OnceWriter(client, RedisKeys("once"), "actor-0:abc:chunks")
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        writer.write(lambda: _stream_batch(0))
+    assert not writer.busy and writer.write(lambda: ([("SET", "k", "v")], "next")) == "next"

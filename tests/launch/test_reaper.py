@@ -1,12 +1,15 @@
 """The reaper: a driver killed with SIGKILL takes the processes it started with it; a driver
 that says done (it cleaned up itself) leaves everything alone; older processes are never its."""
 
+import os
 import subprocess
 import sys
 import textwrap
 import time
 
 import pytest
+
+from launch.reaper import TOKEN_VARIABLE, Reaper
 
 DRIVER = textwrap.dedent("""
     import subprocess, sys, time
@@ -72,3 +75,13 @@ def test_a_process_started_just_before_the_driver_died_is_found_by_its_environme
         assert not _alive(late)
     finally:
         subprocess.run(["kill", "-9", str(late)], capture_output=True)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the reaper reads /proc")
+def test_the_run_token_lives_as_long_as_the_run(monkeypatch):
+    monkeypatch.delenv(TOKEN_VARIABLE, raising=False)
+    reaper = Reaper()
+    token = os.environ[TOKEN_VARIABLE]  # what the run starts carries it
+    assert token in reaper.process.args
+    reaper.done()
+    assert TOKEN_VARIABLE not in os.environ  # what starts after the run does not

@@ -5,7 +5,7 @@ import pytest
 import redis
 
 from common.experience import synthetic_chunk
-from common.redis_io import REPLAY_GROUP, RedisConfig, RedisEndpoint, RedisKeys
+from common.redis_io import REPLAY_GROUP, RedisConfig, RedisEndpoint, RedisKeys, connect
 from common.wire import encode_chunk
 from replay_server.replay import PrioritizedReplay, ReplayConfig
 from replay_server.shard import ReplayShard
@@ -154,6 +154,31 @@ def test_acks_whose_reply_was_lost_are_counted_once(redis_server, redis_url):
         dropper.arm(b":acks\r\n")
         assert drain(shard) == 4
         assert dropper.dropped == 1 and shard._acks.replayed == 1
+        assert int(client.hget(keys.counters, "chunks_inserted")) == 7 == shard.replay.size // 20
+        assert client.xpending(keys.experience, REPLAY_GROUP)["pending"] == 0
+    finally:
+        dropper.close()
+
+
+def test_acks_a_long_outage_held_back_are_sent_and_none_is_lost(redis_server, redis_url,
+                                                                 monkeypatch):  # fmt: skip
+    # a client without retries: each lost request stands for an outage longer than the window
+    monkeypatch.setattr(RedisEndpoint, "connect",
+                        lambda self, outage_s=0: connect(self.url, self.config, 0))  # fmt: skip
+    dropper = ReplyDropper(redis_server.port)
+    try:
+        client, keys = redis.Redis.from_url(redis_url), RedisKeys(RUN)
+        shard = make_shard(dropper.url)
+        write_chunks(client, 3, np.random.default_rng(0))
+        dropper.arm(b":acks\r\n", request=True)
+        with pytest.raises(redis.ConnectionError):
+            shard.ingest(max_chunks=16)  # inserted, not acked
+        write_chunks(client, 4, np.random.default_rng(1))
+        dropper.arm(b":acks\r\n", request=True)
+        with pytest.raises(redis.ConnectionError):
+            shard.ingest(max_chunks=16)  # the held-back acks fail again: nothing new is read
+        assert shard.replay.size == 3 * 20
+        assert drain(shard) == 4  # the held-back acks, then the new chunks
         assert int(client.hget(keys.counters, "chunks_inserted")) == 7 == shard.replay.size // 20
         assert client.xpending(keys.experience, REPLAY_GROUP)["pending"] == 0
     finally:
