@@ -241,6 +241,7 @@ class ActorRunner:
         """Sends what is left (retrying through a short outage); says what could not be sent."""
         deadline, delay = time.monotonic() + timeout_s, 0.05
         while True:
+            left = len(self.unsent) + self.unsent_records()
             sent = (self._redis("exit", self._send, force=True) and not self.unsent
                     and self._redis("exit", self._send_records, force=True)
                     and not self.unsent_records())  # fmt: skip
@@ -252,5 +253,8 @@ class ActorRunner:
                     self.name, len(self.unsent), self.unsent_records(),
                 )  # fmt: skip
                 return
+            if len(self.unsent) + self.unsent_records() < left:
+                delay = 0.05  # it goes out (one batch a round while the stream is full)
+                continue
             time.sleep(delay)
             delay = min(2 * delay, 2.0)
