@@ -130,6 +130,11 @@ class RedisKeys:
         return self._key("stats")
 
     @property
+    def shards(self) -> str:
+        """Hash "shard-N:transitions_inserted" → what shard N's replay has taken in, in all."""
+        return self._key("shards")
+
+    @property
     def producers(self) -> str:
         """Hash producer → sequence number of its last applied batch (OnceWriter)."""
         return self._key("producers")

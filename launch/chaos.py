@@ -14,6 +14,8 @@ and checks:
 - every chunk is accounted for: chunks_written == inserted + rejected + still in the stream;
 - the run exited cleanly, and no process it started is left.
 
+and says what each kill cost (`losses`): updates, replay transitions, unwritten env steps.
+
 It prints the result, writes it to RUN_DIR/chaos.json, and exits 1 if a check failed.
 """
 
@@ -41,7 +43,8 @@ ROLES = ("actor", "shard", "learner", "redis-server")
 _ROLE_TITLES = {"actor": "ray::ActorWorker", "shard": "ray::ShardWorker",
                 "learner": "ray::LearnerWorker"}  # fmt: skip
 COUNTERS = ("env_steps", "frames", "updates", "chunks_written", "chunks_inserted",
-            "chunks_rejected", "transitions_written")  # fmt: skip
+            "chunks_rejected", "transitions_written", "updates_lost",
+            "replay_transitions_lost")  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +136,7 @@ def run(config: ChaosConfig) -> dict:
                 for name in COUNTERS:
                     if counters.get(name, 0) < last.get(name, 0):
                         backwards.append(f"{name}: {last[name]} → {counters.get(name, 0)}")
+                _attribute(kills, last, counters)
                 last = {**last, **{k: max(v, last.get(k, 0)) for k, v in counters.items()}}
             if time.monotonic() < next_kill or redis_back_at is not None:
                 continue
@@ -157,7 +161,8 @@ def run(config: ChaosConfig) -> dict:
             if first_kill_counters is None:
                 first_kill_counters = dict(last)
             os.kill(pid, signal.SIGKILL)
-            kills.append({"t": round(time.monotonic() - start, 1), "role": role, "pid": pid})
+            kills.append({"t": round(time.monotonic() - start, 1), "role": role, "pid": pid,
+                          "counters": dict(last)})  # fmt: skip
             logger.info("killed %s (pid %d)", role, pid)
             if role == "redis-server":
                 server.process.wait()
@@ -175,6 +180,7 @@ def run(config: ChaosConfig) -> dict:
     # What the run left: its counters and the stream (the chunks no shard took), in this Redis.
     server.restart_if_dead()
     final = read_counters() or {}
+    _attribute(kills, last, final)
     backlog = client.xlen(keys.experience)
     time.sleep(6)  # the reaper's grace period, if the driver had died
     left = _leftovers(noted)
@@ -190,6 +196,7 @@ def run(config: ChaosConfig) -> dict:
         "no_process_left": not left,
     }
     result = {
+        "losses": losses([k for k in kills if k["pid"]], final),
         "minutes": config.minutes,
         "every_s": config.every_s,
         "order": order,
@@ -205,6 +212,45 @@ def run(config: ChaosConfig) -> dict:
     }
     (run_dir / "chaos.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+# A loss counter → the role whose restart adds to it.
+LOSS_COUNTERS = {"updates_lost": "learner", "replay_transitions_lost": "shard"}
+
+
+def _attribute(kills: list[dict], last: dict[str, int], counters: dict[str, int]) -> None:
+    """Adds what each loss counter grew by since `last` to the latest kill of its role (a role
+    restarts in its own time, often after the next kill)."""
+    for name, role in LOSS_COUNTERS.items():
+        grew = counters.get(name, 0) - last.get(name, 0)
+        target = next((k for k in reversed(kills) if k["role"] == role and k["pid"]), None)
+        if grew > 0 and target is not None:
+            target[name] = target.get(name, 0) + grew
+
+
+def losses(kills: list[dict], final: dict[str, int]) -> list[dict]:
+    """What each kill cost, and what the run did until the next one: the learner's updates
+    lost (it restarted from an older state) and the transitions a restarted shard's replay lost
+    (taken in after its snapshot), as attributed while the run went on; and, from the counters
+    read just before each kill and at the end, env steps counted but never written as
+    transitions (an actor's unsent chunks and n-step tail; ± one chunk per env, which is in
+    flight at any time)."""
+    rows = []
+    afters = [k["counters"] for k in kills[1:]] + [final]
+    for kill, after in zip(kills, afters[: len(kills)], strict=True):
+        before = kill["counters"]
+
+        def delta(name, before=before, after=after):
+            return after.get(name, 0) - before.get(name, 0)
+
+        rows.append({
+            "t": kill["t"], "role": kill["role"],
+            "updates_lost": kill.get("updates_lost", 0),
+            "replay_transitions_lost": kill.get("replay_transitions_lost", 0),
+            "env_steps_not_written": delta("env_steps") - delta("transitions_written"),
+            "env_steps_after": delta("env_steps"), "updates_after": delta("updates"),
+        })  # fmt: skip
+    return rows
 
 
 def _leftovers(noted: dict[int, int]) -> list[str]:

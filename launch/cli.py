@@ -87,8 +87,20 @@ def _chaos(module, config, args: list[str]) -> None:
     result = module.run(config)
     for name, ok in result["checks"].items():
         console.print(f"{'[green]ok[/green]' if ok else '[red]FAILED[/red]'} {name}")
-    kills = ", ".join(f"{k['role']}@{k['t']:.0f}s" for k in result["kills"])
-    console.print(f"kills: {kills}\nfinal counters: {result['final_counters']}, "
+    table = Table(
+        "t (s)",
+        "killed",
+        "updates lost",
+        "replay transitions lost",
+        "env steps not written",
+        "env steps / updates until the next kill",
+    )
+    for row in result["losses"]:
+        table.add_row(f"{row['t']:.0f}", row["role"], str(row["updates_lost"]),
+                      str(row["replay_transitions_lost"]), str(row["env_steps_not_written"]),
+                      f"{row['env_steps_after']} / {row['updates_after']}")  # fmt: skip
+    console.print(table)
+    console.print(f"final counters: {result['final_counters']}, "
                   f"stream backlog {result['stream_backlog']}")  # fmt: skip
     console.print(f"written: {config.run_dir / 'chaos.json'}")
     if not result["passed"]:

@@ -507,6 +507,8 @@ class RayBackend:
             self._kept.age_s(), max(reached - kept, 0), self.learner_restarts,
             MAX_LEARNER_RESTARTS,
         )  # fmt: skip
+        with contextlib.suppress(redis.RedisError):  # for `mario chaos`'s books
+            self.client.hincrby(self.redis_keys.counters, "updates_lost", max(reached - kept, 0))
         self._kept.forget_pending()
         self._start_learner(state, updates_floor=reached)
 

@@ -64,6 +64,7 @@ class ReplayShard:
         self._unacked: list = []  # ids inserted (or rejected) and not yet acked
         self._uncounted = {"chunks_inserted": 0, "chunks_rejected": 0}
         self._delete_bad = self.client.register_script(_DELETE_AND_COUNT)
+        self._inserted_field = f"{self.consumer}:transitions_inserted"
         self._create_group()
 
     def ingest(self, max_chunks: int = 32, block_ms: int | None = None) -> int:
@@ -115,6 +116,8 @@ class ReplayShard:
                         for i in range(0, len(ids), 1000)]  # fmt: skip
             commands += [("HINCRBY", self.redis_keys.counters, name, value)
                          for name, value in counts.items()]  # fmt: skip
+            commands.append(("HSET", self.redis_keys.shards, self._inserted_field,
+                             self.replay.transitions_inserted))  # fmt: skip
             return commands, None
 
         self._acks.write(batch)
@@ -220,8 +223,22 @@ class ReplayShard:
     def snapshot(self, path: pathlib.Path) -> None:
         self.replay.snapshot(path)
 
-    def restore(self, path: pathlib.Path) -> None:
+    def restore(self, path: pathlib.Path) -> int:
+        """Restores a snapshot; returns (and logs, and adds to the run's counter
+        replay_transitions_lost) how many transitions this shard had taken in since it was
+        written: a restarted shard's loss. 0 if Redis does not know (a new Redis: a resumed run)."""
         self.replay.restore(path)
+        restored = self.replay.transitions_inserted
+        reached = self.client.hget(self.redis_keys.shards, self._inserted_field)
+        lost = max(int(reached) - restored, 0) if reached is not None else 0
+        commands = [
+            ("HSET", self.redis_keys.shards, self._inserted_field, restored),
+            ("HINCRBY", self.redis_keys.counters, "replay_transitions_lost", lost),
+        ]
+        self._acks.write(lambda: (commands, None))  # a later loss counts from here
+        logger.warning("shard %d restored its snapshot (%d transitions taken in, in all); the %d "
+                       "taken in since are lost", self.shard_id, restored, lost)  # fmt: skip
+        return lost
 
 
 def _as_str(stream_id) -> str:

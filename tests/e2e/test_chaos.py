@@ -39,7 +39,14 @@ def test_a_short_chaos_round_kills_each_role_once_and_passes_its_checks(tmp_path
     log = (run_dir / "chaos-train.log").read_text()
     died = re.search(r"actor (\d+) died \(.*\); Ray restarts it", log)
     assert died and f"actor {died[1]} runs on node" in log[died.end() :]  # restarted, placed
-    assert re.search(r"the learner died \(\w+\); restarting it from its state of update \d+", log)
+    learner = re.search(r"the learner died \(\w+\); restarting it from its state of update \d+"
+                        r".*: (\d+) updates lost", log)  # fmt: skip
+    assert learner
+    costs = {row["role"]: row for row in result["losses"]}  # what each kill cost, in the books
+    assert list(costs) == killed and costs["learner"]["updates_lost"] == int(learner[1])
+    final = result["final_counters"]
+    assert costs["shard"]["replay_transitions_lost"] == final.get("replay_transitions_lost", 0)
+    assert all(row["env_steps_after"] > 0 for row in result["losses"])  # it went on after each
     for shard in (0, 1):  # both shards took chunks from the stream through the consumer group
         with np.load(run_dir / f"replay-{shard}.npz") as snapshot:
             assert int(snapshot["counters"][7]) > 0

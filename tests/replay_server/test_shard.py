@@ -183,3 +183,18 @@ def test_acks_a_long_outage_held_back_are_sent_and_none_is_lost(redis_server, re
         assert client.xpending(keys.experience, REPLAY_GROUP)["pending"] == 0
     finally:
         dropper.close()
+
+
+def test_a_restarted_shard_counts_what_its_snapshot_had_not_taken_in(redis_url, tmp_path):
+    client, keys = redis.Redis.from_url(redis_url), RedisKeys(RUN)
+    shard = make_shard(redis_url)
+    write_chunks(client, 3, np.random.default_rng(0))
+    assert drain(shard) == 3
+    shard.replay.snapshot(tmp_path / "replay-0.npz")  # 60 transitions in the snapshot
+    write_chunks(client, 2, np.random.default_rng(1))
+    assert drain(shard) == 2  # 40 more, then the shard dies
+    for expected_lost, lost_in_all in ((40, 40), (0, 40)):  # the second restart loses nothing
+        restarted = make_shard(redis_url)
+        assert restarted.restore(tmp_path / "replay-0.npz") == expected_lost
+        assert restarted.replay.size == 60
+        assert int(client.hget(keys.counters, "replay_transitions_lost")) == lost_in_all
