@@ -59,8 +59,8 @@ class ShardWorker:
 
     def __init__(self, spec: ReplaySpec, endpoint: RedisEndpoint, snapshot: str):
         self.shard = build_shard(spec, endpoint)
-        if pathlib.Path(snapshot).exists():
-            self.shard.restore(pathlib.Path(snapshot))  # warm start (resume, or a Ray restart)
+        # warm start (resume, or a Ray restart); either way the loss since a snapshot is counted
+        self.shard.restore(pathlib.Path(snapshot) if pathlib.Path(snapshot).exists() else None)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._ingest_loop, daemon=True)

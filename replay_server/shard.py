@@ -223,13 +223,17 @@ class ReplayShard:
     def snapshot(self, path: pathlib.Path) -> None:
         self.replay.snapshot(path)
 
-    def restore(self, path: pathlib.Path) -> int:
-        """Restores a snapshot; returns (and logs, and adds to the run's counter
-        replay_transitions_lost) how many transitions this shard had taken in since it was
-        written: a restarted shard's loss. 0 if Redis does not know (a new Redis: a resumed run)."""
-        self.replay.restore(path)
+    def restore(self, path: pathlib.Path | None) -> int:
+        """Restores a snapshot (None: there is none, the shard starts empty); returns (and logs,
+        and adds to the run's counter replay_transitions_lost) how many transitions this shard
+        had taken in that the snapshot lacks: a restarted shard's loss. 0 if Redis does not know
+        (a new run, or a resumed one with a new Redis)."""
+        if path is not None:
+            self.replay.restore(path)
         restored = self.replay.transitions_inserted
         reached = self.client.hget(self.redis_keys.shards, self._inserted_field)
+        if reached is None and path is None:
+            return 0  # a shard's first start
         lost = max(int(reached) - restored, 0) if reached is not None else 0
         commands = [
             ("HSET", self.redis_keys.shards, self._inserted_field, restored),

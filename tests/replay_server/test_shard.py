@@ -198,3 +198,6 @@ def test_a_restarted_shard_counts_what_its_snapshot_had_not_taken_in(redis_url, 
         assert restarted.restore(tmp_path / "replay-0.npz") == expected_lost
         assert restarted.replay.size == 60
         assert int(client.hget(keys.counters, "replay_transitions_lost")) == lost_in_all
+    assert make_shard(redis_url, shard_id=1).restore(None) == 0  # a first start loses nothing
+    restarted = make_shard(redis_url)  # no snapshot (lost): all the 60 it had are lost
+    assert restarted.restore(None) == 60 and restarted.replay.size == 0
