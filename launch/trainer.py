@@ -51,8 +51,11 @@ from learner.checkpoint import (
 logger = logging.getLogger("train")
 
 # Counters a backend reports (the same in both), and those the Trainer keeps itself.
+# The last two are the cost of restarted roles (the Ray backend's learner and shards; always 0
+# in the serial one, where nothing restarts).
 BACKEND_COUNTERS = ("env_steps", "frames", "updates", "chunks_written", "chunks_inserted",
-                    "chunks_rejected", "transitions_written")  # fmt: skip
+                    "chunks_rejected", "transitions_written", "updates_lost",
+                    "replay_transitions_lost")  # fmt: skip
 TRAINER_COUNTERS = ("episodes", "flags")
 RATE_WINDOW_S = 5.0
 FINAL_EVAL_WAIT_S = 900  # the evaluation that ends a run: 10 episodes take 1–3 min on 2 cores
