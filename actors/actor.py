@@ -14,7 +14,6 @@ import torch
 from actors.adder import ChunkBuilder, NStepAdder, Transition
 from common.config import EnvConfig, NetworkConfig
 from common.experience import Chunk
-from common.mario_env import make_env
 from common.networks import build_network
 
 
@@ -134,11 +133,15 @@ class ActorCore:
         epsilons: Sequence[float],
         actor_id: int = 0,
         seed: int = 0,
-        env_factory: Callable[[EnvConfig], gym.Env] = make_env,
+        env_factory: Callable[[EnvConfig], gym.Env] | None = None,
     ):
         """`epsilons`: the ε of each env (see slot_epsilons); `actor_id` tags its chunks and
         seeds its envs and its random numbers; `env_factory` makes each env (the Mario pipeline;
-        a test passes a tiny env with the same observations and info keys)."""
+        a test passes a tiny env with the same observations and info keys). The Mario pipeline
+        is imported here, not at module level: the core then runs where nes-py is not installed
+        (a GPU machine checking the learner path on the corridor test)."""
+        if env_factory is None:
+            from common.mario_env import make_env as env_factory
         if len(epsilons) != actor_config.envs_per_actor:
             raise ValueError(
                 f"{len(epsilons)} epsilons for {actor_config.envs_per_actor} envs_per_actor"

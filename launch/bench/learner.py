@@ -78,6 +78,7 @@ def measure(
 ) -> dict:
     """Updates per second of one configuration."""
     torch.set_num_threads(threads)
+    torch._dynamo.reset()  # each configuration compiles afresh, never past the recompile limit
     compile_, bf16, channels_last = VARIANTS[variant]
     learner = Learner(
         LearnerConfig(batch_size=batch_size, device=device, compile=compile_, bf16=bf16,
