@@ -3,6 +3,12 @@
 A resumed run takes its mode and every training setting from its checkpoint; only the settings
 of this invocation (budget, where Redis and Ray are, display, logging) come from the command
 line. A command-line value that contradicts the run is an error that names both.
+
+A branch (--branch-from PARENT --run-dir NEW) is a new run that starts where PARENT's latest
+checkpoint stands (weights, optimizer, counters, replay, evaluation state) with the training
+settings given on the command line changed, e.g. sticky actions switched on for the rest of the
+budget. Its history (metrics.jsonl, invocations.jsonl, best.pt) is copied, and its invocation
+record names the parent, so the new run holds the whole account of how its weights were made.
 """
 
 from __future__ import annotations
@@ -135,6 +141,10 @@ class TrainConfig:
     resume_existing: bool = False
     """If --run-dir already holds a checkpoint, continue it (as --resume does); else start a new
     run there. For services that restart (docker compose, RayJob)."""
+    branch_from: pathlib.Path | None = None
+    """Start --run-dir as a branch of this run: from its latest checkpoint (weights, optimizer,
+    counters, replay), with the training settings given here changed. Env steps go on counting
+    from the parent's. Ignored when --run-dir already holds a checkpoint (--resume-existing)."""
     seed: int = 0
     """Random seed."""
     wandb: str = "auto"
@@ -166,6 +176,14 @@ class TrainConfig:
             raise ValueError(f"ray_head_cpus ({self.ray_head_cpus}) must be >= 1 (the learner's)")
         if self.resume_existing and self.run_dir is None:
             raise ValueError("resume_existing needs --run-dir (the directory to continue)")
+        if self.branch_from is not None:
+            if self.run_dir is None or self.resume is not None:
+                raise ValueError(
+                    f"branch_from ({self.branch_from}) needs --run-dir (the new run) and no "
+                    "--resume"
+                )
+            if pathlib.Path(self.branch_from).resolve() == pathlib.Path(self.run_dir).resolve():
+                raise ValueError(f"branch_from ({self.branch_from}) must differ from --run-dir")
         if self.total_env_steps < 1:
             raise ValueError(f"total_env_steps ({self.total_env_steps}) must be >= 1")
         if self.minutes is not None and self.minutes <= 0:
@@ -195,7 +213,8 @@ class TrainConfig:
 # Settings of one invocation, taken from the command line when a run is resumed; every other
 # field comes from the saved run.
 INVOCATION_FIELDS = frozenset({
-    "total_env_steps", "minutes", "resume", "resume_existing", "run_dir", "live_display",
+    "total_env_steps", "minutes", "resume", "resume_existing", "branch_from", "run_dir",
+    "live_display",
     "wandb", "log_every_s", "checkpoint_minutes", "redis_url", "ray_address", "ray_head_port",
     "ray_head_cpus", "ray_dashboard_port", "redis", "distributed.num_actors",
     "distributed.max_actors", "torch_threads", "learner.device", "learner.compile",
@@ -249,7 +268,9 @@ class PreparedRun:
     config: TrainConfig
     run_dir: pathlib.Path
     checkpoint: dict | None = None
-    """The loaded checkpoint when resuming (None: a new run)."""
+    """The loaded checkpoint when resuming or branching (None: a new run)."""
+    branched_from: pathlib.Path | None = None
+    """The parent run of a branch (its checkpoint is `checkpoint`)."""
 
 
 def given_fields(args: list[str]) -> set[str]:
@@ -283,7 +304,10 @@ def prepare_run(requested: TrainConfig, given: set[str] | None = None) -> Prepar
                 f"run_dir {requested.run_dir} already holds a checkpoint: continue it with "
                 f"--resume {requested.run_dir} (or --resume-existing), or pick another --run-dir"
             )
-        requested = dataclasses.replace(requested, resume=requested.run_dir)
+        # a branch already made goes on as a resume; its parent is not read again
+        requested = dataclasses.replace(requested, resume=requested.run_dir, branch_from=None)
+    if requested.resume is None and requested.branch_from is not None:
+        return _branch(requested, given)
     if requested.resume is None:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         return PreparedRun(requested, requested.run_dir or pathlib.Path("runs") / stamp)
@@ -296,6 +320,64 @@ def prepare_run(requested: TrainConfig, given: set[str] | None = None) -> Prepar
     steps = checkpoint["counters"]["env_steps"]
     logger.info("resuming run %s (%s backend) at %s env steps", run_dir, mode, steps)
     return PreparedRun(config, run_dir, checkpoint)
+
+
+# What a branch cannot change: the weights' shapes, the mode, and the replay's layout.
+BRANCH_FIXED = ("network.", "env.action_set", "env.frame_stack", "serial",
+                "distributed.num_shards", "replay.capacity")  # fmt: skip
+
+# Files of the parent's history a branch starts from (copied; the parent is not changed).
+BRANCH_HISTORY = ("metrics.jsonl", "invocations.jsonl", "best.pt")
+
+
+def _branch(requested: TrainConfig, given: set[str] | None) -> PreparedRun:
+    parent = pathlib.Path(requested.branch_from)
+    checkpoint = load_checkpoint(parent)
+    saved = config_from_dict(TrainConfig, checkpoint["config"], "checkpoint config")
+    values, default, kept = _leaves(requested), _leaves(TrainConfig()), _leaves(saved)
+    if given is None:
+        given = {path for path, value in values.items() if value != default[path]}
+    changes = {
+        path: values[path]
+        for path in sorted(given)
+        if path in values and path not in INVOCATION_FIELDS and values[path] != kept[path]
+    }
+    fixed = [path for path in changes if path.startswith(BRANCH_FIXED)]
+    if fixed:
+        raise ValueError(
+            f"--branch-from {parent}: a branch keeps the parent's weights, mode and replay; "
+            + "; ".join(
+                f"{flag(p)}: the parent has {kept[p]!r}, the command line says {changes[p]!r}"
+                for p in fixed
+            )
+            + " (start a new run instead)"
+        )
+    run_dir = pathlib.Path(requested.run_dir)
+    config = dataclasses.replace(_with_invocation(_replace_leaves(saved, changes), requested),
+                                 run_dir=run_dir)  # fmt: skip
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name in BRANCH_HISTORY:
+        if (parent / name).is_file():
+            (run_dir / name).write_bytes((parent / name).read_bytes())
+    steps = checkpoint["counters"]["env_steps"]
+    changed = [f"{flag(path)} {kept[path]!r} -> {value!r}" for path, value in changes.items()]
+    logger.info("branching run %s from %s at %s env steps; changed: %s", run_dir, parent, steps,
+                ", ".join(changed) or "nothing")  # fmt: skip
+    return PreparedRun(config, run_dir, checkpoint, branched_from=parent)
+
+
+def _replace_leaves(config, changes: dict[str, object]):
+    """`config` with each field path in `changes` ("env.sticky_action_prob") set to its value."""
+    top: dict[str, object] = {}
+    for path, value in changes.items():
+        name, _, rest = path.partition(".")
+        if not rest:
+            top[name] = value
+    for name in {path.split(".")[0] for path in changes if "." in path}:
+        prefix = name + "."
+        inner = {p.removeprefix(prefix): v for p, v in changes.items() if p.startswith(prefix)}
+        top[name] = _replace_leaves(getattr(config, name), inner)
+    return dataclasses.replace(config, **top)
 
 
 def _with_invocation(saved: TrainConfig, requested: TrainConfig) -> TrainConfig:

@@ -546,6 +546,7 @@ def record_invocation(run: PreparedRun, command: list[str] | None) -> None:
         "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": command,
         "start_env_steps": start,
+        **({"branched_from": str(run.branched_from)} if run.branched_from else {}),
         **code_commit(),
         "machine": machine(),
     }
@@ -570,6 +571,12 @@ def train(
     with contextlib.ExitStack() as held:
         if named is not None and (pathlib.Path(named).is_dir() or requested.resume is None):
             held.enter_context(lock_run_dir(pathlib.Path(named)))
+        # A branch reads its parent's checkpoint set and replay snapshot while the roles start
+        # (a branch that already has a checkpoint of its own is resumed instead).
+        parent, run_dir = requested.branch_from, requested.run_dir
+        if (parent is not None and run_dir is not None and pathlib.Path(parent).is_dir()
+                and not (pathlib.Path(run_dir) / CHECKPOINT_NAME).exists()):  # fmt: skip
+            held.enter_context(lock_run_dir(pathlib.Path(parent)))
         run = prepare_run(requested, given)
         if named is None:
             held.enter_context(lock_run_dir(run.run_dir))

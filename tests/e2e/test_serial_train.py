@@ -168,6 +168,51 @@ def test_existing_run_dir_needs_resume_and_resume_existing_continues(trained_run
     assert load_checkpoint(trained_run)["counters"]["env_steps"] >= budget
 
 
+def test_a_branch_goes_on_from_the_parent_with_the_settings_given_changed(trained_run, tmp_path):
+    parent = load_checkpoint(trained_run)
+    start, branch = parent["counters"]["env_steps"], tmp_path / "branch"
+    parent_metrics = (trained_run / "metrics.jsonl").read_text()
+    command = [*TINY, "--total-env-steps", str(start + 200), "--run-dir", str(branch),
+               "--branch-from", str(trained_run), "--env.sticky-action-prob", "0.25",
+               "--learner.learning-rate", "1e-3"]  # fmt: skip
+    main(command)
+    after = load_checkpoint(branch)
+    assert after["config"]["env"]["sticky_action_prob"] == 0.25
+    assert after["config"]["learner"]["learning_rate"] == 1e-3
+    assert after["config"]["replay"] == parent["config"]["replay"]  # the rest is the parent's
+    assert after["config"]["env"]["level"] == parent["config"]["env"]["level"]
+    # Counters, weights' training and replay go on from the parent's checkpoint.
+    assert after["counters"]["env_steps"] >= start + 200
+    assert after["counters"]["updates"] > parent["counters"]["updates"]
+    with np.load(branch / "replay-0.npz") as snapshot:
+        assert int(snapshot["counters"][7]) > start - 2 * 2 * 3  # the parent's, restored
+    assert load_checkpoint(trained_run)["counters"] == parent["counters"]  # parent untouched
+    assert (trained_run / "metrics.jsonl").read_text() == parent_metrics
+    # Its history holds the parent's, then its own invocation, which names the parent.
+    assert (branch / "metrics.jsonl").read_text().startswith(parent_metrics)
+    *inherited, own = (
+        json.loads(x) for x in (branch / "invocations.jsonl").read_text().splitlines()
+    )
+    assert len(inherited) >= 1 and "branched_from" not in inherited[0]
+    assert own["branched_from"] == str(trained_run) and own["start_env_steps"] == start
+    # Started again (a restarting service): the branch resumes; its parent is not read again.
+    lines = len((branch / "metrics.jsonl").read_text().splitlines())
+    main([*TINY, "--total-env-steps", str(start + 300), "--run-dir", str(branch),
+          "--resume-existing", "--branch-from", str(trained_run)])  # fmt: skip
+    assert load_checkpoint(branch)["counters"]["env_steps"] >= start + 300
+    assert len((branch / "metrics.jsonl").read_text().splitlines()) > lines
+
+
+def test_a_branch_keeps_the_parents_network_and_says_so(trained_run, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--branch-from", str(trained_run), "--run-dir", str(tmp_path / "b"),
+              "--network.hidden", "32"])  # fmt: skip
+    assert exit_info.value.code == 1
+    text = capsys.readouterr().out.replace("\n", "")
+    assert "--network.hidden: the parent has 256, the command line says 32" in text, text
+    assert not (tmp_path / "b" / "checkpoint.pt").exists()
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
