@@ -266,9 +266,11 @@ def card_markdown(card: dict) -> str:
         machine = invocation.get("machine", {})
         gpu = f", {machine['cuda']}" if machine.get("cuda") else ""
         where = f"{machine.get('cpus')} CPUs{gpu}"
-        lines.append(f"- {invocation['time']}, from {invocation['start_env_steps']:,} env steps, "
-                     f"commit {commit}{' (modified)' if invocation.get('dirty') else ''}, "
-                     f"{where}: `{' '.join(invocation['command'] or [])}`")  # fmt: skip
+        branch = (f" (a branch of `{invocation['branched_from']}`)"
+                  if invocation.get("branched_from") else "")  # fmt: skip
+        lines.append(f"- {invocation['time']}, from {invocation['start_env_steps']:,} env steps"
+                     f"{branch}, commit {commit}{' (modified)' if invocation.get('dirty') else ''}"
+                     f", {where}: `{' '.join(invocation['command'] or [])}`")  # fmt: skip
     if card["eval_curve"]:
         lines += [
             "",

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from launch.cli import main
+from launch.model import card_markdown
 from learner.checkpoint import CheckpointError, load_checkpoint
 
 TINY = [
@@ -195,6 +196,11 @@ def test_a_branch_goes_on_from_the_parent_with_the_settings_given_changed(traine
     )
     assert len(inherited) >= 1 and "branched_from" not in inherited[0]
     assert own["branched_from"] == str(trained_run) and own["start_env_steps"] == start
+    card = card_markdown({"name": "m", "level": "1-1", "final_eval": None, "eval_curve": [],
+                          "training": {"env_steps": 1, "updates": 1, "wall_time_s": None},
+                          "weights": {"file": "model.pt", "parameters": 1, "bytes": 1},
+                          "invocations": [*inherited, own]})  # fmt: skip
+    assert f"from {start:,} env steps (a branch of `{trained_run}`)" in card
     # Started again (a restarting service): the branch resumes; its parent is not read again.
     lines = len((branch / "metrics.jsonl").read_text().splitlines())
     main([*TINY, "--total-env-steps", str(start + 300), "--run-dir", str(branch),
@@ -257,6 +263,7 @@ def test_a_failing_learner_ends_the_serial_run_with_its_own_error(tmp_path):
 NO_RAY_SCRIPT = """
 import json, sys
 from launch.cli import main
+from launch.model import card_markdown
 for command in json.loads(sys.argv[1]):
     main(command)
     assert "ray" not in sys.modules, f"mario {' '.join(command[:2])} imported ray"
