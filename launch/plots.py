@@ -44,6 +44,22 @@ def eval_curve(records: list[dict]) -> list[tuple[int, float, float]]:
     return sorted((r["eval/env_steps"], r["eval/flag_rate"], r["eval/x_pos_mean"]) for r in rounds)
 
 
+def branch_points(run_dir: pathlib.Path) -> list[tuple[int, str]]:
+    """(env steps, parent run's name) where the run's history became a branch (`mario train
+    --branch-from`), from its invocations.jsonl; [] for a run that never branched."""
+    path = pathlib.Path(run_dir) / "invocations.jsonl"
+    points = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("branched_from"):
+            name = pathlib.Path(record["branched_from"]).name
+            points.append((int(record["start_env_steps"]), name))
+    return points
+
+
 def without_lost_work(records: list[dict]) -> list[dict]:
     """The records without those a crash lost: a run resumed from a checkpoint logs its steps
     again from there, after the lost session's records of the same steps; those are dropped."""
@@ -128,6 +144,11 @@ def plot(config: PlotConfig) -> pathlib.Path:
             axes[2].plot(
                 [r["step"] for r in updates], [r["learner/loss"] for r in updates], label=label
             )
+        for at, parent in branch_points(run_dir):  # settings changed here: mark it everywhere
+            for axis in axes:
+                axis.axvline(at, color="grey", linestyle="-.", linewidth=1)
+            axes[3].annotate(f"{label} branches from {parent} ", (at, 0.9), fontsize=7,
+                             ha="right", va="top")  # fmt: skip
         evals = eval_curve(records)
         if evals:
             steps, flags, x_means = zip(*evals, strict=True)

@@ -5,7 +5,7 @@ import json
 from PIL import Image
 
 from launch.cli import main
-from launch.plots import describe_milestones, eval_curve, milestones
+from launch.plots import branch_points, describe_milestones, eval_curve, milestones
 
 RECORDS = [
     {"step": 10, "episode/x_pos": 300, "episode/return": 5.0},
@@ -21,8 +21,19 @@ def test_eval_curve_is_the_rounds_in_env_step_order():
     assert eval_curve([r for r in RECORDS if "eval/flag_rate" not in r]) == []
 
 
+def test_branch_points_are_where_a_run_was_branched_from_another(tmp_path):
+    assert branch_points(tmp_path) == []  # no invocations.jsonl
+    lines = [{"start_env_steps": 0, "command": ["mario", "train"]},
+             {"start_env_steps": 787120, "branched_from": "/runs/default-1"},
+             {"start_env_steps": 800000}]  # fmt: skip
+    (tmp_path / "invocations.jsonl").write_text("\n".join(map(json.dumps, lines)) + "\n{torn")
+    assert branch_points(tmp_path) == [(787120, "default-1")]
+
+
 def test_plot_draws_four_panels_from_a_run(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("\n".join(map(json.dumps, RECORDS)) + "\n{torn")
+    branched = {"start_env_steps": 60, "branched_from": "/runs/parent"}
+    (tmp_path / "invocations.jsonl").write_text(json.dumps(branched) + "\n")
     out = tmp_path / "curve.png"
     main(["plot", str(tmp_path), "--out", str(out)])
     with Image.open(out) as image:
