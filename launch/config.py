@@ -15,15 +15,33 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import logging
 import os
 import pathlib
+import shutil
 
 from actors.actor import ActorConfig
-from common.config import EnvConfig, NetworkConfig, config_from_dict, recipe_network
+from common.config import (
+    EnvConfig,
+    NetworkConfig,
+    config_from_dict,
+    config_to_dict,
+    recipe_network,
+)
 from common.redis_io import RedisConfig
 from launch.evaluate import TrainEvalConfig
-from learner.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from learner.checkpoint import (
+    BEST_NAME,
+    CHECKPOINT_NAME,
+    MANIFEST_NAME,
+    SET_DIR_KEY,
+    CheckpointError,
+    holds_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    write_manifest,
+)
 from learner.learner import LearnerConfig
 from replay_server.replay import ReplayConfig
 
@@ -297,7 +315,7 @@ def prepare_run(requested: TrainConfig, given: set[str] | None = None) -> Prepar
             command-line settings that contradict the saved run (each named with both values).
         CheckpointError: a checkpoint that cannot be read.
     """
-    existing = requested.run_dir is not None and (requested.run_dir / CHECKPOINT_NAME).exists()
+    existing = requested.run_dir is not None and holds_checkpoint(requested.run_dir)
     if requested.resume is None and existing:
         if not requested.resume_existing:
             raise ValueError(
@@ -322,20 +340,35 @@ def prepare_run(requested: TrainConfig, given: set[str] | None = None) -> Prepar
     return PreparedRun(config, run_dir, checkpoint)
 
 
-# What a branch cannot change: the weights' shapes, the mode, and the replay's layout.
+# What a branch cannot change: the weights' shapes, the mode, the replay's layout and its rate
+# limiter's balance (restored from the snapshot: a new samples-per-insert against the parent's
+# counts would stall the learner or the actors for as long as the parent ran).
 BRANCH_FIXED = ("network.", "env.action_set", "env.frame_stack", "serial",
-                "distributed.num_shards", "replay.capacity")  # fmt: skip
-
+                "distributed.num_shards", "replay.capacity", "replay.frames_per_transition",
+                "replay.samples_per_insert", "replay.min_size_to_sample",
+                "replay.rate_error_buffer")  # fmt: skip
+# Changes a branch allows but whose replay still holds the parent's returns for a while (about
+# one replay's worth of env steps): logged as a warning.
+BRANCH_STALE_REPLAY = ("env.reward", "env.reward_scale", "env.flag_bonus", "env.stuck_",
+                       "actor.gamma", "actor.n_step")  # fmt: skip
 # Files of the parent's history a branch starts from (copied; the parent is not changed).
-BRANCH_HISTORY = ("metrics.jsonl", "invocations.jsonl", "best.pt")
+BRANCH_HISTORY = ("metrics.jsonl", "invocations.jsonl", BEST_NAME)
+# Changes after which the parent's best evaluation is not comparable (not inherited).
+BRANCH_NEW_EVAL = ("env.level", "eval.")
 
 
 def _branch(requested: TrainConfig, given: set[str] | None) -> PreparedRun:
+    """A new run in --run-dir from the parent's newest whole checkpoint set, with the given
+    settings changed. The branch gets a set of its own at once (its checkpoint.pt with the new
+    config, the replay snapshots hard-linked), so it neither depends on the parent afterwards
+    nor branches again if restarted before its first checkpoint."""
     parent = pathlib.Path(requested.branch_from)
+    if not parent.is_dir():
+        raise ValueError(f"branch_from ({parent}) must be a run directory")
     checkpoint = load_checkpoint(parent)
     saved = config_from_dict(TrainConfig, checkpoint["config"], "checkpoint config")
     values, default, kept = _leaves(requested), _leaves(TrainConfig()), _leaves(saved)
-    if given is None:
+    if given is None:  # programmatic calls: what differs from the defaults counts as given
         given = {path for path, value in values.items() if value != default[path]}
     changes = {
         path: values[path]
@@ -352,18 +385,59 @@ def _branch(requested: TrainConfig, given: set[str] | None) -> PreparedRun:
             )
             + " (start a new run instead)"
         )
+    steps = int(checkpoint["counters"]["env_steps"])
+    if requested.total_env_steps <= steps:
+        raise ValueError(
+            f"total_env_steps ({requested.total_env_steps}) must exceed the parent's "
+            f"{steps} env steps: a branch goes on counting from them"
+        )
     run_dir = pathlib.Path(requested.run_dir)
     config = dataclasses.replace(_with_invocation(_replace_leaves(saved, changes), requested),
                                  run_dir=run_dir)  # fmt: skip
+    new_eval = any(path.startswith(BRANCH_NEW_EVAL) for path in changes)
+    set_dir = pathlib.Path(checkpoint.pop(SET_DIR_KEY))
     run_dir.mkdir(parents=True, exist_ok=True)
     for name in BRANCH_HISTORY:
-        if (parent / name).is_file():
-            (run_dir / name).write_bytes((parent / name).read_bytes())
-    steps = checkpoint["counters"]["env_steps"]
+        source = parent / name
+        if source.is_file() and not (name == BEST_NAME and (new_eval or _newer(source, steps))):
+            (run_dir / name).write_bytes(source.read_bytes())
+    if new_eval:
+        checkpoint["trainer"] = {**checkpoint.get("trainer", {}), "best_eval": None}
+    manifest = set_dir / MANIFEST_NAME
+    if manifest.is_file():
+        snapshots = [n for n in json.loads(manifest.read_text())["files"] if n != CHECKPOINT_NAME]
+    else:  # a run from before the manifests
+        snapshots = sorted(path.name for path in set_dir.glob("replay-*.npz"))
+    for name in snapshots:
+        _link_or_copy(set_dir / name, run_dir / name)
+    checkpoint.pop("format", None)
+    save_checkpoint(run_dir, {**checkpoint, "config": config_to_dict(config)})
+    write_manifest(run_dir, [CHECKPOINT_NAME, *snapshots], steps)
     changed = [f"{flag(path)} {kept[path]!r} -> {value!r}" for path, value in changes.items()]
     logger.info("branching run %s from %s at %s env steps; changed: %s", run_dir, parent, steps,
                 ", ".join(changed) or "nothing")  # fmt: skip
-    return PreparedRun(config, run_dir, checkpoint, branched_from=parent)
+    stale = [flag(path) for path in changes if path.startswith(BRANCH_STALE_REPLAY)]
+    if stale:
+        logger.warning("%s changed: the replay holds the parent's returns until it turns over "
+                       "(%s transitions)", ", ".join(stale), config.replay.capacity)  # fmt: skip
+    return PreparedRun(config, run_dir, load_checkpoint(run_dir), branched_from=parent.resolve())
+
+
+def _newer(best: pathlib.Path, steps: int) -> bool:
+    """Whether a best.pt comes from after `steps` (its parent fell back to a previous set)."""
+    try:
+        return int(load_checkpoint(best)["counters"]["env_steps"]) > steps
+    except (CheckpointError, KeyError, TypeError, ValueError):
+        return True
+
+
+def _link_or_copy(source: pathlib.Path, target: pathlib.Path) -> None:
+    """A hard link (snapshots are replaced by rename, never written in place), else a copy."""
+    target.unlink(missing_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 def _replace_leaves(config, changes: dict[str, object]):

@@ -42,6 +42,7 @@ from launch.status import STATUS_FILE
 from learner.checkpoint import (
     BEST_NAME,
     CHECKPOINT_NAME,
+    holds_checkpoint,
     load_checkpoint,
     rotate_set,
     save_checkpoint,
@@ -571,13 +572,14 @@ def train(
     with contextlib.ExitStack() as held:
         if named is not None and (pathlib.Path(named).is_dir() or requested.resume is None):
             held.enter_context(lock_run_dir(pathlib.Path(named)))
-        # A branch reads its parent's checkpoint set and replay snapshot while the roles start
-        # (a branch that already has a checkpoint of its own is resumed instead).
+        # A branch reads its parent's newest set while it is prepared (its own set is made
+        # then); a branch that has a checkpoint already is resumed instead.
         parent, run_dir = requested.branch_from, requested.run_dir
-        if (parent is not None and run_dir is not None and pathlib.Path(parent).is_dir()
-                and not (pathlib.Path(run_dir) / CHECKPOINT_NAME).exists()):  # fmt: skip
-            held.enter_context(lock_run_dir(pathlib.Path(parent)))
-        run = prepare_run(requested, given)
+        with contextlib.ExitStack() as parent_held:
+            if (parent is not None and run_dir is not None and pathlib.Path(parent).is_dir()
+                    and not holds_checkpoint(pathlib.Path(run_dir))):  # fmt: skip
+                parent_held.enter_context(lock_run_dir(pathlib.Path(parent)))
+            run = prepare_run(requested, given)
         if named is None:
             held.enter_context(lock_run_dir(run.run_dir))
         return _train(run, console, command)

@@ -120,6 +120,13 @@ def resolve_set(run_dir: pathlib.Path) -> pathlib.Path:
     raise CheckpointError(f"no whole checkpoint in {run_dir}: {problem}; previous: {fallback}")
 
 
+def holds_checkpoint(run_dir: pathlib.Path) -> bool:
+    """Whether a run directory holds a checkpoint set, its previous one included: a run killed
+    while rotating its set (previous/ written, the new checkpoint.pt not yet) still has one."""
+    run_dir = pathlib.Path(run_dir)
+    return any((d / CHECKPOINT_NAME).is_file() for d in (run_dir, run_dir / PREVIOUS_DIR))
+
+
 def load_checkpoint(path: pathlib.Path) -> dict:
     """Loads a checkpoint file, or the newest whole set's checkpoint.pt of a run directory
     (the payload's "set_dir" then names its directory, where its replay snapshots are).

@@ -38,8 +38,8 @@ class LearnerConfig:
     """Torch device: auto (cuda when available, else cpu), cpu, cuda, cuda:1, …"""
     # Defaults by measurement (`mario bench learner`, README): on an H100 the update is bound by
     # the host (about 5 ms of kernel launches against 0.7 ms of GPU work at batch 32), so
-    # torch.compile and bf16 autocast cost more than they save there; channels-last gains a
-    # little. On this project's 2-core CPU bf16 is 9-10x slower.
+    # torch.compile and bf16 autocast cost more than they save there; channels-last is within
+    # the measurements' noise (kept). On this project's 2-core CPU bf16 is 9-10x slower.
     compile: bool | None = False
     """torch.compile the networks (None: on CUDA only)."""
     bf16: bool | None = False
@@ -172,9 +172,20 @@ class Learner:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Weights, Adam's moments and the update count from `state`; the step size, ε and the
+        fused kernel stay this learner's (torch would take the saved param groups' own: a
+        branch's new learning rate, or a CPU checkpoint resumed on CUDA, would be ignored)."""
         self.online.load_state_dict(state["online"])
         self.target.load_state_dict(state["target"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        ours = self.optimizer.param_groups[0]
+        optimizer = {
+            **state["optimizer"],
+            "param_groups": [
+                {**group, **{key: ours[key] for key in ("lr", "eps", "fused")}}
+                for group in state["optimizer"]["param_groups"]
+            ],
+        }
+        self.optimizer.load_state_dict(optimizer)
         self.updates = int(state["updates"])
 
 

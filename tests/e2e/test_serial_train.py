@@ -1,5 +1,6 @@
 """Tiny-budget end-to-end runs of the real commands: train --serial, resume, eval."""
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -180,6 +181,7 @@ def test_a_branch_goes_on_from_the_parent_with_the_settings_given_changed(traine
     after = load_checkpoint(branch)
     assert after["config"]["env"]["sticky_action_prob"] == 0.25
     assert after["config"]["learner"]["learning_rate"] == 1e-3
+    assert after["learner"]["optimizer"]["param_groups"][0]["lr"] == 1e-3  # in force, too
     assert after["config"]["replay"] == parent["config"]["replay"]  # the rest is the parent's
     assert after["config"]["env"]["level"] == parent["config"]["env"]["level"]
     # Counters, weights' training and replay go on from the parent's checkpoint.
@@ -209,14 +211,41 @@ def test_a_branch_goes_on_from_the_parent_with_the_settings_given_changed(traine
     assert len((branch / "metrics.jsonl").read_text().splitlines()) > lines
 
 
-def test_a_branch_keeps_the_parents_network_and_says_so(trained_run, tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--network.hidden", "32"], "--network.hidden: the parent has 256, the command line "
+         "says 32"),
+        (["--replay.samples-per-insert", "8"], "--replay.samples-per-insert: the parent has 2.0,"
+         " the command line says 8.0"),
+        (["--total-env-steps", "100"], "total_env_steps (100) must exceed the parent's"),
+    ],
+)  # fmt: skip
+def test_a_branch_keeps_what_it_cannot_change_and_says_so(trained_run, tmp_path, flags, message,
+                                                          capsys):  # fmt: skip
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "--branch-from", str(trained_run), "--run-dir", str(tmp_path / "b"),
-              "--network.hidden", "32"])  # fmt: skip
+              *flags])  # fmt: skip
     assert exit_info.value.code == 1
     text = capsys.readouterr().out.replace("\n", "")
-    assert "--network.hidden: the parent has 256, the command line says 32" in text, text
+    assert message in text, text
     assert not (tmp_path / "b" / "checkpoint.pt").exists()
+
+
+def test_a_branch_made_but_not_yet_trained_resumes_with_its_own_settings(trained_run, tmp_path):
+    from launch.config import TrainConfig, given_fields, prepare_run
+
+    branch = tmp_path / "branch"
+    args = ["--run-dir", str(branch), "--branch-from", str(trained_run), "--env.flag-bonus", "7"]
+    requested = TrainConfig(run_dir=branch, branch_from=trained_run,
+                            env=dataclasses.replace(TrainConfig().env, flag_bonus=7.0))  # fmt: skip
+    made = prepare_run(requested, given_fields(args))  # as if killed right after this
+    assert made.checkpoint["config"]["env"]["flag_bonus"] == 7.0
+    # Its own set: checkpoint.pt with the new config, the replay linked, sealed by a manifest.
+    assert load_checkpoint(branch)["set_dir"] == branch
+    assert (branch / "replay-0.npz").stat().st_ino == (trained_run / "replay-0.npz").stat().st_ino
+    again = prepare_run(dataclasses.replace(requested, resume_existing=True), given_fields(args))
+    assert again.branched_from is None and again.config.env.flag_bonus == 7.0  # resumed
 
 
 @pytest.mark.parametrize(

@@ -57,3 +57,17 @@ def test_state_dict_round_trip():
     other = Learner(LearnerConfig(device="cpu"), NetworkConfig(), 5)
     other.load_state_dict(learner.state_dict())
     assert other.updates == 1 and same_weights(learner.online, other.online)
+
+
+def test_a_loaded_state_keeps_this_learners_step_size_and_epsilon():
+    # A branch (`mario train --branch-from`) may change the learning rate; torch's own
+    # Optimizer.load_state_dict would put the saved one back.
+    learner = Learner(LearnerConfig(device="cpu", learning_rate=1e-4), NetworkConfig(), 5)
+    learner.update(batch())
+    other = Learner(LearnerConfig(device="cpu", learning_rate=1e-3, adam_epsilon=1e-8),
+                    NetworkConfig(), 5)  # fmt: skip
+    other.load_state_dict(learner.state_dict())
+    group = other.optimizer.param_groups[0]
+    assert (group["lr"], group["eps"]) == (1e-3, 1e-8)
+    saved = learner.optimizer.state_dict()["state"][0]["exp_avg"]
+    assert torch.equal(other.optimizer.state_dict()["state"][0]["exp_avg"], saved)  # moments kept
