@@ -12,6 +12,7 @@ from learner.checkpoint import (
     SET_DIR_KEY,
     CheckpointError,
     check_set,
+    holds_checkpoint,
     load_checkpoint,
     resolve_set,
     rotate_set,
@@ -84,6 +85,8 @@ def test_a_crash_after_rotation_leaves_the_previous_set(tmp_path):
     rotate_set(tmp_path)  # the next set began: the current one moved, nothing new sealed yet
     (tmp_path / "replay-0.npz").write_bytes(b"half")
     assert load_checkpoint(tmp_path)["counters"]["env_steps"] == 100
+    # --resume-existing (and a branch restarted) must see it as a run that has a checkpoint
+    assert holds_checkpoint(tmp_path) and not holds_checkpoint(tmp_path / "empty")
 
 
 def test_a_run_from_before_the_manifests_loads_as_it_is(tmp_path):
