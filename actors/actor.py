@@ -40,6 +40,11 @@ class ActorConfig:
     most envs nearly greedy from a random network. 0: the ladder from the start."""
     epsilon_start: float = 1.0
     """Where a decaying ε starts."""
+    explore_repeat_max: int = 1
+    """Temporally-extended ε-greedy: a random action, once drawn, is repeated for 1..this many
+    steps (uniform) before the policy acts again; 1: plain ε-greedy. Single random steps rarely
+    show what several steps of another action lead to (walking up to a pit to time the jump,
+    rather than hopping into it): Dabney et al. 2021, "Temporally-extended ε-greedy"."""
     chunk_length: int = 100
     """Transitions per chunk sent to the replay."""
 
@@ -56,6 +61,8 @@ class ActorConfig:
             raise ValueError(f"epsilon_decay_steps ({self.epsilon_decay_steps}) must be >= 0")
         if not 0 <= self.epsilon_start <= 1:
             raise ValueError(f"epsilon_start ({self.epsilon_start}) must be in [0, 1]")
+        if self.explore_repeat_max < 1:
+            raise ValueError(f"explore_repeat_max ({self.explore_repeat_max}) must be >= 1")
         if not 0 < self.chunk_length <= 1000:
             raise ValueError(f"chunk_length ({self.chunk_length}) must be in 1..1000")
 
@@ -117,6 +124,7 @@ class _EnvSlot:
         self.episode_return = 0.0
         self.length = 0
         self.max_x_pos = 0
+        self.repeat_action, self.repeat_left = 0, 0  # a random action still being repeated
         # Transitions waiting for max_a Q(s_{t+m}) before their priority is known.
         self.awaiting: list[Transition] = []
 
@@ -210,6 +218,7 @@ class ActorCore:
         slot.adder.start(tuple(slot.ids))
         slot.episode_return, slot.length = 0.0, 0
         slot.max_x_pos = info["x_pos"]
+        slot.repeat_left = 0
         self.frames += info["frames"]
 
     def _q_values(self, observations: list[np.ndarray]) -> np.ndarray:
@@ -228,10 +237,7 @@ class ActorCore:
             # Transitions that were waiting for the value of this state get their priority.
             self._prioritize(slot, slot.awaiting, float(q_max[index]))
             slot.awaiting = []
-            if self.rng.random() < slot.epsilon:
-                action = int(self.rng.integers(self.env_config.num_actions))
-            else:
-                action = int(greedy[index])
+            action = self._choose(slot, int(greedy[index]))
             obs, reward, terminated, truncated, info = slot.env.step(action)
             self.env_steps += 1
             self.frames += info["frames"]
@@ -270,6 +276,19 @@ class ActorCore:
             for (slot, emitted, _), value in zip(truncated_finals, finals_q, strict=True):
                 self._prioritize(slot, emitted, float(value))
         return finished
+
+    def _choose(self, slot: _EnvSlot, greedy: int) -> int:
+        """ε-greedy, with a random action repeated for a random 1..explore_repeat_max steps."""
+        if slot.repeat_left > 0:
+            slot.repeat_left -= 1
+            return slot.repeat_action
+        if self.rng.random() >= slot.epsilon:
+            return greedy
+        action = int(self.rng.integers(self.env_config.num_actions))
+        if self.config.explore_repeat_max > 1:  # (no draw otherwise: plain ε-greedy's stream)
+            slot.repeat_action = action
+            slot.repeat_left = int(self.rng.integers(self.config.explore_repeat_max))
+        return action
 
     def _prioritize(self, slot: _EnvSlot, transitions: list[Transition], next_q_max: float) -> None:
         for transition in transitions:

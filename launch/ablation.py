@@ -88,6 +88,8 @@ ROWS: dict[str, Row] = {
     "apex-epsilon": Row("ε: Ape-X ladder 0.4^(1+7i/7) from the start, no decay",
                         ("--actor.epsilon-decay-steps", "0", "--actor.epsilon-base", "0.4",
                          "--actor.epsilon-alpha", "7")),
+    "explore-repeat": Row("temporally-extended ε-greedy: a random action held 1–8 steps",
+                          ("--actor.explore-repeat-max", "8")),
     "gamma-0.9": Row("γ 0.9 (the tutorial's)", ("--actor.gamma", "0.9")),
     "n-step-5": Row("n-step 5", ("--actor.n-step", "5")),
     "no-flag-scale": Row("no flag bonus, reward scale 1",

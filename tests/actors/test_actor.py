@@ -58,6 +58,45 @@ def test_epsilon_decays_from_start_toward_each_envs_own(env_steps, expected):
     actor.close()
 
 
+@pytest.mark.parametrize(
+    ("repeat_max", "epsilon", "draws", "expected"),
+    [
+        # (random draw, uniform draw, integers draws) → actions; greedy is action 4
+        (1, 1.0, [(0.0, 2), (0.0, 3), (0.0, 1)], [2, 3, 1]),  # plain ε-greedy: one step each
+        (1, 0.0, [(0.5,), (0.5,)], [4, 4]),  # greedy
+        # repeat_max 3: a random action, then 0..2 more steps of it
+        (3, 1.0, [(0.0, 2, 2), (0.0, 1, 0), (0.0, 0, 1)], [2, 2, 2, 1, 0, 0]),
+        (3, 0.5, [(0.7,), (0.2, 3, 1), (0.9,)], [4, 3, 3, 4]),
+    ],
+)
+def test_temporally_extended_exploration_repeats_a_random_action(repeat_max, epsilon, draws,
+                                                                 expected):  # fmt: skip
+    class Script:
+        """Stands in for the actor's Generator: hands out the draws of the table in order."""
+
+        def __init__(self, draws):
+            self.values = [value for draw in draws for value in draw]
+
+        def random(self):
+            return self.values.pop(0)
+
+        def integers(self, high):
+            value = self.values.pop(0)
+            assert 0 <= value < high
+            return value
+
+    config = ActorConfig(envs_per_actor=1, explore_repeat_max=repeat_max)
+    actor = ActorCore(EnvConfig(action_set="right_only"), config, NetworkConfig(),
+                      epsilons=[epsilon])  # fmt: skip
+    actor.rng = Script(draws)
+    slot = actor.slots[0]
+    assert [actor._choose(slot, greedy=4) for _ in expected] == expected
+    assert actor.rng.values == []  # every draw used, none more
+    with pytest.raises(ValueError, match="explore_repeat_max"):
+        ActorConfig(explore_repeat_max=0)
+    actor.close()
+
+
 def test_actor_emits_valid_chunks_with_its_own_priorities():
     env_config = EnvConfig(max_episode_steps=25)  # truncations happen too
     actor_config = ActorConfig(envs_per_actor=2, chunk_length=20)
