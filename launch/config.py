@@ -367,14 +367,7 @@ def _branch(requested: TrainConfig, given: set[str] | None) -> PreparedRun:
         raise ValueError(f"branch_from ({parent}) must be a run directory")
     checkpoint = load_checkpoint(parent)
     saved = config_from_dict(TrainConfig, checkpoint["config"], "checkpoint config")
-    values, default, kept = _leaves(requested), _leaves(TrainConfig()), _leaves(saved)
-    if given is None:  # programmatic calls: what differs from the defaults counts as given
-        given = {path for path, value in values.items() if value != default[path]}
-    changes = {
-        path: values[path]
-        for path in sorted(given)
-        if path in values and path not in INVOCATION_FIELDS and values[path] != kept[path]
-    }
+    kept, changes = _leaves(saved), _given_changes(requested, saved, given)
     fixed = [path for path in changes if path.startswith(BRANCH_FIXED)]
     if fixed:
         raise ValueError(
@@ -466,17 +459,29 @@ def _with_invocation(saved: TrainConfig, requested: TrainConfig) -> TrainConfig:
     return dataclasses.replace(saved, **top)
 
 
+def _given_changes(
+    requested: TrainConfig, saved: TrainConfig, given: set[str] | None
+) -> dict[str, object]:
+    """Training settings (field path → value) given on the command line that differ from the
+    saved run's. `given` None (programmatic calls): what differs from the defaults is given."""
+    values, default, kept = _leaves(requested), _leaves(TrainConfig()), _leaves(saved)
+    if given is None:
+        given = {path for path, value in values.items() if value != default[path]}
+    return {
+        path: values[path]
+        for path in sorted(given)
+        if path in values and path not in INVOCATION_FIELDS and values[path] != kept[path]
+    }
+
+
 def _check_no_contradiction(
     requested: TrainConfig, saved: TrainConfig, run_dir: pathlib.Path, given: set[str] | None
 ) -> None:
     """A training setting given on the command line must agree with the saved run."""
-    values, default, kept = _leaves(requested), _leaves(TrainConfig()), _leaves(saved)
-    if given is None:
-        given = {path for path, value in values.items() if value != default[path]}
+    kept = _leaves(saved)
     conflicts = [
         f"{flag(path)}: the run has {kept[path]!r}, the command line says {value!r}"
-        for path, value in values.items()
-        if path not in INVOCATION_FIELDS and path in given and value != kept[path]
+        for path, value in _given_changes(requested, saved, given).items()
     ]
     if conflicts:
         raise ValueError(

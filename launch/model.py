@@ -24,7 +24,7 @@ import torch
 import tyro
 
 from common.config import EnvConfig, NetworkConfig, config_from_dict
-from launch.plots import describe_milestones, load_metrics, milestones
+from launch.plots import describe_milestones, load_metrics, milestones, read_jsonl
 from learner.checkpoint import BEST_NAME, CHECKPOINT_NAME, CheckpointError, load_checkpoint
 
 MODEL_WEIGHTS = "model.pt"
@@ -206,10 +206,7 @@ def export(config: ExportConfig) -> dict:
 def _invocations(run_dir: pathlib.Path) -> list[dict]:
     from launch.trainer import INVOCATIONS_FILE
 
-    path = run_dir / INVOCATIONS_FILE
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(run_dir / INVOCATIONS_FILE)
 
 
 def _eval_curve(run_dir: pathlib.Path) -> list[dict]:

@@ -29,8 +29,13 @@ def load_metrics(run_dir: pathlib.Path) -> list[dict]:
     path = pathlib.Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"no metrics.jsonl in {run_dir}")
+    return read_jsonl(path)
+
+
+def read_jsonl(path: pathlib.Path) -> list[dict]:
+    """The records of a run's JSON-lines file ([] if absent); a torn line is skipped."""
     records = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text().splitlines() if path.is_file() else []:
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
@@ -47,17 +52,9 @@ def eval_curve(records: list[dict]) -> list[tuple[int, float, float]]:
 def branch_points(run_dir: pathlib.Path) -> list[tuple[int, str]]:
     """(env steps, parent run's name) where the run's history became a branch (`mario train
     --branch-from`), from its invocations.jsonl; [] for a run that never branched."""
-    path = pathlib.Path(run_dir) / "invocations.jsonl"
-    points = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if record.get("branched_from"):
-            name = pathlib.Path(record["branched_from"]).name
-            points.append((int(record["start_env_steps"]), name))
-    return points
+    records = read_jsonl(pathlib.Path(run_dir) / "invocations.jsonl")
+    return [(int(r["start_env_steps"]), pathlib.Path(r["branched_from"]).name)
+            for r in records if r.get("branched_from")]  # fmt: skip
 
 
 def without_lost_work(records: list[dict]) -> list[dict]:
