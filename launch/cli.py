@@ -68,8 +68,11 @@ def _status(module, config, args: list[str]) -> None:
 def _plot(module, config, args: list[str]) -> None:
     console.print(f"written: {module.plot(config)}")
     for run_dir in config.run_dirs:
-        lines = module.describe_milestones(module.milestones(module.load_metrics(run_dir)))
+        records = module.load_metrics(run_dir)
+        lines = module.describe_milestones(module.milestones(records))
         console.print(f"{run_dir}: greedy evaluation first at " + "; ".join(lines))
+        if config.table:
+            console.print("\n".join(module.eval_table(records)), markup=False, highlight=False)
 
 
 def _ablation_run(module, config, args: list[str]) -> None:

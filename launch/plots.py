@@ -22,6 +22,8 @@ class PlotConfig:
     """Episodes in the rolling mean."""
     out: pathlib.Path | None = None
     """PNG path (default: <first run dir>/learning_curve.png)."""
+    table: bool = False
+    """Also print each run's evaluation rounds as a Markdown table."""
 
 
 def load_metrics(run_dir: pathlib.Path) -> list[dict]:
@@ -49,6 +51,31 @@ def eval_curve(records: list[dict]) -> list[tuple[int, float, float]]:
     return sorted((r["eval/env_steps"], r["eval/flag_rate"], r["eval/x_pos_mean"]) for r in rounds)
 
 
+def eval_table(records: list[dict]) -> list[str]:
+    """The evaluation rounds as a Markdown table: env steps, the policy version (learner updates)
+    evaluated, flag rate, max x mean / median / max, and the training wall time at that step."""
+    records = without_lost_work(records)
+    progress = sorted((r["step"], r["elapsed_s"]) for r in records
+                      if "counters/env_steps" in r and "elapsed_s" in r)  # fmt: skip
+    rounds = sorted((r for r in records if "eval/flag_rate" in r),
+                    key=lambda r: r["eval/env_steps"])  # fmt: skip
+    lines = ["| env steps | updates | eval flag rate | eval max x: mean / median / max | minutes |",
+             "|---:|---:|---:|---|---:|"]  # fmt: skip
+    for r in rounds:
+        steps = r["eval/env_steps"]
+        later = [seconds for at, seconds in progress if at >= steps]
+        minutes = f"{later[0] / 60:.0f}" if later else "?"
+        version = r.get("eval/policy_version")
+        x_max = r.get("eval/x_pos_max")
+        lines.append(
+            f"| {steps:,} | {'?' if version is None else f'{version:,}'} | "
+            f"{r['eval/flag_rate']:.2f} | {r['eval/x_pos_mean']:,.0f} / "
+            f"{r.get('eval/x_pos_median', float('nan')):,.0f} / "
+            f"{'?' if x_max is None else f'{x_max:,}'} | {minutes} |"
+        )
+    return lines
+
+
 def branch_points(run_dir: pathlib.Path) -> list[tuple[int, str]]:
     """(env steps, parent run's name) where the run's history became a branch (`mario train
     --branch-from`), from its invocations.jsonl; [] for a run that never branched."""
@@ -59,12 +86,17 @@ def branch_points(run_dir: pathlib.Path) -> list[tuple[int, str]]:
 
 def without_lost_work(records: list[dict]) -> list[dict]:
     """The records without those a crash lost: a run resumed from a checkpoint logs its steps
-    again from there, after the lost session's records of the same steps; those are dropped."""
+    again from there, after the lost session's records of the same steps; those are dropped.
+    Records of one session that share a step with the counters after them (an evaluation round,
+    an episode) are kept."""
     kept: list[dict] = []
     for record in records:
         step = record.get("step")
-        if step is not None:
-            while kept and kept[-1].get("step", -1) >= step and "counters/env_steps" in record:
+        if step is not None and "counters/env_steps" in record:
+            while kept and (
+                kept[-1].get("step", -1) > step
+                or (kept[-1].get("step") == step and "counters/env_steps" in kept[-1])
+            ):
                 kept.pop()
         kept.append(record)
     return kept

@@ -5,7 +5,14 @@ import json
 from PIL import Image
 
 from launch.cli import main
-from launch.plots import branch_points, describe_milestones, eval_curve, milestones
+from launch.plots import (
+    branch_points,
+    describe_milestones,
+    eval_curve,
+    eval_table,
+    milestones,
+    without_lost_work,
+)
 
 RECORDS = [
     {"step": 10, "episode/x_pos": 300, "episode/return": 5.0},
@@ -80,3 +87,31 @@ def test_milestones_ignore_the_work_a_crash_lost():
         "flag_rate > 0.5": None,
         "flag_rate >= 0.9": None,
     }
+
+
+def test_a_round_logged_at_the_step_of_the_next_counters_is_kept():
+    # The driver logs a round and then its counters at the same env step (seen in a real run:
+    # the round of 1,350,120 was dropped from the table and the milestones before this fix).
+    records = [
+        {"step": 1000, "counters/env_steps": 1000, "elapsed_s": 60.0},
+        {"step": 1500, "episode/x_pos": 700, "episode/return": 9.0},
+        {"step": 1500, "eval/env_steps": 1400, "eval/flag_rate": 0.3, "eval/x_pos_mean": 2.0},
+        {"step": 1500, "counters/env_steps": 1500, "elapsed_s": 120.0},
+        {"step": 1500, "counters/env_steps": 1500, "elapsed_s": 120.0},  # a resume's first
+    ]
+    assert without_lost_work(records) == records[:4]
+    assert milestones(records)["flag_rate > 0"] == {"env_steps": 1400, "elapsed_s": 108.0}
+
+
+def test_eval_table_lists_each_round_with_its_wall_time():
+    records = [
+        {"step": 1000, "counters/env_steps": 1000, "elapsed_s": 60.0},
+        {"step": 1500, "eval/env_steps": 1400, "eval/policy_version": 120, "eval/flag_rate": 0.3,
+         "eval/x_pos_mean": 1234.5, "eval/x_pos_median": 1100.0, "eval/x_pos_max": 3161},
+        {"step": 1500, "counters/env_steps": 1500, "elapsed_s": 180.0},
+        {"step": 600, "eval/env_steps": 500, "eval/flag_rate": 0.0, "eval/x_pos_mean": 296.0},
+    ]  # fmt: skip
+    assert eval_table(records)[2:] == [
+        "| 500 | ? | 0.00 | 296 / nan / ? | 1 |",
+        "| 1,400 | 120 | 0.30 | 1,234 / 1,100 / 3,161 | 3 |",
+    ]
