@@ -37,14 +37,12 @@ import redis
 
 from common.redis_io import EmbeddedRedis, RedisKeys, connect
 from launch.reaper import _processes, descendants
+from launch.trainer import BACKEND_COUNTERS
 
 logger = logging.getLogger("chaos")
 ROLES = ("actor", "shard", "learner", "redis-server")
 _ROLE_TITLES = {"actor": "ray::ActorWorker", "shard": "ray::ShardWorker",
                 "learner": "ray::LearnerWorker"}  # fmt: skip
-COUNTERS = ("env_steps", "frames", "updates", "chunks_written", "chunks_inserted",
-            "chunks_rejected", "transitions_written", "updates_lost",
-            "replay_transitions_lost")  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,7 +131,7 @@ def run(config: ChaosConfig) -> dict:
                 redis_back_at = None
             counters = read_counters()
             if counters:
-                for name in COUNTERS:
+                for name in BACKEND_COUNTERS:
                     if counters.get(name, 0) < last.get(name, 0):
                         backwards.append(f"{name}: {last[name]} → {counters.get(name, 0)}")
                 _attribute(kills, last, counters)

@@ -131,6 +131,7 @@ class LocalBackend:
             "actors/actor-0/frames_per_s": frames_per_s,
             "policy_lag": self.learner.updates - actor.policy_version,
             "stream_lag_chunks": 0,
+            "driver/malformed_records": 0,  # nothing reaches this driver through Redis
         }
 
     def state(self) -> dict:

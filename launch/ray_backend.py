@@ -608,6 +608,7 @@ class RayBackend:
         if actors:
             stats["policy_lag"] = version - min(s["policy_version"] for s in actors.values())
         stats["stream_lag_chunks"] = self.client.xlen(self.redis_keys.experience)
+        stats["driver/malformed_records"] = self.malformed_records  # dropped telemetry and stats
         return stats
 
     def state(self) -> dict:

@@ -100,7 +100,8 @@ class Backend(Protocol):
         """
 
     def counters(self) -> dict[str, int]:
-        """Run-wide counters: env_steps, frames, updates, chunks_* and transitions_written."""
+        """Run-wide counters, BACKEND_COUNTERS: env_steps, frames, updates, chunks_*,
+        transitions_written, and the work restarts lost (updates_lost, replay_transitions_lost)."""
 
     def new_episodes(self) -> list[dict]:
         """Episodes finished since the last call, as `episode/*` metric records."""

@@ -182,7 +182,8 @@ def test_serial_and_ray_runs_write_the_same_metric_keys(distributed_run, tmp_pat
     ray_keys, serial_keys = _metric_keys(distributed_run), _metric_keys(serial_dir)
     assert ray_keys == serial_keys, (ray_keys - serial_keys, serial_keys - ray_keys)
     assert {"learner/loss", "replay/size", "counters/env_steps", "rate/frames_per_s",
-            "episode/x_pos", "policy_lag", "stream_lag_chunks"} <= ray_keys  # fmt: skip
+            "episode/x_pos", "policy_lag", "stream_lag_chunks",
+            "driver/malformed_records"} <= ray_keys  # fmt: skip
 
 
 def test_a_failing_learner_ends_the_run_with_its_error_and_leaves_no_process(tmp_path):
