@@ -173,10 +173,10 @@ def plot(config: PlotConfig) -> pathlib.Path:
             axes[2].plot(
                 [r["step"] for r in updates], [r["learner/loss"] for r in updates], label=label
             )
-        for at, parent in branch_points(run_dir):  # settings changed here: mark it everywhere
+        for i, (at, parent) in enumerate(branch_points(run_dir)):  # settings changed here
             for axis in axes:
                 axis.axvline(at, color="grey", linestyle="-.", linewidth=1)
-            axes[3].annotate(f"{label} branches from {parent} ", (at, 0.9), fontsize=7,
+            axes[3].annotate(f"branch of {parent} ", (at, 0.95 - 0.06 * i), fontsize=7,
                              ha="right", va="top")  # fmt: skip
         evals = eval_curve(records)
         if evals:
