@@ -1,5 +1,13 @@
 """Shared fixtures: a real redis-server on a free loopback port; the parallel test groups."""
 
+import os
+
+# Two pytest-xdist workers share two cores, so each test process (and every process it starts:
+# a `mario train`, Ray's workers) runs torch and OpenMP on one thread. At torch's default (one
+# per core) a serial training test beside a busy core ran 2-4x slower (2026-11-26: 68 s against
+# 28 s with `yes` on the other core; 146 s in a full suite against 11 s alone).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import pytest
 import redis
 
@@ -36,3 +44,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         group = SHARED_GROUPS.get(item.path.name, str(item.path))
         item.add_marker(pytest.mark.xdist_group(group))
+    # The Ray group is the longest unit of work (about 11 of the suite's 12 minutes in one
+    # worker): queued first, it starts at once instead of after the files sorted before it.
+    items.sort(key=lambda item: item.path.name not in SHARED_GROUPS)
