@@ -32,14 +32,11 @@ def redis_url(redis_server):
 # Test files run in parallel (pytest-xdist --dist loadgroup), each file a group of its own, so
 # that its module-scoped fixtures (a short training run) are built once. The files that start
 # Ray clusters share one group: two clusters at once on 2 cores slowed each test twofold and
-# timed one out (2026-11-26, at torch's default threads). The exception is the multi-node job
-# (about 2 minutes), which runs beside that group on the other worker: the Ray group alone was
-# the suite's critical path (655 of its 725 s), the other worker's files take about 340 s.
-RAY_FILES = ("test_distributed.py", "test_chaos.py", "test_compose_processes.py")
-SHARED_GROUPS = {
-    **dict.fromkeys(RAY_FILES, "ray-clusters"),
-    "test_ray_multinode.py": "ray-multinode",
-}
+# timed one out (2026-11-26).
+SHARED_GROUPS = dict.fromkeys(
+    ("test_distributed.py", "test_chaos.py", "test_compose_processes.py", "test_ray_multinode.py"),
+    "ray-clusters",
+)
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's hook, which reads the groups
@@ -47,7 +44,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         group = SHARED_GROUPS.get(item.path.name, str(item.path))
         item.add_marker(pytest.mark.xdist_group(group))
-    # The Ray groups are the longest units of work: queued first (the big one, then the
-    # multi-node job), each worker starts one at once instead of after the files sorted before.
-    order = {"ray-clusters": 0, "ray-multinode": 1}
-    items.sort(key=lambda item: order.get(SHARED_GROUPS.get(item.path.name), 2))
+    # The Ray group is the longest unit of work (about 11 of the suite's 12 minutes in one
+    # worker): queued first, it starts at once instead of after the files sorted before it.
+    items.sort(key=lambda item: item.path.name not in SHARED_GROUPS)
