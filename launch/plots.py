@@ -51,12 +51,17 @@ def eval_curve(records: list[dict]) -> list[tuple[int, float, float]]:
     return sorted((r["eval/env_steps"], r["eval/flag_rate"], r["eval/x_pos_mean"]) for r in rounds)
 
 
+def training_time(records: list[dict]) -> list[tuple[int, float]]:
+    """(env steps, seconds of training then) of each counters record, in env-step order."""
+    return sorted((r["step"], r["elapsed_s"]) for r in records
+                  if "counters/env_steps" in r and "elapsed_s" in r)  # fmt: skip
+
+
 def eval_table(records: list[dict]) -> list[str]:
     """The evaluation rounds as a Markdown table: env steps, the policy version (learner updates)
     evaluated, flag rate, max x mean / median / max, and the training wall time at that step."""
     records = without_lost_work(records)
-    progress = sorted((r["step"], r["elapsed_s"]) for r in records
-                      if "counters/env_steps" in r and "elapsed_s" in r)  # fmt: skip
+    progress = training_time(records)
     rounds = sorted((r for r in records if "eval/flag_rate" in r),
                     key=lambda r: r["eval/env_steps"])  # fmt: skip
     lines = ["| env steps | updates | eval flag rate | eval max x: mean / median / max | minutes |",
@@ -111,8 +116,7 @@ def milestones(records: list[dict]) -> dict[str, dict | None]:
     evaluated weights and the run's training wall time then (elapsed_s, carried across resumes,
     interpolated between the counter records around that step); None if never."""
     records = without_lost_work(records)
-    progress = sorted((r["step"], r["elapsed_s"]) for r in records
-                      if "counters/env_steps" in r and "elapsed_s" in r)  # fmt: skip
+    progress = training_time(records)
     reached: dict[str, dict | None] = {}
     for name, threshold, inclusive in MILESTONES:
         first = next((steps for steps, rate, _ in eval_curve(records)
