@@ -94,11 +94,18 @@ def test_compose_services_run_real_commands_that_agree_on_ports_and_names():
 def test_compose_env_names_are_ones_the_code_reads():
     compose = load_compose({})
     sources = "\n".join(p.read_text() for p in (ROOT / "common").glob("*.py"))
+    ray_constants = pathlib.Path(ray.__file__).parent.joinpath("_private/ray_constants.py")
     for name in ("trainer", "ray-worker"):
         for variable in service_env(compose, name):
-            if variable.startswith("RAY_"):
+            if variable == "RAY_AUTH_MODE":
                 continue  # Ray's own (checked in the test above)
+            if variable.startswith("RAY_"):  # a setting of Ray's, under the name it reads
+                assert f'"{variable}"' in ray_constants.read_text(), f"Ray reads no {variable}"
+                continue
             assert f'"{variable}"' in sources, f"{name}: nothing reads {variable}"
+    worker = service_env(compose, "ray-worker")
+    grace = compose["services"]["ray-worker"]["stop_grace_period"]
+    assert float(worker["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"]) < float(grace.rstrip("s"))
 
 
 def test_compose_defaults_match_the_image():
@@ -251,6 +258,9 @@ def test_cluster_launcher_yaml_validates_and_its_commands_agree():
     assert workers and all("GPU" not in t["resources"] for t in workers)
     head_commands = " ".join(config["head_start_ray_commands"])
     gcs_port = re.search(r"ray start --head --port=(\d+)", head_commands)[1]
+    # `ray job stop` waits this long for the final checkpoint before its SIGKILL
+    stop_wait = re.search(r"RAY_JOB_STOP_WAIT_TIME_S=(\d+) ray start --head", head_commands)
+    assert stop_wait and int(stop_wait[1]) >= 60
     redis_port = re.search(r"redis-server --port (\d+)", head_commands)[1]
     assert redis_port != gcs_port
     assert f":{redis_port}/0" in head_commands  # the URL file the job reads

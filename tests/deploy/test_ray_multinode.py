@@ -1,6 +1,7 @@
 """A Ray cluster of three nodes on this machine (`ray start --head`, then `ray start --address`
 with their own CPUs and a custom resource each): `ray job submit -- mario train …` places actors
-on the second node, a node added mid-run gets an actor, and the job ends cleanly."""
+on the second node, a node added mid-run gets an actor, and `ray job stop` ends the job with a
+final checkpoint (the head started as deploy/ray-cluster.yaml starts it)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ RAY = local_program("ray")
 
 TINY_TRAIN = [
     "mario", "train",
-    "--minutes", "1.5",
+    "--minutes", "10",  # a bound: the test stops the job once the third node has an actor
     "--replay.capacity", "4000",
     "--replay.min-size-to-sample", "300",
     "--replay.samples-per-insert", "2",
@@ -73,7 +74,9 @@ class Cluster:
                     *common]  # fmt: skip
         else:
             argv = [RAY, "start", f"--address=127.0.0.1:{self.gcs_port}", *common]
-        process = Process(argv, self.tmp / f"{name}.log", self.tmp, self.env)
+        # As deploy/ray-cluster.yaml: `ray job stop` waits for the final checkpoint.
+        env = {**self.env, "RAY_JOB_STOP_WAIT_TIME_S": "120"} if head else self.env
+        process = Process(argv, self.tmp / f"{name}.log", self.tmp, env)
         self.nodes[name] = process
         wait_for(lambda: name in self.node_ids(), 120, f"node {name}", process=process)
 
@@ -137,11 +140,15 @@ def test_ray_job_places_actors_on_other_nodes_and_on_a_node_that_joins(tmp_path)
         cluster.start_node("node-3")  # joins mid-run
         node_3 = cluster.node_ids()["node-3"]
         wait_for(lambda: node_3 in cluster.actor_nodes(), 120, "an actor on node-3")
-        wait_for(lambda: cluster.job_status(job) in ("SUCCEEDED", "FAILED", "STOPPED"), 240,
+        wait_for(lambda: _updates(run_dir) > 0, 120, "the learner's first updates")
+        assert cluster.job_status(job) == "RUNNING"
+        cluster.ray("job", "stop", f"--address={cluster.dashboard}", job)  # SIGTERM, then waits
+        wait_for(lambda: cluster.job_status(job) in ("SUCCEEDED", "FAILED", "STOPPED"), 120,
                  "the job's end")  # fmt: skip
         logs = cluster.ray("job", "logs", f"--address={cluster.dashboard}", job)
-        assert cluster.job_status(job) == "SUCCEEDED", logs[-3000:]
+        assert cluster.job_status(job) == "STOPPED", logs[-3000:]
         assert "started 1 actors (2 in all)" in logs  # the elastic pool's line for node-3
+        assert "checkpoint written" in logs, logs[-3000:]  # SIGTERM → the final checkpoint
         payload = load_checkpoint(run_dir)
         assert payload["counters"]["env_steps"] > 0 and payload["learner"]["updates"] > 0
     finally:
@@ -150,3 +157,10 @@ def test_ray_job_places_actors_on_other_nodes_and_on_a_node_that_joins(tmp_path)
     leftovers = subprocess.run(["pgrep", "-af", f"gcs_server.*{cluster.gcs_port}"],
                                capture_output=True, text=True).stdout  # fmt: skip
     assert "gcs_server" not in leftovers, leftovers
+
+
+def _updates(run_dir) -> int:
+    """The learner's updates in the run's latest metrics record (0 before the first)."""
+    metrics = run_dir / "metrics.jsonl"
+    lines = metrics.read_text().splitlines() if metrics.exists() else []
+    return max((json.loads(line).get("counters/updates", 0) for line in lines), default=0)
