@@ -30,7 +30,9 @@ from launch.plots import load_metrics
 #   the narrower network, which learned as well at 300k env steps with a learner 1.8× as fast
 #   (row nature-net is r1 itself). Its greedy policy stood at the first pipe holding right+A.
 # - "defaults": `mario train` with no recipe flags, which is the base plus --env.release-jump
-#   (a jump action always jumps). The rows measured after it changed the defaults are on it.
+#   (a jump action always jumps) and a learning rate that falls to 2.5e-5 at update 180,000
+#   (after the 37,500 updates of a 300k budget: the rows run before it are on the same recipe
+#   up to that budget). The rows measured after release-jump changed the defaults are on it.
 BASE = (
     "--env.action-set", "right_jump", "--env.stuck-steps", "100", "--env.stuck-is-death",
     "--env.flag-bonus", "50", "--env.reward-scale", "0.1", "--env.no-release-jump",
@@ -43,7 +45,10 @@ BASE = (
 
 # `mario train`'s defaults spelled out (a test checks they still are), so that a row's run keeps
 # its meaning if the defaults change, and resuming a row made on other defaults is an error.
-DEFAULTS = tuple("--env.release-jump" if flag == "--env.no-release-jump" else flag for flag in BASE)
+DEFAULTS = (
+    *("--env.release-jump" if flag == "--env.no-release-jump" else flag for flag in BASE),
+    "--learner.learning-rate-final", "2.5e-5", "--learner.learning-rate-decay-start", "180000",
+)  # fmt: skip
 
 # The parts' own defaults (the tutorial's and Ape-X's), which were `mario train`'s before the
 # recipe: right_only, γ 0.9, Ape-X's ε ladder, no stuck rule, no flag bonus, Nature's net.
@@ -53,6 +58,7 @@ TUTORIAL = (
     "--actor.gamma", "0.9", "--actor.epsilon-decay-steps", "0", "--actor.epsilon-base", "0.4",
     "--actor.epsilon-alpha", "7", "--network.no-dueling", "--network.conv-channels", "32", "64",
     "64", "--network.hidden", "512", "--learner.learning-rate", "2.5e-4",
+    "--learner.learning-rate-final", "None", "--learner.learning-rate-decay-start", "0",
     "--learner.target-sync-updates", "2000", "--replay.samples-per-insert", "8",
 )  # fmt: skip
 
@@ -98,6 +104,10 @@ ROWS: dict[str, Row] = {
     "no-dueling": Row("plain Nature head (no dueling)", ("--network.no-dueling",)),
     "lr-2.5e-4": Row("learning rate 2.5e-4 (the tutorial's)",
                      ("--learner.learning-rate", "2.5e-4")),
+    "lr-fall-300k": Row("learning rate 1e-4 falling linearly to 2.5e-5 over the budget's "
+                        "37,500 updates (defaults: at update 180,000, after the budget)",
+                        ("--learner.learning-rate-decay-start", "0",
+                         "--learner.learning-rate-decay-updates", "37500")),
     "target-2000": Row("target sync every 2,000 updates",
                        ("--learner.target-sync-updates", "2000")),
     "dqn": Row("DQN: no double-Q (the tutorial's comparison)", ("--learner.no-double",)),

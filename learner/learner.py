@@ -24,6 +24,12 @@ class LearnerConfig:
     """Transitions per update."""
     learning_rate: float = 2.5e-4
     """Adam step size."""
+    learning_rate_final: float | None = None
+    """The step size after a linear fall from learning_rate (None: learning_rate throughout)."""
+    learning_rate_decay_start: int = 0
+    """The update at which the fall begins."""
+    learning_rate_decay_updates: int = 0
+    """Updates the fall takes (0: a step down at learning_rate_decay_start)."""
     adam_epsilon: float = 1.5e-4
     """Adam ε."""
     max_grad_norm: float = 10.0
@@ -52,12 +58,30 @@ class LearnerConfig:
             raise ValueError(f"batch_size ({self.batch_size}) must be >= 1")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate ({self.learning_rate}) must be > 0")
+        if self.learning_rate_final is not None and self.learning_rate_final <= 0:
+            raise ValueError(f"learning_rate_final ({self.learning_rate_final}) must be > 0")
+        for name in ("learning_rate_decay_start", "learning_rate_decay_updates"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} ({getattr(self, name)}) must be >= 0")
         if self.target_sync_updates < 1:
             raise ValueError(f"target_sync_updates ({self.target_sync_updates}) must be >= 1")
         if self.max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm ({self.max_grad_norm}) must be > 0")
         if self.device != "auto" and not self.device.startswith(("cpu", "cuda", "mps")):
             raise ValueError(f"device {self.device!r} is unknown; accepted: auto, cpu, cuda[:N]")
+
+    def learning_rate_at(self, updates: int) -> float:
+        """The step size of the update after `updates` updates."""
+        final = self.learning_rate_final
+        if final is None or updates < self.learning_rate_decay_start:
+            return self.learning_rate
+        done = updates - self.learning_rate_decay_start
+        if done >= self.learning_rate_decay_updates:
+            return final
+        return (
+            self.learning_rate
+            + (final - self.learning_rate) * done / self.learning_rate_decay_updates
+        )
 
     @property
     def torch_device(self) -> torch.device:
@@ -139,6 +163,9 @@ class Learner:
             double=self.config.double,
             huber_delta=self.config.huber_delta,
         )
+        learning_rate = self.config.learning_rate_at(self.updates)
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(
@@ -154,6 +181,7 @@ class Learner:
             "learner/mean_q": float(extra.q_taken.mean()),
             "learner/td_abs": float(td_abs.mean()),
             "learner/grad_norm": float(grad_norm),
+            "learner/learning_rate": learning_rate,
             "learner/updates": self.updates,
         }
         return metrics, td_abs

@@ -1,5 +1,7 @@
 """Learner: target sync cadence, priorities out, optional bf16/channels-last paths (CPU)."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -71,3 +73,54 @@ def test_a_loaded_state_keeps_this_learners_step_size_and_epsilon():
     assert (group["lr"], group["eps"]) == (1e-3, 1e-8)
     saved = learner.optimizer.state_dict()["state"][0]["exp_avg"]
     assert torch.equal(other.optimizer.state_dict()["state"][0]["exp_avg"], saved)  # moments kept
+
+
+@pytest.mark.parametrize(
+    "decay, steps",
+    [
+        # (final, start, updates): [(updates done, step size of the next update)]
+        ((None, 0, 0), [(0, 1e-4), (10**6, 1e-4)]),  # constant
+        ((2.5e-5, 100, 0), [(99, 1e-4), (100, 2.5e-5), (10**6, 2.5e-5)]),  # a step down
+        ((2.5e-5, 100, 50), [(99, 1e-4), (100, 1e-4), (125, 6.25e-5), (149, 2.65e-5),
+                             (150, 2.5e-5), (10**6, 2.5e-5)]),  # linear: 1e-4 - 7.5e-5 · done/50
+        ((2e-4, 0, 4), [(0, 1e-4), (1, 1.25e-4), (2, 1.5e-4), (4, 2e-4)]),  # up works the same
+    ],
+)  # fmt: skip
+def test_learning_rate_schedule(decay, steps):
+    final, start, updates = decay
+    config = LearnerConfig(
+        learning_rate=1e-4,
+        learning_rate_final=final,
+        learning_rate_decay_start=start,
+        learning_rate_decay_updates=updates,
+    )
+    for done, expected in steps:
+        assert config.learning_rate_at(done) == pytest.approx(expected, rel=1e-12), done
+
+
+def test_the_optimizer_takes_the_scheduled_step_size_and_reports_it():
+    config = LearnerConfig(device="cpu", learning_rate=1e-4, learning_rate_final=2.5e-5,
+                           learning_rate_decay_start=2, learning_rate_decay_updates=2)  # fmt: skip
+    learner = Learner(config, NetworkConfig(), 5)
+    seen = []
+    for seed in range(5):
+        metrics, _ = learner.update(batch(seed=seed))
+        assert learner.optimizer.param_groups[0]["lr"] == metrics["learner/learning_rate"]
+        seen.append(metrics["learner/learning_rate"])
+    assert seen == pytest.approx([1e-4, 1e-4, 1e-4, 6.25e-5, 2.5e-5])
+    resumed = Learner(config, NetworkConfig(), 5)  # resumed: the schedule goes on from update 5
+    resumed.load_state_dict(learner.state_dict())
+    assert resumed.update(batch())[0]["learner/learning_rate"] == pytest.approx(2.5e-5)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ({"learning_rate_final": 0.0}, "learning_rate_final (0.0) must be > 0"),
+        ({"learning_rate_decay_start": -1}, "learning_rate_decay_start (-1) must be >= 0"),
+        ({"learning_rate_decay_updates": -5}, "learning_rate_decay_updates (-5) must be >= 0"),
+    ],
+)
+def test_a_bad_schedule_is_refused_by_name(flags, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        LearnerConfig(**flags)
