@@ -59,6 +59,9 @@ class ChaosConfig:
     """Roles to kill, each in turn (the order is shuffled once)."""
     kills: int | None = None
     """Stop after this many kills (and `every_s` more seconds of training), if before --minutes."""
+    recover_s: float = 120.0
+    """After the last kill, how long to wait for every role that had a heartbeat before the
+    first kill to send one again (checked: roles_back)."""
     seed: int = 0
     """Seed of the choice of roles."""
     train_args: str = ""
@@ -72,6 +75,8 @@ class ChaosConfig:
             raise ValueError(f"minutes ({self.minutes}) and every_s ({self.every_s}) must be > 0")
         if self.kills is not None and self.kills < 1:
             raise ValueError(f"kills ({self.kills}) must be >= 1")
+        if self.recover_s < 0:
+            raise ValueError(f"recover_s ({self.recover_s}) must be >= 0")
 
 
 def _role_pids(driver: int, title: str) -> list[int]:
@@ -107,6 +112,8 @@ def run(config: ChaosConfig) -> dict:
     backwards: list[str] = []
     last: dict[str, int] = {}
     first_kill_counters: dict[str, int] | None = None
+    beating: set[str] = set()  # the roles with a heartbeat before the first kill
+    last_kill_wall = 0.0
     start = time.monotonic()
     next_kill = start + config.every_s
     redis_back_at: float | None = None
@@ -158,7 +165,9 @@ def run(config: ChaosConfig) -> dict:
             pid = rng.choice(pids)
             if first_kill_counters is None:
                 first_kill_counters = dict(last)
+                beating = set(_heartbeats(client, keys))
             os.kill(pid, signal.SIGKILL)
+            last_kill_wall = time.time()
             kills.append({"t": round(time.monotonic() - start, 1), "role": role, "pid": pid,
                           "counters": dict(last)})  # fmt: skip
             logger.info("killed %s (pid %d)", role, pid)
@@ -168,6 +177,7 @@ def run(config: ChaosConfig) -> dict:
         if redis_back_at is not None:
             time.sleep(max(0.0, redis_back_at - time.monotonic()))
             server.restart_if_dead()
+        missing = _wait_for_heartbeats(client, keys, beating, last_kill_wall, config.recover_s)
         driver.send_signal(signal.SIGTERM)
         exit_code = driver.wait(timeout=300)
     finally:
@@ -190,6 +200,7 @@ def run(config: ChaosConfig) -> dict:
         "counters_never_backwards": not backwards,
         "chunks_accounted": final.get("chunks_written", 0)
         == final.get("chunks_inserted", 0) + final.get("chunks_rejected", 0) + backlog,
+        "roles_back": not missing,
         "clean_exit": exit_code == 0,
         "no_process_left": not left,
     }
@@ -203,6 +214,7 @@ def run(config: ChaosConfig) -> dict:
         "final_counters": final,
         "stream_backlog": backlog,
         "backwards": backwards,
+        "roles_not_back": missing,
         "exit_code": exit_code,
         "left_processes": left,
         "checks": checks,
@@ -210,6 +222,28 @@ def run(config: ChaosConfig) -> dict:
     }
     (run_dir / "chaos.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _heartbeats(client, keys: RedisKeys) -> dict[str, float]:
+    """Role → the wall time of its latest heartbeat ({} while Redis is down)."""
+    try:
+        return {k.decode(): float(v) for k, v in client.hgetall(keys.heartbeats).items()}
+    except redis.RedisError:
+        return {}
+
+
+def _wait_for_heartbeats(
+    client, keys: RedisKeys, roles: set[str], since: float, timeout_s: float
+) -> list[str]:
+    """Waits until each role has a heartbeat newer than `since`; returns those that had none
+    in `timeout_s` (a restarted actor takes a while on a busy machine)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        beats = _heartbeats(client, keys)
+        missing = sorted(role for role in roles if beats.get(role, 0.0) <= since)
+        if not missing or time.monotonic() >= deadline:
+            return missing
+        time.sleep(1.0)
 
 
 # A loss counter → the role whose restart adds to it.

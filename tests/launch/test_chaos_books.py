@@ -1,8 +1,13 @@
-"""`mario chaos`'s per-kill costs, from hand-written counter readings."""
+"""`mario chaos`'s per-kill costs, from hand-written counter readings; its wait for the killed
+roles' heartbeats, against a real redis-server."""
 
 import itertools
 
-from launch.chaos import _attribute, losses
+import pytest
+import redis
+
+from common.redis_io import RedisKeys
+from launch.chaos import _attribute, _wait_for_heartbeats, losses
 
 
 def _counters(env_steps, written, updates, updates_lost=0, replay_lost=0):
@@ -32,3 +37,23 @@ def test_each_kill_costs_what_the_counters_moved_until_the_next():
          "env_steps_not_written": 600 - 400, "env_steps_after": 600, "updates_after": 40},
     ]  # fmt: skip
     assert losses([], final) == []
+
+
+@pytest.mark.parametrize(
+    "beats, missing",
+    [
+        ({"actor-0": 101.0, "actor-1": 105.0, "learner": 100.5}, []),  # all after the kill
+        ({"actor-0": 101.0, "actor-1": 99.0, "learner": 100.5}, ["actor-1"]),  # not restarted
+        ({"actor-0": 101.0, "learner": 100.0}, ["actor-1", "learner"]),  # gone; at the kill
+        ({"actor-0": 101.0, "actor-1": 102.0, "learner": 103.0, "actor-2": 50.0}, []),  # new
+    ],
+)
+def test_the_wait_names_the_roles_without_a_heartbeat_since_the_last_kill(
+    redis_url, beats, missing
+):
+    client = redis.Redis.from_url(redis_url)
+    keys = RedisKeys("chaos-test")
+    client.hset(keys.heartbeats, mapping=beats)
+    roles = {"actor-0", "actor-1", "learner"}  # heartbeats before the first kill; last kill: 100
+    assert _wait_for_heartbeats(client, keys, roles, since=100.0, timeout_s=0) == missing
+    client.close()
