@@ -178,7 +178,8 @@ def test_serial_and_ray_runs_write_the_same_metric_keys(distributed_run, tmp_pat
     serial_dir = tmp_path / "serial"
     drop = {"--distributed.num-actors", "--distributed.weights-poll-frames"}  # Ray's own
     flags = [a for i, a in enumerate(TINY) if a not in drop and TINY[i - 1] not in drop]
-    main([*flags, "--serial", "--total-env-steps", "1500", "--run-dir", str(serial_dir)])
+    # 700 env steps: episodes (200 steps), updates (from 300) and an evaluation round (at 600)
+    main([*flags, "--serial", "--total-env-steps", "700", "--run-dir", str(serial_dir)])
     ray_keys, serial_keys = _metric_keys(distributed_run), _metric_keys(serial_dir)
     assert ray_keys == serial_keys, (ray_keys - serial_keys, serial_keys - ray_keys)
     assert {"learner/loss", "replay/size", "counters/env_steps", "rate/frames_per_s",
