@@ -30,9 +30,11 @@ from launch.plots import load_metrics
 #   the narrower network, which learned as well at 300k env steps with a learner 1.8× as fast
 #   (row nature-net is r1 itself). Its greedy policy stood at the first pipe holding right+A.
 # - "defaults": `mario train` with no recipe flags, which is the base plus --env.release-jump
-#   (a jump action always jumps) and a learning rate that falls to 2.5e-5 at update 180,000
-#   (after the 37,500 updates of a 300k budget: the rows run before it are on the same recipe
-#   up to that budget). The rows measured after release-jump changed the defaults are on it.
+#   (a jump action always jumps) and a learning rate that steps down to 2.5e-5 at update
+#   180,000 (after the 37,500 updates of a 300k budget: the rows run before it trained the same
+#   recipe up to that budget, but a row begun before it is refused on resume by a newer
+#   checkout, whose flags contradict its run: finish it from a worktree of the older commit).
+#   The rows measured after release-jump changed the defaults are on it.
 BASE = (
     "--env.action-set", "right_jump", "--env.stuck-steps", "100", "--env.stuck-is-death",
     "--env.flag-bonus", "50", "--env.reward-scale", "0.1", "--env.no-release-jump",
@@ -76,7 +78,8 @@ class Row:
 
 ROWS: dict[str, Row] = {
     "base": Row("run r1's recipe with the narrow net", against="base"),
-    "defaults": Row("`mario train`'s defaults: the base plus --env.release-jump"),
+    "defaults": Row("`mario train`'s defaults: the base plus --env.release-jump (and a learning "
+                    "rate step at update 180,000, after the budget)"),
     "tutorial": Row("the parts' own defaults (`mario train`'s before the recipe)", TUTORIAL,
                     against="none"),
     "nature-net": Row("network width: Nature's conv 32-64-64, hidden 512 (base: 16-32-32, 256)",

@@ -6,10 +6,12 @@ replay shard, the learner (Ray processes), the redis-server (each in turn, in a 
 a role with no process at that moment, one Ray is restarting, is tried again next time, and
 skipped after three tries).
 This script restarts a killed redis-server after 1–5 s, as an external Redis that comes back.
-Meanwhile it reads the run's counters every second. At the end it stops the run with SIGTERM
-and checks:
+Meanwhile it reads the run's counters every second. After the last kill it waits (up to
+`--recover-s`) for a new heartbeat from every actor and the learner that had one before the
+first kill, then stops the run with SIGTERM and checks:
 
 - training progressed (env steps and learner updates grew after the first kill);
+- those roles all came back (a heartbeat after the last kill);
 - no counter ever went backwards;
 - every chunk is accounted for: chunks_written == inserted + rejected + still in the stream;
 - the run exited cleanly, and no process it started is left.
@@ -177,7 +179,8 @@ def run(config: ChaosConfig) -> dict:
         if redis_back_at is not None:
             time.sleep(max(0.0, redis_back_at - time.monotonic()))
             server.restart_if_dead()
-        missing = _wait_for_heartbeats(client, keys, beating, last_kill_wall, config.recover_s)
+        missing = _wait_for_heartbeats(client, keys, beating, last_kill_wall, config.recover_s,
+                                       alive=lambda: driver.poll() is None)  # fmt: skip
         driver.send_signal(signal.SIGTERM)
         exit_code = driver.wait(timeout=300)
     finally:
@@ -233,15 +236,16 @@ def _heartbeats(client, keys: RedisKeys) -> dict[str, float]:
 
 
 def _wait_for_heartbeats(
-    client, keys: RedisKeys, roles: set[str], since: float, timeout_s: float
+    client, keys: RedisKeys, roles: set[str], since: float, timeout_s: float, alive=lambda: True
 ) -> list[str]:
     """Waits until each role has a heartbeat newer than `since`; returns those that had none
-    in `timeout_s` (a restarted actor takes a while on a busy machine)."""
+    in `timeout_s` (a restarted actor takes a while on a busy machine), or when `alive()` says
+    the run has ended."""
     deadline = time.monotonic() + timeout_s
     while True:
         beats = _heartbeats(client, keys)
         missing = sorted(role for role in roles if beats.get(role, 0.0) <= since)
-        if not missing or time.monotonic() >= deadline:
+        if not missing or time.monotonic() >= deadline or not alive():
             return missing
         time.sleep(1.0)
 

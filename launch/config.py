@@ -94,10 +94,11 @@ class DistributedConfig:
 # a jump that always jumps (release_jump), a stuck episode ended as a death after 100 steps
 # without progress, +50 at the flag, rewards ÷ 10, γ 0.99, ε decaying from 1 over ~100k env
 # steps toward a 0.1…0.01 ladder, a dueling net of conv 16-32-32 and 256 hidden units (learns
-# as well as Nature's at 300k env steps, 1.8× the updates/s), Adam 1e-4 falling to 2.5e-5 at
-# update 180,000 (about 1.44M env steps: the long run's branch default-1-lowlr, whose rounds
-# flagged in 6 of 12 against 0 of 8 before it), target sync every 500 updates, 4 samples per
-# insert.
+# as well as Nature's at 300k env steps, 1.8× the updates/s), Adam 1e-4 stepping down to
+# 2.5e-5 at update 180,000 (about 1.44M env steps: the long run's branch default-1-lowlr, whose
+# rounds flagged in 6 of 12 against 0 of 8 before it — one run, no control arm, and its training
+# also had sticky actions and temporally-extended ε, which the defaults do not), target sync
+# every 500 updates, 4 samples per insert.
 def recipe_env() -> EnvConfig:
     return EnvConfig(
         action_set="right_jump", stuck_steps=100, stuck_is_death=True, flag_bonus=50.0,
@@ -414,11 +415,32 @@ def _branch(requested: TrainConfig, given: set[str] | None) -> PreparedRun:
     changed = [f"{flag(path)} {kept[path]!r} -> {value!r}" for path, value in changes.items()]
     logger.info("branching run %s from %s at %s env steps; changed: %s", run_dir, parent, steps,
                 ", ".join(changed) or "nothing")  # fmt: skip
+    note = unchanged_step_size(saved.learner, config.learner, int(checkpoint["learner"]["updates"]))
+    if note and any(path.startswith("learner.learning_rate") for path in changes):
+        logger.warning("%s", note)
     stale = [flag(path) for path in changes if path.startswith(BRANCH_STALE_REPLAY)]
     if stale:
         logger.warning("%s changed: the replay holds the parent's returns until it turns over "
                        "(%s transitions)", ", ".join(stale), config.replay.capacity)  # fmt: skip
     return PreparedRun(config, run_dir, load_checkpoint(run_dir), branched_from=parent.resolve())
+
+
+def unchanged_step_size(saved: LearnerConfig, new: LearnerConfig, updates: int) -> str | None:
+    """Why a branch's learning-rate flags change nothing from here on (None: they do). Past its
+    decay start the step size is learning_rate_final, whatever learning_rate says."""
+    # Both schedules are linear between their breakpoints (a step is a breakpoint b with its
+    # value before at b - 1) and constant after the last: equal there, equal everywhere.
+    breaks = [edge for c in (saved, new) for start in (c.learning_rate_decay_start,)
+              for edge in (start, start + c.learning_rate_decay_updates)]  # fmt: skip
+    points = {updates, max(breaks) + 1}
+    points |= {u for edge in breaks for u in (edge - 1, edge) if u >= updates}
+    if any(saved.learning_rate_at(u) != new.learning_rate_at(u) for u in points):
+        return None
+    return (
+        f"the learning-rate flags change nothing from update {updates} on: the step size stays "
+        f"{new.learning_rate_at(updates):g} (past learning_rate_decay_start it is "
+        f"learning_rate_final; change --learner.learning-rate-final instead)"
+    )
 
 
 def _newer(best: pathlib.Path, steps: int) -> bool:

@@ -215,6 +215,8 @@ class Learner:
         }
         self.optimizer.load_state_dict(optimizer)
         self.updates = int(state["updates"])
+        for group in self.optimizer.param_groups:  # the schedule's, at the loaded update
+            group["lr"] = self.config.learning_rate_at(self.updates)
 
 
 def cpu_copy(state):

@@ -31,15 +31,16 @@ def redis_url(redis_server):
 
 # Test files run in parallel (pytest-xdist --dist loadgroup), each file a group of its own, so
 # that its module-scoped fixtures (a short training run) are built once. The files that start
-# Ray clusters share one group, queued first: it is the suite's longest unit (2026-11-26,
-# clean-clone CI: compose 224 s, distributed 215 s, multi-node 98 s, chaos 77 s). Split into two
-# groups (one cluster per worker) the suite took 600-623 s instead of 687, but a Ray node's
-# `ray start` timed out registering (Ray waits 30 s) and a restarted actor came late: flaky.
+# Ray clusters share one group, queued first: it is the suite's longest unit (2026-11-26 13:16,
+# clean-clone CI: compose 211 s, distributed 196 s, multi-node 141 s, chaos 97 s, of the
+# suite's 656 s). Split into two groups (one cluster per worker) the suite took 600 and 623 s,
+# but a Ray node's `ray start` timed out registering (Ray waits 30 s) in one run and a
+# restarted actor came after the chaos round in the other: flaky.
 SHARED_GROUPS = dict.fromkeys(
     ("test_distributed.py", "test_chaos.py", "test_compose_processes.py", "test_ray_multinode.py"),
     "ray-clusters",
 )
-# The longest of the other files (same CI run, seconds): queued right after the Ray group, so
+# The longest of the other files (in that order in the same run): queued after the Ray group, so
 # that what is left when a worker asks for more work is short (longest first). pyproject.toml's
 # --no-loadscope-reorder keeps this order (xdist's default sorts groups by their test count).
 LONG_FILES = (

@@ -234,6 +234,8 @@ def test_kuberay_pieces_agree_on_redis_address_secret_and_command():
         assert entry["valueFrom"]["secretKeyRef"] == secret
     head = cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert head["resources"]["limits"]["nvidia.com/gpu"] == 1
+    stop_wait = next(e for e in head["env"] if e["name"] == "RAY_JOB_STOP_WAIT_TIME_S")
+    assert int(stop_wait["value"]) >= 60  # the final checkpoint before `ray job stop`'s SIGKILL
     assert cluster["spec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "1"  # the learner's
     job = manifests("rayjob.yaml")[0]
     assert job["spec"]["clusterSelector"]["ray.io/cluster"] == cluster["metadata"]["name"]

@@ -101,3 +101,38 @@ def test_a_run_directory_in_use_is_refused_naming_the_holder(tmp_path, capsys):
         assert list(run_dir.iterdir()) == [run_dir / RUN_LOCK]  # nothing else was written
     with lock_run_dir(run_dir):  # released when its holder lets go (or dies)
         pass
+
+
+@pytest.mark.parametrize(
+    "saved, new, updates, unchanged",
+    [
+        # the lowlr branch at the new defaults: past the step, learning_rate is not used
+        ({"learning_rate_final": 2.5e-5, "learning_rate_decay_start": 180_000},
+         {"learning_rate": 2e-5, "learning_rate_final": 2.5e-5,
+          "learning_rate_decay_start": 180_000}, 190_000, True),
+        # before the step it is
+        ({"learning_rate_final": 2.5e-5, "learning_rate_decay_start": 180_000},
+         {"learning_rate": 2e-5, "learning_rate_final": 2.5e-5,
+          "learning_rate_decay_start": 180_000}, 179_999, False),
+        # a new final value changes it
+        ({"learning_rate_final": 2.5e-5, "learning_rate_decay_start": 180_000},
+         {"learning_rate_final": 1e-5, "learning_rate_decay_start": 180_000}, 190_000, False),
+        # a step moved later than now, to the same final value: changes the updates in between
+        ({"learning_rate_final": 2.5e-5, "learning_rate_decay_start": 100},
+         {"learning_rate_final": 2.5e-5, "learning_rate_decay_start": 300}, 200, False),
+        # a fall that ended before now, made longer (but still ended): nothing changes
+        ({"learning_rate_final": 2.5e-5, "learning_rate_decay_updates": 100},
+         {"learning_rate_final": 2.5e-5, "learning_rate_decay_updates": 150}, 200, True),
+        # constant learning rate changed: it changes
+        ({}, {"learning_rate": 5e-5}, 10, False),
+    ],
+)  # fmt: skip
+def test_a_branch_is_told_when_its_learning_rate_flags_change_nothing(saved, new, updates,
+                                                                       unchanged):  # fmt: skip
+    from launch.config import unchanged_step_size
+    from learner.learner import LearnerConfig
+
+    note = unchanged_step_size(LearnerConfig(**saved), LearnerConfig(**new), updates)
+    assert (note is not None) == unchanged
+    if unchanged:
+        assert f"from update {updates} on" in note and "--learner.learning-rate-final" in note

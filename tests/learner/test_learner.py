@@ -110,6 +110,7 @@ def test_the_optimizer_takes_the_scheduled_step_size_and_reports_it():
     assert seen == pytest.approx([1e-4, 1e-4, 1e-4, 6.25e-5, 2.5e-5])
     resumed = Learner(config, NetworkConfig(), 5)  # resumed: the schedule goes on from update 5
     resumed.load_state_dict(learner.state_dict())
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(2.5e-5)  # before an update
     assert resumed.update(batch())[0]["learner/learning_rate"] == pytest.approx(2.5e-5)
 
 
