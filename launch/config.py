@@ -415,9 +415,11 @@ def _branch(requested: TrainConfig, given: set[str] | None) -> PreparedRun:
     changed = [f"{flag(path)} {kept[path]!r} -> {value!r}" for path, value in changes.items()]
     logger.info("branching run %s from %s at %s env steps; changed: %s", run_dir, parent, steps,
                 ", ".join(changed) or "nothing")  # fmt: skip
-    note = unchanged_step_size(saved.learner, config.learner, int(checkpoint["learner"]["updates"]))
-    if note and any(path.startswith("learner.learning_rate") for path in changes):
-        logger.warning("%s", note)
+    if any(path.startswith("learner.learning_rate") for path in changes):
+        updates = int(checkpoint["learner"]["updates"])
+        note = unchanged_step_size(saved.learner, config.learner, updates)
+        if note:
+            logger.warning("%s", note)
     stale = [flag(path) for path in changes if path.startswith(BRANCH_STALE_REPLAY)]
     if stale:
         logger.warning("%s changed: the replay holds the parent's returns until it turns over "
@@ -430,8 +432,9 @@ def unchanged_step_size(saved: LearnerConfig, new: LearnerConfig, updates: int) 
     decay start the step size is learning_rate_final, whatever learning_rate says."""
     # Both schedules are linear between their breakpoints (a step is a breakpoint b with its
     # value before at b - 1) and constant after the last: equal there, equal everywhere.
-    breaks = [edge for c in (saved, new) for start in (c.learning_rate_decay_start,)
-              for edge in (start, start + c.learning_rate_decay_updates)]  # fmt: skip
+    starts = [c.learning_rate_decay_start for c in (saved, new)]
+    breaks = starts + [c.learning_rate_decay_start + c.learning_rate_decay_updates
+                       for c in (saved, new)]  # fmt: skip
     points = {updates, max(breaks) + 1}
     points |= {u for edge in breaks for u in (edge - 1, edge) if u >= updates}
     if any(saved.learning_rate_at(u) != new.learning_rate_at(u) for u in points):
