@@ -400,8 +400,14 @@ def _branch(requested: TrainConfig, given: set[str] | None) -> PreparedRun:
         source = parent / name
         if source.is_file() and not (name == BEST_NAME and (new_eval or _newer(source, steps))):
             (run_dir / name).write_bytes(source.read_bytes())
-    if new_eval:
+    if not (run_dir / BEST_NAME).is_file():
+        # not comparable (new_eval), or the parent's best.pt is from after the checkpoint: the
+        # checkpoint's best evaluation has no weights here, so the branch starts without one
         checkpoint["trainer"] = {**checkpoint.get("trainer", {}), "best_eval": None}
+    every = config.eval.every_env_steps
+    if "eval.every_env_steps" in changes and every:  # the next round on the branch's own grid
+        checkpoint["trainer"] = {**checkpoint.get("trainer", {}),
+                                 "next_eval_at": (steps // every + 1) * every}  # fmt: skip
     manifest = set_dir / MANIFEST_NAME
     if manifest.is_file():
         snapshots = [n for n in json.loads(manifest.read_text())["files"] if n != CHECKPOINT_NAME]

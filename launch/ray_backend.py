@@ -41,7 +41,13 @@ from launch.roles import (
     build_learner_runner,
     build_shard,
 )
-from launch.trainer import BACKEND_COUNTERS, episode_record, quietly, replay_snapshot_path
+from launch.trainer import (
+    BACKEND_COUNTERS,
+    episode_record,
+    newest_snapshot,
+    quietly,
+    replay_snapshot_path,
+)
 from learner.checkpoint import SET_DIR_KEY
 from replay_server.replay import write_snapshot
 
@@ -57,10 +63,14 @@ MAX_LEARNER_RESTARTS = 10
 class ShardWorker:
     """A ReplayShard plus a thread that keeps ingesting from Redis."""
 
-    def __init__(self, spec: ReplaySpec, endpoint: RedisEndpoint, snapshot: str):
+    def __init__(self, spec: ReplaySpec, endpoint: RedisEndpoint, snapshot: str, run_dir: str):
+        """`snapshot`: the snapshot of the set the run resumed from; a shard that Ray restarts
+        takes the newest whole set's instead. Either way the loss since a snapshot is counted."""
         self.shard = build_shard(spec, endpoint)
-        # warm start (resume, or a Ray restart); either way the loss since a snapshot is counted
-        self.shard.restore(pathlib.Path(snapshot) if pathlib.Path(snapshot).exists() else None)
+        path: pathlib.Path | None = pathlib.Path(snapshot)
+        if ray.get_runtime_context().was_current_actor_reconstructed:
+            path = newest_snapshot(pathlib.Path(run_dir), spec.shard_id)
+        self.shard.restore(path if path is not None and path.exists() else None)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._ingest_loop, daemon=True)
@@ -102,11 +112,21 @@ class ShardWorker:
     def pid(self) -> int:
         return os.getpid()
 
-    def stop(self) -> None:
+    def stop(self, drain_s: float = 30.0) -> int:
+        """Stops ingest after taking in what the stopped actors left in the stream (the learner
+        has stopped: the rate limiter no longer holds it back), so the replay's snapshot holds
+        it; an embedded Redis starts empty on resume. Returns the chunks taken in."""
         self._stop.set()
         self._thread.join()
+        drained, deadline = 0, time.monotonic() + drain_s
         with contextlib.suppress(redis.RedisError), self._lock:
+            while time.monotonic() < deadline:
+                read = self.shard.ingest(max_chunks=64, limit=False)
+                if read == 0:
+                    break
+                drained += read
             self.shard.send_acks()  # what an outage left unacked, if Redis answers now
+        return drained
 
 
 @ray.remote(num_cpus=1, max_concurrency=4)
@@ -425,7 +445,10 @@ class RayBackend:
             ShardWorker.options(
                 name=f"mario-{self.endpoint.run_id}-shard-{i}", scheduling_strategy=on_this_node
             ).remote(
-                self.specs.replay(i), self.endpoint, str(replay_snapshot_path(self._set_dir, i))
+                self.specs.replay(i),
+                self.endpoint,
+                str(replay_snapshot_path(self._set_dir, i)),
+                str(self.run_dir),
             )
             for i in range(distributed.num_shards)
         ]
@@ -660,9 +683,9 @@ class RayBackend:
         if self.learner is not None:
             self.learner.stop.remote()
             ray.wait([self.learner_run], timeout=60)
-        # Let the shards ingest what the actors flushed, then stop their threads.
-        time.sleep(1.0)
-        ray.get([shard.stop.remote() for shard in self.shards], timeout=60)
+        # The shards take in what the actors flushed, then stop their threads.
+        drained = ray.get([shard.stop.remote() for shard in self.shards], timeout=60)
+        logger.info("the shards took in %d chunks left in the stream", sum(drained))
 
     def _kill_roles(self) -> None:
         if self.actors is not None:

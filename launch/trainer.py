@@ -42,8 +42,10 @@ from launch.status import STATUS_FILE
 from learner.checkpoint import (
     BEST_NAME,
     CHECKPOINT_NAME,
+    CheckpointError,
     holds_checkpoint,
     load_checkpoint,
+    resolve_set,
     rotate_set,
     save_checkpoint,
     write_manifest,
@@ -65,6 +67,16 @@ FINAL_EVAL_WAIT_S = 900  # the evaluation that ends a run: 10 episodes take 1–
 def replay_snapshot_path(run_dir: pathlib.Path, shard_id: int) -> pathlib.Path:
     """Where shard `shard_id` keeps its replay snapshot (the same layout in both backends)."""
     return run_dir / f"replay-{shard_id}.npz"
+
+
+def newest_snapshot(run_dir: pathlib.Path, shard_id: int) -> pathlib.Path | None:
+    """Shard `shard_id`'s snapshot in the run's newest whole checkpoint set, if any: what a shard
+    restarted in mid-run restores (while a new set is written, the one in previous/)."""
+    try:
+        path = replay_snapshot_path(resolve_set(run_dir), shard_id)
+    except CheckpointError:
+        return None
+    return path if path.is_file() else None
 
 
 def episode_record(episode: dict, actor: str, policy_version: int) -> dict:
@@ -439,8 +451,7 @@ class Trainer:
                 "counters": counters,
                 "rng": {"torch": torch.get_rng_state(), **state["rng"]},
                 "trainer": {
-                    "eval_round": self.eval_round,
-                    "next_eval_at": self.next_eval_at,
+                    **self._eval_schedule(),
                     "best_eval": self.best_eval,
                     "last_eval": self.last_eval,
                 },
@@ -449,6 +460,13 @@ class Trainer:
         names = [CHECKPOINT_NAME, *(path.name for path in snapshots)]
         write_manifest(self.run_dir, names, counters["env_steps"])
         self.last_checkpoint = counters
+
+    def _eval_schedule(self) -> dict[str, int]:
+        """Where evaluation goes on after a resume. A round still in flight is saved as not yet
+        started, so a resumed run plays it again (same seeds) rather than lose it."""
+        if self._eval_started_at is not None:
+            return {"eval_round": self.eval_round - 1, "next_eval_at": self._eval_started_at}
+        return {"eval_round": self.eval_round, "next_eval_at": self.next_eval_at}
 
     def _table(self) -> Table:
         config, counters, stats = self.config, self.counters, self.stats

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import pathlib
 import shutil
 
@@ -57,17 +58,26 @@ def file_digest(path: pathlib.Path) -> dict:
 
 
 def rotate_set(run_dir: pathlib.Path) -> None:
-    """Moves the current set (if whole) to previous/, replacing the one there: called before a
-    new set is written, so a crash while writing it leaves the previous set to fall back to."""
+    """Makes the current set (if whole) the one in previous/: called before a new set is
+    written, so a crash while writing it leaves the previous set to fall back to.
+
+    A crash at any point leaves a whole set: the files are hard-linked into previous.tmp/, which
+    then replaces previous/ by rename, and only then are run_dir's manifest and files removed."""
     if check_set(run_dir) is not None:
         return  # torn or absent: nothing worth keeping over what previous/ holds
-    previous = run_dir / PREVIOUS_DIR
-    shutil.rmtree(previous, ignore_errors=True)
-    previous.mkdir()
+    previous, staging = run_dir / PREVIOUS_DIR, run_dir / (PREVIOUS_DIR + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
     manifest = json.loads((run_dir / MANIFEST_NAME).read_text())
-    for name in manifest["files"]:
-        (run_dir / name).replace(previous / name)
-    (run_dir / MANIFEST_NAME).replace(previous / MANIFEST_NAME)
+    for name in [*manifest["files"], MANIFEST_NAME]:
+        try:
+            os.link(run_dir / name, staging / name)
+        except OSError:  # a filesystem without hard links
+            shutil.copy2(run_dir / name, staging / name)
+    shutil.rmtree(previous, ignore_errors=True)  # run_dir's set is whole meanwhile
+    staging.rename(previous)
+    for name in [MANIFEST_NAME, *manifest["files"]]:
+        (run_dir / name).unlink()
 
 
 def write_manifest(run_dir: pathlib.Path, names: list[str], env_steps: int) -> None:

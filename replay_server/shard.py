@@ -67,15 +67,16 @@ class ReplayShard:
         self._inserted_field = f"{self.consumer}:transitions_inserted"
         self._create_group()
 
-    def ingest(self, max_chunks: int = 32, block_ms: int | None = None) -> int:
+    def ingest(self, max_chunks: int = 32, block_ms: int | None = None, limit: bool = True) -> int:
         """Reads up to max_chunks entries, inserts them, acks them; returns how many were read.
 
         Reads nothing while the rate limiter holds inserts back (the learner is behind): the
         entries wait in Redis, where actors see the backlog. Meanwhile it screens them, so that
-        only valid chunks count as backlog (see _screen).
+        only valid chunks count as backlog (see _screen). `limit=False` takes them in whatever
+        the limiter says: the drain at shutdown, when no learner samples any more.
         """
         self.send_acks()  # what an earlier ingest could not ack, before reading more
-        if not self.replay.can_insert(1):
+        if limit and not self.replay.can_insert(1):
             self._screen(max_chunks)
             return 0
         entries = self._read("0", max_chunks, None) if self._reading_own_pending else []

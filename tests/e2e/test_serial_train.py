@@ -248,6 +248,48 @@ def test_a_branch_made_but_not_yet_trained_resumes_with_its_own_settings(trained
     assert again.branched_from is None and again.config.env.flag_bonus == 7.0  # resumed
 
 
+@pytest.mark.parametrize("best_after_checkpoint", [False, True])
+def test_a_branch_inherits_the_best_evaluation_only_with_its_weights(
+    trained_run, tmp_path, best_after_checkpoint
+):
+    """The parent's best.pt is copied unless it is newer than the checkpoint branched from (a
+    best round after the last checkpoint); then the checkpoint's best evaluation, whose weights
+    best.pt no longer holds, is not inherited either."""
+    import shutil
+
+    from launch.config import TrainConfig, given_fields, prepare_run
+    from learner.checkpoint import BEST_NAME, save_checkpoint
+
+    parent, branch = tmp_path / "parent", tmp_path / "branch"
+    shutil.copytree(trained_run, parent)
+    steps = load_checkpoint(parent)["counters"]["env_steps"]
+    assert load_checkpoint(parent)["trainer"]["best_eval"] is not None
+    if best_after_checkpoint:
+        best = load_checkpoint(parent / BEST_NAME)
+        best.pop("format")
+        best["counters"]["env_steps"] = best["eval"]["env_steps"] = steps + 100
+        save_checkpoint(parent, best, name=BEST_NAME)
+    args = ["--run-dir", str(branch), "--branch-from", str(parent)]
+    made = prepare_run(TrainConfig(run_dir=branch, branch_from=parent), given_fields(args))
+    assert (branch / BEST_NAME).is_file() != best_after_checkpoint
+    assert (made.checkpoint["trainer"]["best_eval"] is None) == best_after_checkpoint
+
+
+def test_a_branch_that_changes_the_eval_interval_evaluates_on_its_own_grid(trained_run, tmp_path):
+    from launch.config import TrainConfig, given_fields, prepare_run
+
+    steps = load_checkpoint(trained_run)["counters"]["env_steps"]  # on a grid of 300
+    branch = tmp_path / "branch"
+    args = ["--run-dir", str(branch), "--branch-from", str(trained_run),
+            "--eval.every-env-steps", "1000"]  # fmt: skip
+    requested = TrainConfig(run_dir=branch, branch_from=trained_run)
+    requested = dataclasses.replace(
+        requested, eval=dataclasses.replace(requested.eval, every_env_steps=1000)
+    )
+    made = prepare_run(requested, given_fields(args))
+    assert made.checkpoint["trainer"]["next_eval_at"] == (steps // 1000 + 1) * 1000
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [

@@ -1,6 +1,7 @@
 """Checkpoint sets: sealed by a manifest, rotated to previous/, verified on load; a torn or
 corrupt set falls back to the previous one, and an error names the file and what is wrong."""
 
+import contextlib
 import json
 
 import pytest
@@ -94,3 +95,55 @@ def test_a_run_from_before_the_manifests_loads_as_it_is(tmp_path):
     assert load_checkpoint(tmp_path)["counters"]["env_steps"] == 7
     rotate_set(tmp_path)  # not a whole set: stays where it is
     assert (tmp_path / "checkpoint.pt").exists() and not (tmp_path / PREVIOUS_DIR).exists()
+
+
+class _Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("after", [False, True])
+@pytest.mark.parametrize("crash_at", range(9))
+def test_a_crash_anywhere_in_a_rotation_leaves_the_newest_set_whole(
+    tmp_path, monkeypatch, crash_at, after
+):
+    """Each file-system step of rotate_set in turn is the last one (the process dies just
+    before it, or just after): the newest whole set still loads, from run_dir or previous/."""
+    _write_set(tmp_path, 100)
+    _write_set(tmp_path, 200)
+    steps = []
+
+    def dying(function):
+        def step(*args, **kwargs):
+            steps.append(function.__name__)
+            if len(steps) - 1 == crash_at and not after:
+                raise _Crash
+            result = function(*args, **kwargs)
+            if len(steps) - 1 == crash_at:
+                raise _Crash
+            return result
+
+        return step
+
+    import learner.checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint.os, "link", dying(checkpoint.os.link))
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", dying(checkpoint.shutil.rmtree))
+    monkeypatch.setattr(type(tmp_path), "rename", dying(type(tmp_path).rename))
+    monkeypatch.setattr(type(tmp_path), "unlink", dying(type(tmp_path).unlink))
+    with contextlib.suppress(_Crash):
+        rotate_set(tmp_path)
+    monkeypatch.undo()
+    # rmtree ×2, link ×3, rename, unlink ×3: 9 steps, each one the last in some case
+    assert len(steps) > crash_at
+    assert load_checkpoint(tmp_path)["counters"]["env_steps"] == 200
+
+
+def test_a_restarted_shard_finds_the_newest_whole_sets_snapshot(tmp_path):
+    from launch.trainer import newest_snapshot
+
+    assert newest_snapshot(tmp_path, 0) is None  # no set yet: the shard starts empty
+    _write_set(tmp_path, 100)
+    assert newest_snapshot(tmp_path, 0) == tmp_path / "replay-0.npz"
+    rotate_set(tmp_path)  # a new set is being written: the last whole one is in previous/
+    assert newest_snapshot(tmp_path, 0) == tmp_path / PREVIOUS_DIR / "replay-0.npz"
+    assert newest_snapshot(tmp_path, 1) is None  # no such shard in the set

@@ -115,18 +115,22 @@ def test_password_protected_redis(monkeypatch, tmp_path):
         assert drain(shard) == 3
 
 
-def test_junk_waiting_behind_a_full_rate_limiter_is_deleted_not_counted_as_backlog(redis_url):
-    client = redis.Redis.from_url(redis_url)
-    keys = RedisKeys(RUN)
-    endpoint = RedisEndpoint(redis_url, RUN, RedisConfig())
-    # The learner is behind: this limiter takes 100 transitions (5 chunks), then holds inserts.
+def held_shard(redis_url, client, rng):
+    """A shard whose learner is behind: its limiter took 100 transitions (5 chunks written and
+    taken in here) and now holds inserts back."""
     held = ReplayConfig(capacity=5000, min_size_to_sample=20, samples_per_insert=8,
                         rate_error_buffer=1)  # fmt: skip
+    endpoint = RedisEndpoint(redis_url, RUN, RedisConfig())
     shard = ReplayShard(PrioritizedReplay(held, stack=4), endpoint, shard_id=0, stack=4,
                         num_actions=5)  # fmt: skip
-    rng = np.random.default_rng(4)
     write_chunks(client, 5, rng)
     assert drain(shard) == 5 and not shard.replay.can_insert(1)
+    return shard
+
+
+def test_junk_waiting_behind_a_full_rate_limiter_is_deleted_not_counted_as_backlog(redis_url):
+    client, keys, rng = redis.Redis.from_url(redis_url), RedisKeys(RUN), np.random.default_rng(4)
+    shard = held_shard(redis_url, client, rng)
     good = encode_chunk(synthetic_chunk(rng, 20), RUN)
     for index in range(40):  # junk among valid chunks, all waiting
         client.xadd(keys.experience, {b"c": good if index % 4 == 0 else good[:-index]})
@@ -201,3 +205,18 @@ def test_a_restarted_shard_counts_what_its_snapshot_had_not_taken_in(redis_url, 
     assert make_shard(redis_url, shard_id=1).restore(None) == 0  # a first start loses nothing
     restarted = make_shard(redis_url)  # no snapshot (lost): all the 60 it had are lost
     assert restarted.restore(None) == 60 and restarted.replay.size == 0
+
+
+def test_the_shutdown_drain_takes_in_what_waits_behind_the_rate_limiter(redis_url):
+    """At shutdown the learner has stopped: what the actors flushed goes into the replay (and
+    so into its snapshot) whatever the limiter says, rather than stay in a Redis that an
+    embedded server empties on the next start."""
+    client, keys, rng = redis.Redis.from_url(redis_url), RedisKeys(RUN), np.random.default_rng(5)
+    shard = held_shard(redis_url, client, rng)
+    write_chunks(client, 7, rng)  # the actors' last chunks
+    assert shard.ingest(max_chunks=16) == 0  # held back while a learner could still sample
+    assert shard.ingest(max_chunks=4, limit=False) == 4
+    assert shard.ingest(max_chunks=16, limit=False) == 3
+    assert shard.replay.size == 12 * 20
+    assert int(client.hget(keys.counters, "chunks_inserted")) == 12
+    assert client.xpending(keys.experience, REPLAY_GROUP)["pending"] == 0

@@ -28,7 +28,7 @@ def test_killed_shard_loses_no_chunk_that_was_in_redis(redis_url, tmp_path):
     try:
         spec = ReplaySpec(shard_id=0, replay=config, stack=4, num_actions=5, seed=0)
         endpoint = RedisEndpoint(redis_url, "kill-test")
-        shard = ShardWorker.remote(spec, endpoint, str(tmp_path / "replay-0.npz"))
+        shard = ShardWorker.remote(spec, endpoint, str(tmp_path / "replay-0.npz"), str(tmp_path))
         rng = np.random.default_rng(0)
         message = encode_chunk(synthetic_chunk(rng, 20), "kill-test")
         written = 0
