@@ -359,7 +359,8 @@ BRANCH_STALE_REPLAY = ("env.reward", "env.reward_scale", "env.flag_bonus", "env.
                        "actor.gamma", "actor.n_step")  # fmt: skip
 # Files of the parent's history a branch starts from (copied; the parent is not changed).
 BRANCH_HISTORY = ("metrics.jsonl", "invocations.jsonl", BEST_NAME)
-# Changes after which the parent's best evaluation is not comparable (not inherited).
+# Changes after which the parent's best evaluation is not comparable (not inherited); the
+# interval between rounds (eval.every_env_steps) is not one of them.
 BRANCH_NEW_EVAL = ("env.level", "eval.")
 
 
@@ -393,11 +394,13 @@ def _branch(requested: TrainConfig, given: set[str] | None) -> PreparedRun:
     run_dir = pathlib.Path(requested.run_dir)
     config = dataclasses.replace(_with_invocation(_replace_leaves(saved, changes), requested),
                                  run_dir=run_dir)  # fmt: skip
-    new_eval = any(path.startswith(BRANCH_NEW_EVAL) for path in changes)
+    new_eval = any(path.startswith(BRANCH_NEW_EVAL) and path != "eval.every_env_steps"
+                   for path in changes)  # fmt: skip
     set_dir = pathlib.Path(checkpoint.pop(SET_DIR_KEY))
     run_dir.mkdir(parents=True, exist_ok=True)
     for name in BRANCH_HISTORY:
         source = parent / name
+        (run_dir / name).unlink(missing_ok=True)  # an earlier attempt's, if it died half-way
         if source.is_file() and not (name == BEST_NAME and (new_eval or _newer(source, steps))):
             (run_dir / name).write_bytes(source.read_bytes())
     if not (run_dir / BEST_NAME).is_file():

@@ -49,7 +49,7 @@ from launch.trainer import (
     replay_snapshot_path,
 )
 from learner.checkpoint import SET_DIR_KEY
-from replay_server.replay import write_snapshot
+from replay_server.replay import SnapshotError, write_snapshot
 
 logger = logging.getLogger("ray_backend")
 KEEP_LEARNER_STATE_S = 60.0  # at most this much learning is lost when the learner dies
@@ -67,10 +67,19 @@ class ShardWorker:
         """`snapshot`: the snapshot of the set the run resumed from; a shard that Ray restarts
         takes the newest whole set's instead. Either way the loss since a snapshot is counted."""
         self.shard = build_shard(spec, endpoint)
-        path: pathlib.Path | None = pathlib.Path(snapshot)
-        if ray.get_runtime_context().was_current_actor_reconstructed:
-            path = newest_snapshot(pathlib.Path(run_dir), spec.shard_id)
-        self.shard.restore(path if path is not None and path.exists() else None)
+        if not ray.get_runtime_context().was_current_actor_reconstructed:
+            path = pathlib.Path(snapshot)
+            self.shard.restore(path if path.exists() else None)
+        else:
+            for attempt in range(3):  # a checkpoint may rotate the set while this one loads it
+                path = newest_snapshot(pathlib.Path(run_dir), spec.shard_id)
+                try:
+                    self.shard.restore(path)
+                    break
+                except SnapshotError as error:  # e.g. rotated away between finding and reading
+                    logger.warning("shard %d, attempt %d: %s", spec.shard_id, attempt + 1, error)
+            else:
+                self.shard.restore(None)  # starts empty: the loss is counted
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._ingest_loop, daemon=True)
@@ -685,7 +694,7 @@ class RayBackend:
             ray.wait([self.learner_run], timeout=60)
         # The shards take in what the actors flushed, then stop their threads.
         drained = ray.get([shard.stop.remote() for shard in self.shards], timeout=60)
-        logger.info("the shards took in %d chunks left in the stream", sum(drained))
+        logger.info("the shards read %d chunks left in the stream", sum(drained))
 
     def _kill_roles(self) -> None:
         if self.actors is not None:

@@ -42,10 +42,9 @@ from launch.status import STATUS_FILE
 from learner.checkpoint import (
     BEST_NAME,
     CHECKPOINT_NAME,
-    CheckpointError,
     holds_checkpoint,
     load_checkpoint,
-    resolve_set,
+    newest_set_file,
     rotate_set,
     save_checkpoint,
     write_manifest,
@@ -70,13 +69,9 @@ def replay_snapshot_path(run_dir: pathlib.Path, shard_id: int) -> pathlib.Path:
 
 
 def newest_snapshot(run_dir: pathlib.Path, shard_id: int) -> pathlib.Path | None:
-    """Shard `shard_id`'s snapshot in the run's newest whole checkpoint set, if any: what a shard
-    restarted in mid-run restores (while a new set is written, the one in previous/)."""
-    try:
-        path = replay_snapshot_path(resolve_set(run_dir), shard_id)
-    except CheckpointError:
-        return None
-    return path if path.is_file() else None
+    """Shard `shard_id`'s snapshot in the run's newest checkpoint set that has it, if any: what
+    a shard restarted in mid-run restores (while a new set is written, the one in previous/)."""
+    return newest_set_file(run_dir, replay_snapshot_path(run_dir, shard_id).name)
 
 
 def episode_record(episode: dict, actor: str, policy_version: int) -> dict:

@@ -11,6 +11,7 @@ before the manifests (checkpoint.pt and no manifest anywhere) loads as it is.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -72,12 +73,22 @@ def rotate_set(run_dir: pathlib.Path) -> None:
     for name in [*manifest["files"], MANIFEST_NAME]:
         try:
             os.link(run_dir / name, staging / name)
-        except OSError:  # a filesystem without hard links
+        except OSError as error:  # a filesystem without hard links: a copy, slower
+            _warn_once(f"hard links failed in {run_dir} ({error}): the previous set is copied")
             shutil.copy2(run_dir / name, staging / name)
     shutil.rmtree(previous, ignore_errors=True)  # run_dir's set is whole meanwhile
     staging.rename(previous)
     for name in [MANIFEST_NAME, *manifest["files"]]:
         (run_dir / name).unlink()
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        logger.warning("%s", message)
 
 
 def write_manifest(run_dir: pathlib.Path, names: list[str], env_steps: int) -> None:
@@ -128,6 +139,28 @@ def resolve_set(run_dir: pathlib.Path) -> pathlib.Path:
                        "in %s", run_dir, problem, previous)  # fmt: skip
         return previous
     raise CheckpointError(f"no whole checkpoint in {run_dir}: {problem}; previous: {fallback}")
+
+
+def newest_set_file(run_dir: pathlib.Path, name: str) -> pathlib.Path | None:
+    """The newest set's copy of file `name` (run_dir, else previous/) whose size matches its
+    manifest, or run_dir/name in a run from before the manifests; None if there is none. Cheap
+    (no checksums), for a role that restarts in mid-run while the trainer may be rotating."""
+    manifests = 0
+    for set_dir in (run_dir, run_dir / PREVIOUS_DIR):
+        try:
+            files = json.loads((set_dir / MANIFEST_NAME).read_text())["files"]
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError, KeyError, TypeError):
+            manifests += 1
+            continue
+        manifests += 1
+        path = set_dir / name
+        with contextlib.suppress(OSError, KeyError, TypeError):
+            if path.stat().st_size == files[name]["bytes"]:
+                return path
+    legacy = run_dir / name
+    return legacy if manifests == 0 and legacy.is_file() else None
 
 
 def holds_checkpoint(run_dir: pathlib.Path) -> bool:

@@ -269,9 +269,14 @@ def test_a_branch_inherits_the_best_evaluation_only_with_its_weights(
         best.pop("format")
         best["counters"]["env_steps"] = best["eval"]["env_steps"] = steps + 100
         save_checkpoint(parent, best, name=BEST_NAME)
+    branch.mkdir()
+    (branch / BEST_NAME).write_bytes(b"left by an attempt that died before its checkpoint")
     args = ["--run-dir", str(branch), "--branch-from", str(parent)]
     made = prepare_run(TrainConfig(run_dir=branch, branch_from=parent), given_fields(args))
-    assert (branch / BEST_NAME).is_file() != best_after_checkpoint
+    if best_after_checkpoint:
+        assert not (branch / BEST_NAME).exists()
+    else:
+        assert (branch / BEST_NAME).read_bytes() == (parent / BEST_NAME).read_bytes()
     assert (made.checkpoint["trainer"]["best_eval"] is None) == best_after_checkpoint
 
 
@@ -288,6 +293,8 @@ def test_a_branch_that_changes_the_eval_interval_evaluates_on_its_own_grid(train
     )
     made = prepare_run(requested, given_fields(args))
     assert made.checkpoint["trainer"]["next_eval_at"] == (steps // 1000 + 1) * 1000
+    # the same evaluation, only less often: the best round and its weights are inherited
+    assert made.checkpoint["trainer"]["best_eval"] is not None and (branch / "best.pt").is_file()
 
 
 @pytest.mark.parametrize(

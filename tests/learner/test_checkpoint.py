@@ -138,12 +138,35 @@ def test_a_crash_anywhere_in_a_rotation_leaves_the_newest_set_whole(
     assert load_checkpoint(tmp_path)["counters"]["env_steps"] == 200
 
 
-def test_a_restarted_shard_finds_the_newest_whole_sets_snapshot(tmp_path):
+def test_a_restarted_shard_finds_the_newest_sets_snapshot(tmp_path):
     from launch.trainer import newest_snapshot
 
     assert newest_snapshot(tmp_path, 0) is None  # no set yet: the shard starts empty
+    (tmp_path / "replay-0.npz").write_bytes(b"a run from before the manifests")
+    assert newest_snapshot(tmp_path, 0) == tmp_path / "replay-0.npz"
     _write_set(tmp_path, 100)
     assert newest_snapshot(tmp_path, 0) == tmp_path / "replay-0.npz"
     rotate_set(tmp_path)  # a new set is being written: the last whole one is in previous/
     assert newest_snapshot(tmp_path, 0) == tmp_path / PREVIOUS_DIR / "replay-0.npz"
+    (tmp_path / "replay-0.npz").write_bytes(b"half")  # the new one, not yet sealed
+    assert newest_snapshot(tmp_path, 0) == tmp_path / PREVIOUS_DIR / "replay-0.npz"
     assert newest_snapshot(tmp_path, 1) is None  # no such shard in the set
+    _write_set(tmp_path, 200)
+    _truncate(tmp_path / "replay-0.npz")  # the newest set's copy is short: the previous one
+    assert newest_snapshot(tmp_path, 0) == tmp_path / PREVIOUS_DIR / "replay-0.npz"
+
+
+def test_without_hard_links_the_rotation_copies(tmp_path, monkeypatch, caplog):
+    import learner.checkpoint as checkpoint
+
+    _write_set(tmp_path, 100)
+
+    def no_links(source, target):
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(checkpoint.os, "link", no_links)
+    with caplog.at_level("WARNING", logger="checkpoint"):
+        _write_set(tmp_path, 200)
+    assert "hard links failed" in caplog.text
+    assert (tmp_path / PREVIOUS_DIR / "replay-0.npz").read_bytes() == bytes([100]) * 1000
+    assert check_set(tmp_path / PREVIOUS_DIR) is None and check_set(tmp_path) is None
