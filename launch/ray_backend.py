@@ -134,7 +134,7 @@ class ShardWorker:
                 if read == 0:
                     break
                 drained += read
-            self.shard.send_acks()  # what an outage left unacked, if Redis answers now
+            self.shard.finish()  # acks (an outage's too, if Redis answers now), then a trim
         return drained
 
 

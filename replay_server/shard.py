@@ -101,6 +101,12 @@ class ReplayShard:
         self._maybe_trim()
         return len(ids)
 
+    def finish(self) -> None:
+        """At shutdown: sends what is unacked and trims what every consumer is done with, so
+        the stream holds only what no shard took in. A lost connection raises."""
+        self.send_acks()
+        self._maybe_trim(now_or_never=True)
+
     def send_acks(self) -> None:
         """Acks the entries taken in and adds them to the counters, in one OnceWriter batch
         (XACK in slices: Redis's Lua unpacks at most ~8,000 arguments). A lost connection raises
@@ -186,10 +192,11 @@ class ReplayShard:
             if "BUSYGROUP" not in str(error):
                 raise
 
-    def _maybe_trim(self) -> None:
-        """Deletes stream entries every consumer is done with, so XLEN is the backlog."""
+    def _maybe_trim(self, now_or_never: bool = False) -> None:
+        """Deletes stream entries every consumer is done with, so XLEN is the backlog: at most
+        once a second, unless `now_or_never` (the last one, at shutdown)."""
         now = time.monotonic()
-        if now - self._last_trim < 1.0:
+        if now - self._last_trim < 1.0 and not now_or_never:
             return
         self._last_trim = now
         groups = self.client.xinfo_groups(self.redis_keys.experience)
