@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import pathlib
-import shutil
 
 from actors.actor import ActorConfig
 from common.config import (
@@ -38,6 +37,7 @@ from learner.checkpoint import (
     SET_DIR_KEY,
     CheckpointError,
     holds_checkpoint,
+    link_or_copy,
     load_checkpoint,
     save_checkpoint,
     write_manifest,
@@ -417,7 +417,7 @@ def _branch(requested: TrainConfig, given: set[str] | None) -> PreparedRun:
     else:  # a run from before the manifests
         snapshots = sorted(path.name for path in set_dir.glob("replay-*.npz"))
     for name in snapshots:
-        _link_or_copy(set_dir / name, run_dir / name)
+        link_or_copy(set_dir / name, run_dir / name)
     checkpoint.pop("format", None)
     save_checkpoint(run_dir, {**checkpoint, "config": config_to_dict(config)})
     write_manifest(run_dir, [CHECKPOINT_NAME, *snapshots], steps)
@@ -461,15 +461,6 @@ def _newer(best: pathlib.Path, steps: int) -> bool:
         return int(load_checkpoint(best)["counters"]["env_steps"]) > steps
     except (CheckpointError, KeyError, TypeError, ValueError):
         return True
-
-
-def _link_or_copy(source: pathlib.Path, target: pathlib.Path) -> None:
-    """A hard link (snapshots are replaced by rename, never written in place), else a copy."""
-    target.unlink(missing_ok=True)
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copyfile(source, target)
 
 
 def _replace_leaves(config, changes: dict[str, object]):

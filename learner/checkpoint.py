@@ -71,15 +71,22 @@ def rotate_set(run_dir: pathlib.Path) -> None:
     staging.mkdir()
     manifest = json.loads((run_dir / MANIFEST_NAME).read_text())
     for name in [*manifest["files"], MANIFEST_NAME]:
-        try:
-            os.link(run_dir / name, staging / name)
-        except OSError as error:  # a filesystem without hard links: a copy, slower
-            _warn_once(f"hard links failed in {run_dir} ({error}): the previous set is copied")
-            shutil.copy2(run_dir / name, staging / name)
+        link_or_copy(run_dir / name, staging / name)
     shutil.rmtree(previous, ignore_errors=True)  # run_dir's set is whole meanwhile
     staging.rename(previous)
     for name in [MANIFEST_NAME, *manifest["files"]]:
         (run_dir / name).unlink()
+
+
+def link_or_copy(source: pathlib.Path, target: pathlib.Path) -> None:
+    """A hard link (set files are replaced by rename, never written in place), else a copy (a
+    filesystem without hard links: slower, warned once per directory)."""
+    target.unlink(missing_ok=True)
+    try:
+        os.link(source, target)
+    except OSError as error:
+        _warn_once(f"hard links failed in {target.parent} ({error}): files are copied")
+        shutil.copy2(source, target)
 
 
 _warned: set[str] = set()
