@@ -1,15 +1,20 @@
-"""`mario ablation run|report`: the recipe search on 1-1, one lever per row, at one env-step budget.
+"""`mario ablation run|report|archive`: the recipe search on 1-1, one lever per row, at one
+env-step budget.
 
 Every row is a recipe (BASE, or `mario train`'s defaults) plus the flags of its lever, trained
 by `mario train` into ROOT/<row> (continued with --resume-existing when the directory holds a
 run, so rows can span sessions). The report reads each row's metrics.jsonl: the in-training
 evaluation that ended the row at the budget, the best one before it, the training episodes, the
-wall time; it writes a markdown table and one PNG of the evaluation curves.
+wall time; it writes a markdown table and one PNG of the evaluation curves. `archive` keeps
+what the report reads of each row in the repository (ARCHIVE_DIR, a few hundred KB), so a row
+outlives the machine that trained it; the report reads a row's archive when its directory is
+gone.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import json
 import pathlib
 import shlex
@@ -118,6 +123,10 @@ ROWS: dict[str, Row] = {
 
 RECIPES = {"base": BASE, "defaults": DEFAULTS, "none": ()}
 DEFAULT_ROOT = pathlib.Path("~/mario-runs/ablation")
+ARCHIVE_DIR = pathlib.Path("docs/runs")
+# what the report reads of a training episode's or a progress record (evaluations: all eval/*)
+ARCHIVED_KEYS = ("step", "elapsed_s", "counters/env_steps", "counters/updates", "episode/x_pos",
+                 "episode/flag_get")  # fmt: skip
 
 
 def _check_rows(rows: tuple[str, ...]) -> None:
@@ -213,7 +222,9 @@ class AblationReportConfig:
     env_steps: int = 300_000
     """The budget the rows are compared at."""
     rows: tuple[str, ...] = tuple(ROWS)
-    """Rows to report (those without a run directory are listed as not run)."""
+    """Rows to report (those with neither a run directory nor an archive are listed as not run)."""
+    archive: pathlib.Path | None = ARCHIVE_DIR
+    """Where `mario ablation archive` kept the rows: read for a row whose directory is gone."""
     out: pathlib.Path = pathlib.Path("docs/ablation.png")
     """PNG of the evaluation curves."""
     table_out: pathlib.Path | None = None
@@ -382,9 +393,11 @@ def report(config: AblationReportConfig) -> tuple[str, pathlib.Path]:
     results: dict[str, dict | None] = {}
     records: dict[str, list[dict]] = {}
     for row in config.rows:
-        run_dir = root / row
+        run_dir, kept = root / row, archive_path(config.archive, row) if config.archive else None
         if (run_dir / "metrics.jsonl").is_file():
             records[row] = load_metrics(run_dir)
+        elif kept is not None and kept.is_file():
+            records[row] = read_archive(kept)
         results[row] = row_result(records[row], config.env_steps) if row in records else None
     markdown = table(results, config.env_steps)
     if all(results.get(row) and results[row]["done"] for row in PAIR):
@@ -407,3 +420,61 @@ def plot_evals(results: dict[str, dict | None], env_steps: int, out: pathlib.Pat
     for row, result in results.items():
         _plot_evals_on(axes[0], axes[1], (result or {}).get("evals", []), env_steps, row)
     return _save(figure, axes, axes[0], axes[1], out)
+
+
+@dataclasses.dataclass(frozen=True)
+class AblationArchiveConfig:
+    """Keep what the report reads of each row's run in the repository (gzipped JSON lines)."""
+
+    rows: tuple[str, ...] = tuple(ROWS)
+    """Rows to archive (those without a run directory are skipped)."""
+    root: pathlib.Path = DEFAULT_ROOT
+    """Directory holding one run directory per row."""
+    out: pathlib.Path = ARCHIVE_DIR
+    """Directory of the archives: <row>.jsonl.gz."""
+
+    def __post_init__(self) -> None:
+        _check_rows(self.rows)
+
+
+def archive_path(directory: pathlib.Path, row: str) -> pathlib.Path:
+    return directory / f"{row}.jsonl.gz"
+
+
+def archived(record: dict) -> dict | None:
+    """The part of a metric record the report reads: an evaluation whole (without its video's
+    path), a training episode's or a progress record's ARCHIVED_KEYS; None for any other."""
+    if "eval/flag_rate" in record:
+        return {
+            k: v
+            for k, v in record.items()
+            if k == "step" or (k.startswith("eval/") and not isinstance(v, str))
+        }
+    if "episode/x_pos" in record or "counters/env_steps" in record:
+        return {k: record[k] for k in ARCHIVED_KEYS if k in record}
+    return None
+
+
+def archive(config: AblationArchiveConfig) -> list[pathlib.Path]:
+    """Writes ARCHIVE/<row>.jsonl.gz for every row that has a run; returns the paths."""
+    written = []
+    for row in config.rows:
+        run_dir = config.root.expanduser() / row
+        if not (run_dir / "metrics.jsonl").is_file():
+            continue
+        kept = [r for r in map(archived, load_metrics(run_dir)) if r is not None]
+        path = archive_path(config.out, row)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        # mtime 0: the same records give the same bytes (no churn in the repository)
+        with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as file:
+            file.write("".join(json.dumps(r) + "\n" for r in kept).encode())
+        tmp.replace(path)
+        written.append(path)
+    return written
+
+
+def read_archive(path: pathlib.Path) -> list[dict]:
+    """The records `archive` kept for a row."""
+    with gzip.open(path, "rt") as file:
+        return [json.loads(line) for line in file if line.strip()]

@@ -86,6 +86,11 @@ def _ablation_report(module, config, args: list[str]) -> None:
     console.print("written: " + ", ".join(str(path) for path in written if path))
 
 
+def _ablation_archive(module, config, args: list[str]) -> None:
+    written = module.archive(config)
+    console.print("archived: " + (", ".join(str(path) for path in written) or "no row has a run"))
+
+
 def _chaos(module, config, args: list[str]) -> None:
     result = module.run(config)
     for name, ok in result["checks"].items():
@@ -207,6 +212,8 @@ COMMANDS: dict[tuple[str, ...], _Command] = {
                                   "train recipe rows on 1-1 at one budget"),
     ("ablation", "report"): _Command("launch.ablation", "AblationReportConfig", _ablation_report,
                                      "the rows' eval results: table and PNG"),
+    ("ablation", "archive"): _Command("launch.ablation", "AblationArchiveConfig",
+                                      _ablation_archive, "keep the rows' results in docs/runs"),
     ("chaos",): _Command("launch.chaos", "ChaosConfig", _chaos,
                          "train while killing random roles; check the books"),
     ("grid",): _Command("launch.grid_world", "GridConfig", _grid,

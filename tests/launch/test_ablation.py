@@ -67,7 +67,8 @@ def test_report_writes_the_table_and_the_curves(tmp_path):
         (tmp_path / row / "metrics.jsonl").write_text("\n".join(lines) + "\n{torn")
     out, table_out = tmp_path / "curves.png", tmp_path / "table.md"
     main(["ablation", "report", "--root", str(tmp_path), "--env-steps", "100", "--out", str(out),
-          "--table-out", str(table_out), "--rows", "base", "nature-net", "dqn"])  # fmt: skip
+          "--table-out", str(table_out), "--rows", "base", "nature-net", "dqn",
+          "--archive", str(tmp_path / "no-archive")])  # fmt: skip
     markdown = table_out.read_text()
     assert (
         "| base | run r1's recipe with the narrow net |  | 50% | 2000 / 1999 | "
@@ -182,7 +183,7 @@ def test_report_compares_dqn_with_double_dqn_when_both_ran(tmp_path):
     pair = tmp_path / "pair.png"
     markdown, _ = ablation.report(ablation.AblationReportConfig(
         root=tmp_path, env_steps=2000, rows=("defaults", "dqn"), out=tmp_path / "curves.png",
-        pair_out=pair))  # fmt: skip
+        pair_out=pair, archive=None))  # fmt: skip
     # a mean of 100 episodes ≥ 1,000 needs 80 of them at 1,100: after episode 100 + 80 (DQN),
     # 50 + 80 (double DQN); neither mean reaches 1,500, neither row took a flag
     assert "| mean max x ≥ 1,000 | 180 | 130 | 1.38 |" in markdown
@@ -191,5 +192,39 @@ def test_report_compares_dqn_with_double_dqn_when_both_ran(tmp_path):
     assert pair.stat().st_size > 10_000
     single, _ = ablation.report(ablation.AblationReportConfig(
         root=tmp_path, env_steps=2000, rows=("dqn",), out=tmp_path / "c.png",
-        pair_out=tmp_path / "none.png"))  # fmt: skip
+        pair_out=tmp_path / "none.png", archive=None))  # fmt: skip
     assert "double DQN" not in single and not (tmp_path / "none.png").exists()
+
+
+def test_a_row_whose_run_is_gone_is_reported_from_its_archive(tmp_path):
+    root, kept = tmp_path / "runs", tmp_path / "kept"
+    (root / "base").mkdir(parents=True)
+    video = {**_eval(100, 0.5, 2000.0), "eval/video": "eval-100.mp4"}
+    others = [{"step": 60, "learner/loss": 0.3}, {"step": 70, "replay/size": 9}]
+    records = [*RECORDS[:5], video, *RECORDS[6:], *others]
+    (root / "base" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    def report(archive):
+        return ablation.report(
+            ablation.AblationReportConfig(
+                root=root, env_steps=100, rows=("base",), out=tmp_path / "c.png", archive=archive
+            )
+        )[0]
+
+    before = report(None)
+    main(["ablation", "archive", "--root", str(root), "--out", str(kept)])
+    path = kept / "base.jsonl.gz"
+    first = path.read_bytes()
+    main(["ablation", "archive", "--root", str(root), "--out", str(kept), "--rows", "base"])
+    assert path.read_bytes() == first  # the same records give the same bytes
+    assert [p.name for p in kept.iterdir()] == ["base.jsonl.gz"]  # rows without a run: none
+    records_kept = ablation.read_archive(path)
+    assert len(records_kept) == len(RECORDS)  # the learner's and the replay's records are left
+    assert {k for r in records_kept for k in r} == {
+        "step", "elapsed_s", "counters/env_steps", "counters/updates", "episode/x_pos",
+        "episode/flag_get", "eval/env_steps", "eval/flag_rate", "eval/x_pos_mean",
+        "eval/x_pos_median"}  # fmt: skip
+    (root / "base" / "metrics.jsonl").unlink()
+    assert "| 50% | 2000 / 1999 | 50%, x 2000 (100) | 1 of 3 |" in before
+    assert report(kept) == before
+    assert "| base | run r1's recipe with the narrow net |  | not run |" in report(None)
