@@ -123,7 +123,7 @@ ROWS: dict[str, Row] = {
 
 RECIPES = {"base": BASE, "defaults": DEFAULTS, "none": ()}
 DEFAULT_ROOT = pathlib.Path("~/mario-runs/ablation")
-ARCHIVE_DIR = pathlib.Path("docs/runs")
+ARCHIVE_DIR = pathlib.Path("docs/ablation-rows")
 # what the report reads of a training episode's or a progress record (evaluations: all eval/*)
 ARCHIVED_KEYS = ("step", "elapsed_s", "counters/env_steps", "counters/updates", "episode/x_pos",
                  "episode/flag_get")  # fmt: skip
