@@ -213,7 +213,7 @@ COMMANDS: dict[tuple[str, ...], _Command] = {
     ("ablation", "report"): _Command("launch.ablation", "AblationReportConfig", _ablation_report,
                                      "the rows' eval results: table and PNG"),
     ("ablation", "archive"): _Command("launch.ablation", "AblationArchiveConfig",
-                                      _ablation_archive, "keep the rows' results in docs/ablation-rows"),
+                                      _ablation_archive, "keep the rows' results in the repo"),
     ("chaos",): _Command("launch.chaos", "ChaosConfig", _chaos,
                          "train while killing random roles; check the books"),
     ("grid",): _Command("launch.grid_world", "GridConfig", _grid,
