@@ -254,12 +254,19 @@ def row_result(records: list[dict], env_steps: int) -> dict:
     at_budget = [r for r in progress if r["counters/env_steps"] <= env_steps]
     last = at_budget[-1] if at_budget else {}
     last_100 = [r["episode/x_pos"] for r in episodes[-100:]]
+    # one round of 10 episodes is noisy: the mean of every round up to the budget is less so
+    rounds_mean = None
+    if within:
+        rounds_mean = (float(np.mean([r["eval/flag_rate"] for r in within])),
+                       float(np.mean([r["eval/x_pos_mean"] for r in within])))  # fmt: skip
     return {
         "env_steps_reached": reached,
         "done": final is not None,
         "final": final,
         "best": best,
+        "rounds_mean": rounds_mean,
         "evals": [(r["eval/env_steps"], r["eval/flag_rate"], r["eval/x_pos_mean"]) for r in evals],
+        "evals_within": within,
         "train_episodes": len(episodes),
         "train_flags": sum(int(r["episode/flag_get"]) for r in episodes),
         "train_x_mean_last_100": float(np.mean(last_100)) if last_100 else None,
@@ -276,9 +283,9 @@ def table(results: dict[str, dict | None], env_steps: int) -> str:
     """The markdown table of the rows."""
     lines = [
         f"| row | lever | against | eval flags at {env_steps:,} | eval max x mean / median | "
-        "best eval up to it (env steps) | training flags | training max x, last 100 | "
-        "updates | minutes |",
-        "|---|---|---|---:|---|---|---:|---:|---:|---:|",
+        "best eval up to it (env steps) | all rounds to it: flags / max x | training flags | "
+        "training max x, last 100 | updates | minutes |",
+        "|---|---|---|---:|---|---|---|---:|---:|---:|---:|",
     ]
     for row, result in results.items():
         against = (
@@ -288,18 +295,20 @@ def table(results: dict[str, dict | None], env_steps: int) -> str:
         )
         lever = f"{ROWS[row].lever} | {against}"
         if result is None:
-            lines.append(f"| {row} | {lever} | not run | | | | | | |")
+            lines.append(f"| {row} | {lever} | not run | | | | | | | |")
             continue
         final, best = result["final"], result["best"]
         if final is None:
             lines.append(f"| {row} | {lever} | not finished: at {result['env_steps_reached']:,} "
-                         "env steps | | | | | | |")  # fmt: skip
+                         "env steps | | | | | | | |")  # fmt: skip
             continue
         best_cell = (f"{best['eval/flag_rate']:.0%}, x {best['eval/x_pos_mean']:.0f} "
                      f"({best['eval/env_steps']:,})")  # fmt: skip
+        flags_mean, x_mean = result["rounds_mean"]
         lines.append(
             f"| {row} | {lever} | {final['eval/flag_rate']:.0%} | "
             f"{final['eval/x_pos_mean']:.0f} / {final['eval/x_pos_median']:.0f} | {best_cell} | "
+            f"{flags_mean:.0%} / {x_mean:.0f} ({len(result['evals_within'])} rounds) | "
             f"{result['train_flags']} of {result['train_episodes']} | "
             f"{_cell(result['train_x_mean_last_100'], '.0f')} | {_cell(result['updates'], ',')} | "
             f"{_cell(result['minutes'], '.0f')} |"

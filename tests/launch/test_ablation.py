@@ -33,18 +33,20 @@ RECORDS = [
 
 
 @pytest.mark.parametrize(
-    "budget, final_step, best_step, flags, episodes, x_last, updates, minutes",
+    "budget, final_step, best_step, flags, episodes, x_last, updates, minutes, rounds_mean",
     [
-        # the first eval at or past the budget is the row's; best is the best up to it
-        (100, 100, 100, 1, 3, (300 + 700 + 3161) / 3, 9, 2.0),
-        (101, 103, 100, 1, 3, (300 + 700 + 3161) / 3, 9, 2.0),
-        (50, 52, 52, 0, 2, 500.0, 4, 1.0),
+        # the first eval at or past the budget is the row's; best is the best up to it; the
+        # mean of the rounds up to it: (0 + 0.5) / 2, (400 + 2000) / 2; (0 + 0.5 + 0.2) / 3, …
+        (100, 100, 100, 1, 3, (300 + 700 + 3161) / 3, 9, 2.0, (0.25, 1200.0)),
+        (101, 103, 100, 1, 3, (300 + 700 + 3161) / 3, 9, 2.0, (0.7 / 3, 4900 / 3)),
+        (50, 52, 52, 0, 2, 500.0, 4, 1.0, (0.0, 400.0)),
     ],
 )
 def test_row_result_takes_the_evaluation_at_the_budget(
-    budget, final_step, best_step, flags, episodes, x_last, updates, minutes
+    budget, final_step, best_step, flags, episodes, x_last, updates, minutes, rounds_mean
 ):
     result = ablation.row_result(RECORDS, budget)
+    assert result["rounds_mean"] == pytest.approx(rounds_mean)
     assert result["done"] and result["final"]["eval/env_steps"] == final_step
     assert result["best"]["eval/env_steps"] == best_step
     assert (result["train_flags"], result["train_episodes"]) == (flags, episodes)
@@ -72,7 +74,7 @@ def test_report_writes_the_table_and_the_curves(tmp_path):
     markdown = table_out.read_text()
     assert (
         "| base | run r1's recipe with the narrow net |  | 50% | 2000 / 1999 | "
-        "50%, x 2000 (100) | 1 of 3 |"
+        "50%, x 2000 (100) | 25% / 1200 (2 rounds) | 1 of 3 |"
     ) in markdown
     assert "| dqn | DQN: no double-Q (the tutorial's comparison) | defaults | not run |" in markdown
     assert "| nature-net |" in markdown and "| dqn |" in markdown
@@ -225,6 +227,6 @@ def test_a_row_whose_run_is_gone_is_reported_from_its_archive(tmp_path):
         "episode/flag_get", "eval/env_steps", "eval/flag_rate", "eval/x_pos_mean",
         "eval/x_pos_median"}  # fmt: skip
     (root / "base" / "metrics.jsonl").unlink()
-    assert "| 50% | 2000 / 1999 | 50%, x 2000 (100) | 1 of 3 |" in before
+    assert "| 50% | 2000 / 1999 | 50%, x 2000 (100) | 25% / 1200 (2 rounds) | 1 of 3 |" in before
     assert report(kept) == before
     assert "| base | run r1's recipe with the narrow net |  | not run |" in report(None)
