@@ -1,7 +1,8 @@
 """`mario ablation run|report|archive`: the recipe search on 1-1, one lever per row, at one
 env-step budget.
 
-Every row is a recipe (BASE, or `mario train`'s defaults) plus the flags of its lever, trained
+Every row is a recipe (BASE, or REFERENCE: `mario train`'s defaults until 2026-11-26) plus the
+flags of its lever, trained
 by `mario train` into ROOT/<row> (continued with --resume-existing when the directory holds a
 run, so rows can span sessions). The report reads each row's metrics.jsonl: the in-training
 evaluation that ended the row at the budget, the best one before it, the training episodes, the
@@ -34,25 +35,27 @@ from launch.plots import load_metrics
 #   toward a 0.1…0.01 ladder, dueling, Adam 1e-4, target sync 500, samples-per-insert 4) with
 #   the narrower network, which learned as well at 300k env steps with a learner 1.8× as fast
 #   (row nature-net is r1 itself). Its greedy policy stood at the first pipe holding right+A.
-# - "defaults": `mario train` with no recipe flags, which is the base plus --env.release-jump
-#   (a jump action always jumps) and a learning rate that steps down to 2.5e-5 at update
-#   180,000 (after the 37,500 updates of a 300k budget: the rows run before it trained the same
-#   recipe up to that budget, but a row begun before it is refused on resume by a newer
-#   checkout, whose flags contradict its run: finish it from a worktree of the older commit).
-#   The rows measured after release-jump changed the defaults are on it.
+# - "reference": `mario train`'s defaults until 2026-11-26 (session 10): the base plus
+#   --env.release-jump (a jump action always jumps) and a learning rate that steps down to
+#   2.5e-5 at update 180,000 (after the 37,500 updates of a 300k budget). Rows run before that
+#   step was added trained the same recipe up to the budget, but a row begun before it is
+#   refused on resume by a newer checkout, whose flags contradict its run: finish it from a
+#   worktree of the older commit. The rows measured after release-jump are on it. Until
+#   session 10 it was called "defaults"; `mario train`'s defaults are now the reference plus
+#   the lever of row explore-repeat (a test checks it).
 BASE = (
     "--env.action-set", "right_jump", "--env.stuck-steps", "100", "--env.stuck-is-death",
     "--env.flag-bonus", "50", "--env.reward-scale", "0.1", "--env.no-release-jump",
     "--actor.gamma", "0.99", "--actor.epsilon-decay-steps", "100000",
-    "--actor.epsilon-base", "0.1", "--actor.epsilon-alpha", "1", "--network.dueling",
-    "--network.conv-channels", "16", "32", "32", "--network.hidden", "256",
+    "--actor.epsilon-base", "0.1", "--actor.epsilon-alpha", "1", "--actor.explore-repeat-max", "1",
+    "--network.dueling", "--network.conv-channels", "16", "32", "32", "--network.hidden", "256",
     "--learner.learning-rate", "1e-4", "--learner.target-sync-updates", "500",
     "--replay.samples-per-insert", "4",
 )  # fmt: skip
 
-# `mario train`'s defaults spelled out (a test checks they still are), so that a row's run keeps
-# its meaning if the defaults change, and resuming a row made on other defaults is an error.
-DEFAULTS = (
+# The reference spelled out, so that a row's run keeps its meaning when `mario train`'s
+# defaults change, and resuming a row made on another recipe is an error.
+REFERENCE = (
     *("--env.release-jump" if flag == "--env.no-release-jump" else flag for flag in BASE),
     "--learner.learning-rate-final", "2.5e-5", "--learner.learning-rate-decay-start", "180000",
 )  # fmt: skip
@@ -63,8 +66,9 @@ TUTORIAL = (
     "--env.action-set", "right_only", "--env.stuck-steps", "0", "--env.no-stuck-is-death",
     "--env.flag-bonus", "0", "--env.reward-scale", "1", "--env.no-release-jump",
     "--actor.gamma", "0.9", "--actor.epsilon-decay-steps", "0", "--actor.epsilon-base", "0.4",
-    "--actor.epsilon-alpha", "7", "--network.no-dueling", "--network.conv-channels", "32", "64",
-    "64", "--network.hidden", "512", "--learner.learning-rate", "2.5e-4",
+    "--actor.epsilon-alpha", "7", "--actor.explore-repeat-max", "1", "--network.no-dueling",
+    "--network.conv-channels", "32", "64", "64", "--network.hidden", "512",
+    "--learner.learning-rate", "2.5e-4",
     "--learner.learning-rate-final", "None", "--learner.learning-rate-decay-start", "0",
     "--learner.target-sync-updates", "2000", "--replay.samples-per-insert", "8",
 )  # fmt: skip
@@ -76,15 +80,15 @@ class Row:
     """What the row changes, in words."""
     flags: tuple[str, ...] = ()
     """Flags after its recipe's (later flags win)."""
-    against: str = "defaults"
-    """The recipe the flags change: "base" (BASE), "defaults" (DEFAULTS: `mario train`'s) or
-    "none" (the flags alone)."""
+    against: str = "reference"
+    """The recipe the flags change: "base" (BASE), "reference" (REFERENCE: `mario train`'s
+    defaults until 2026-11-26) or "none" (the flags alone)."""
 
 
 ROWS: dict[str, Row] = {
     "base": Row("run r1's recipe with the narrow net", against="base"),
-    "defaults": Row("`mario train`'s defaults: the base plus --env.release-jump (and a learning "
-                    "rate step at update 180,000, after the budget)"),
+    "reference": Row("`mario train`'s defaults until 2026-11-26: the base plus --env.release-jump "
+                     "(and a learning rate step at update 180,000, after the budget)"),
     "tutorial": Row("the parts' own defaults (`mario train`'s before the recipe)", TUTORIAL,
                     against="none"),
     "nature-net": Row("network width: Nature's conv 32-64-64, hidden 512 (base: 16-32-32, 256)",
@@ -95,7 +99,7 @@ ROWS: dict[str, Row] = {
     "stuck-truncate": Row("stuck episode: bootstrapped truncation, not a death",
                           ("--env.no-stuck-is-death",)),
     "stuck-off": Row("stuck episode: off", ("--env.no-stuck-is-death", "--env.stuck-steps", "0")),
-    "stuck-40": Row("stuck episode after 40 steps without progress (defaults: 100)",
+    "stuck-40": Row("stuck episode after 40 steps without progress (reference: 100)",
                     ("--env.stuck-steps", "40")),
     "sticky-train": Row("sticky actions 0.25 while training (as evaluated)",
                         ("--env.sticky-action-prob", "0.25")),
@@ -113,7 +117,7 @@ ROWS: dict[str, Row] = {
     "lr-2.5e-4": Row("learning rate 2.5e-4 (the tutorial's)",
                      ("--learner.learning-rate", "2.5e-4")),
     "lr-fall-300k": Row("learning rate 1e-4 falling linearly to 2.5e-5 over the budget's "
-                        "37,500 updates (defaults: at update 180,000, after the budget)",
+                        "37,500 updates (reference: at update 180,000, after the budget)",
                         ("--learner.learning-rate-decay-start", "0",
                          "--learner.learning-rate-decay-updates", "37500")),
     "target-2000": Row("target sync every 2,000 updates",
@@ -121,7 +125,9 @@ ROWS: dict[str, Row] = {
     "dqn": Row("DQN: no double-Q (the tutorial's comparison)", ("--learner.no-double",)),
 }  # fmt: skip
 
-RECIPES = {"base": BASE, "defaults": DEFAULTS, "none": ()}
+RECIPES = {"base": BASE, "reference": REFERENCE, "none": ()}
+# `mario train`'s defaults: the reference plus this row's lever (a test checks it)
+DEFAULTS_ROW = "explore-repeat"
 DEFAULT_ROOT = pathlib.Path("~/mario-runs/ablation")
 ARCHIVE_DIR = pathlib.Path("docs/ablation-rows")
 # what the report reads of a training episode's or a progress record (evaluations: all eval/*)
@@ -230,7 +236,7 @@ class AblationReportConfig:
     table_out: pathlib.Path | None = None
     """Also write the markdown table there."""
     pair_out: pathlib.Path = pathlib.Path("docs/dqn-vs-ddqn.png")
-    """PNG of the tutorial's comparison (rows `dqn` and `defaults`), when both are reported."""
+    """PNG of the tutorial's comparison (rows `dqn` and `reference`), when both are reported."""
 
     def __post_init__(self) -> None:
         _check_rows(self.rows)
@@ -290,7 +296,7 @@ def table(results: dict[str, dict | None], env_steps: int) -> str:
     for row, result in results.items():
         against = (
             ""
-            if row in ("base", "defaults") or ROWS[row].against == "none"
+            if row in ("base", "reference") or ROWS[row].against == "none"
             else (ROWS[row].against)
         )
         lever = f"{ROWS[row].lever} | {against}"
@@ -316,7 +322,7 @@ def table(results: dict[str, dict | None], env_steps: int) -> str:
     return "\n".join(lines)
 
 
-PAIR = ("dqn", "defaults")  # the tutorial's comparison: DQN against double DQN
+PAIR = ("dqn", "reference")  # the tutorial's comparison: DQN against double DQN
 X_LEVELS = (1000, 1500, 2000)
 
 
@@ -396,7 +402,7 @@ def _save(figure, axes, flag_axis, x_axis, out: pathlib.Path) -> pathlib.Path:
 
 def report(config: AblationReportConfig) -> tuple[str, pathlib.Path]:
     """Prints nothing; returns the markdown table and the PNG path. With rows `dqn` and
-    `defaults` both run to the budget, the table is followed by their comparison, drawn in
+    `reference` both run to the budget, the table is followed by their comparison, drawn in
     `pair_out`."""
     root = config.root.expanduser()
     results: dict[str, dict | None] = {}

@@ -76,7 +76,9 @@ def test_report_writes_the_table_and_the_curves(tmp_path):
         "| base | run r1's recipe with the narrow net |  | 50% | 2000 / 1999 | "
         "50%, x 2000 (100) | 25% / 1200 (2 rounds) | 1 of 3 |"
     ) in markdown
-    assert "| dqn | DQN: no double-Q (the tutorial's comparison) | defaults | not run |" in markdown
+    assert (
+        "| dqn | DQN: no double-Q (the tutorial's comparison) | reference | not run |" in markdown
+    )
     assert "| nature-net |" in markdown and "| dqn |" in markdown
     assert out.stat().st_size > 10_000
 
@@ -95,23 +97,23 @@ def test_every_row_is_a_valid_train_command_differing_from_its_recipe(row):
     config = config_of(row)
     against = ablation.ROWS[row].against
     recipe = config_of(against) if against != "none" else None
-    assert (config != recipe) == (row not in ("base", "defaults")), row
-    defaults = dataclasses.replace(
-        TrainConfig(), total_env_steps=300_000, checkpoint_minutes=5, resume_existing=True,
-        live_display=False, wandb="offline", run_dir=pathlib.Path("/tmp/rows/x"),
-    )  # fmt: skip
-    assert (recipe == defaults) == (against == "defaults"), row
+    assert (config != recipe) == (row not in ("base", "reference")), row
 
 
-def test_the_defaults_are_the_base_plus_release_jump():
+def test_the_reference_is_the_base_plus_release_jump_and_the_defaults_add_explore_repeat():
     import tyro
 
     base = tyro.cli(TrainConfig, args=list(ablation.BASE))
     assert base != TrainConfig() and not base.env.release_jump
-    assert dataclasses.replace(base, env=dataclasses.replace(base.env, release_jump=True)) == (
-        TrainConfig()
-    )
-    assert tyro.cli(TrainConfig, args=list(ablation.DEFAULTS)) == TrainConfig()
+    reference = tyro.cli(TrainConfig, args=list(ablation.REFERENCE))
+    assert dataclasses.replace(base, env=dataclasses.replace(base.env, release_jump=True),
+                               learner=reference.learner) == reference  # fmt: skip
+    assert reference.learner.learning_rate_final == 2.5e-5
+    assert reference.actor.explore_repeat_max == 1 and reference != TrainConfig()
+    row = ablation.ROWS[ablation.DEFAULTS_ROW]
+    assert row.against == "reference"
+    defaults = tyro.cli(TrainConfig, args=[*ablation.REFERENCE, *row.flags])
+    assert defaults == TrainConfig() and TrainConfig().actor.explore_repeat_max == 8
 
 
 def test_the_tutorial_row_is_the_parts_own_defaults():
@@ -178,13 +180,13 @@ def test_episodes_to_each_milestone(budget, expected):
 def test_report_compares_dqn_with_double_dqn_when_both_ran(tmp_path):
     slow = [_episode(10 * (i + 1), 1100 if i >= 100 else 600) for i in range(200)]  # DQN
     fast = [_episode(10 * (i + 1), 1100 if i >= 50 else 600) for i in range(200)]  # double
-    for row, episodes in (("dqn", slow), ("defaults", fast)):
+    for row, episodes in (("dqn", slow), ("reference", fast)):
         (tmp_path / row).mkdir()
         lines = [json.dumps(r) for r in (*episodes, _eval(2000, 0.0, 900.0))]
         (tmp_path / row / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     pair = tmp_path / "pair.png"
     markdown, _ = ablation.report(ablation.AblationReportConfig(
-        root=tmp_path, env_steps=2000, rows=("defaults", "dqn"), out=tmp_path / "curves.png",
+        root=tmp_path, env_steps=2000, rows=("reference", "dqn"), out=tmp_path / "curves.png",
         pair_out=pair, archive=None))  # fmt: skip
     # a mean of 100 episodes ≥ 1,000 needs 80 of them at 1,100: after episode 100 + 80 (DQN),
     # 50 + 80 (double DQN); neither mean reaches 1,500, neither row took a flag
