@@ -231,7 +231,7 @@ class AblationReportConfig:
     """Rows to report (those with neither a run directory nor an archive are listed as not run)."""
     archive: pathlib.Path | None = ARCHIVE_DIR
     """Where `mario ablation archive` kept the rows: read for a row whose directory is gone."""
-    out: pathlib.Path = pathlib.Path("docs/ablation.png")
+    out: pathlib.Path = pathlib.Path("docs/ablation-rows.png")
     """PNG of the evaluation curves."""
     table_out: pathlib.Path | None = None
     """Also write the markdown table there."""
