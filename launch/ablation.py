@@ -1,15 +1,14 @@
 """`mario ablation run|report|archive`: the recipe search on 1-1, one lever per row, at one
 env-step budget.
 
-Every row is a recipe (BASE, or REFERENCE: `mario train`'s defaults until 2026-11-26) plus the
-flags of its lever, trained
-by `mario train` into ROOT/<row> (continued with --resume-existing when the directory holds a
-run, so rows can span sessions). The report reads each row's metrics.jsonl: the in-training
+Every row is a recipe (BASE, or REFERENCE: `mario train`'s defaults until commit d99c29f) plus
+the flags of its lever, trained by `mario train` into ROOT/<row> (continued with
+--resume-existing when the directory holds a run, so rows can span sessions). The report reads
+each row's metrics.jsonl (or its archive, whichever reached more env steps): the in-training
 evaluation that ended the row at the budget, the best one before it, the training episodes, the
 wall time; it writes a markdown table and one PNG of the evaluation curves. `archive` keeps
 what the report reads of each row in the repository (ARCHIVE_DIR, a few hundred KB), so a row
-outlives the machine that trained it; the report reads a row's archive when its directory is
-gone.
+outlives the machine that trained it.
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
+import logging
 import pathlib
 import shlex
 import signal
@@ -26,7 +26,9 @@ import sys
 import numpy as np
 import tyro
 
-from launch.plots import load_metrics
+from launch.plots import load_metrics, read_jsonl
+
+logger = logging.getLogger("ablation")
 
 # The rows compare one lever each against one of two recipes at the same budget:
 #
@@ -35,8 +37,8 @@ from launch.plots import load_metrics
 #   toward a 0.1…0.01 ladder, dueling, Adam 1e-4, target sync 500, samples-per-insert 4) with
 #   the narrower network, which learned as well at 300k env steps with a learner 1.8× as fast
 #   (row nature-net is r1 itself). Its greedy policy stood at the first pipe holding right+A.
-# - "reference": `mario train`'s defaults until 2026-11-26 (session 10): the base plus
-#   --env.release-jump (a jump action always jumps) and a learning rate that steps down to
+# - "reference": `mario train`'s defaults until commit d99c29f (2026-11-26, session 10): the
+#   base plus --env.release-jump (a jump action always jumps) and a learning rate that steps down to
 #   2.5e-5 at update 180,000 (after the 37,500 updates of a 300k budget). Rows run before that
 #   step was added trained the same recipe up to the budget, but a row begun before it is
 #   refused on resume by a newer checkout, whose flags contradict its run: finish it from a
@@ -82,13 +84,14 @@ class Row:
     """Flags after its recipe's (later flags win)."""
     against: str = "reference"
     """The recipe the flags change: "base" (BASE), "reference" (REFERENCE: `mario train`'s
-    defaults until 2026-11-26) or "none" (the flags alone)."""
+    defaults until commit d99c29f) or "none" (the flags alone)."""
 
 
 ROWS: dict[str, Row] = {
     "base": Row("run r1's recipe with the narrow net", against="base"),
-    "reference": Row("`mario train`'s defaults until 2026-11-26: the base plus --env.release-jump "
-                     "(and a learning rate step at update 180,000, after the budget)"),
+    "reference": Row("`mario train`'s defaults until commit d99c29f: the base plus "
+                     "--env.release-jump (and a learning rate step at update 180,000, after the "
+                     "budget)"),
     "tutorial": Row("the parts' own defaults (`mario train`'s before the recipe)", TUTORIAL,
                     against="none"),
     "nature-net": Row("network width: Nature's conv 32-64-64, hidden 512 (base: 16-32-32, 256)",
@@ -129,7 +132,8 @@ RECIPES = {"base": BASE, "reference": REFERENCE, "none": ()}
 # `mario train`'s defaults: the reference plus this row's lever (a test checks it)
 DEFAULTS_ROW = "explore-repeat"
 DEFAULT_ROOT = pathlib.Path("~/mario-runs/ablation")
-ARCHIVE_DIR = pathlib.Path("docs/ablation-rows")
+DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs"  # the checkout's, wherever run from
+ARCHIVE_DIR = DOCS / "ablation-rows"
 # what the report reads of a training episode's or a progress record (evaluations: all eval/*)
 ARCHIVED_KEYS = ("step", "elapsed_s", "counters/env_steps", "counters/updates", "episode/x_pos",
                  "episode/flag_get")  # fmt: skip
@@ -231,7 +235,7 @@ class AblationReportConfig:
     """Rows to report (those with neither a run directory nor an archive are listed as not run)."""
     archive: pathlib.Path | None = ARCHIVE_DIR
     """Where `mario ablation archive` kept the rows: read for a row whose directory is gone."""
-    out: pathlib.Path = pathlib.Path("docs/ablation-rows.png")
+    out: pathlib.Path = DOCS / "ablation-rows.png"
     """PNG of the evaluation curves."""
     table_out: pathlib.Path | None = None
     """Also write the markdown table there."""
@@ -409,10 +413,13 @@ def report(config: AblationReportConfig) -> tuple[str, pathlib.Path]:
     records: dict[str, list[dict]] = {}
     for row in config.rows:
         run_dir, kept = root / row, archive_path(config.archive, row) if config.archive else None
+        sources = []  # the run directory and the archive: whichever reached more env steps
         if (run_dir / "metrics.jsonl").is_file():
-            records[row] = load_metrics(run_dir)
-        elif kept is not None and kept.is_file():
-            records[row] = read_archive(kept)
+            sources.append(load_metrics(run_dir))
+        if kept is not None and kept.is_file():
+            sources.append(read_archive(kept))
+        if sources:
+            records[row] = max(sources, key=_reached)
         results[row] = row_result(records[row], config.env_steps) if row in records else None
     markdown = table(results, config.env_steps)
     if all(results.get(row) and results[row]["done"] for row in PAIR):
@@ -470,19 +477,33 @@ def archived(record: dict) -> dict | None:
     return None
 
 
+def _reached(records: list[dict]) -> int:
+    return max((r["counters/env_steps"] for r in records if "counters/env_steps" in r), default=0)
+
+
 def archive(config: AblationArchiveConfig) -> list[pathlib.Path]:
-    """Writes ARCHIVE/<row>.jsonl.gz for every row that has a run; returns the paths."""
+    """Writes ARCHIVE/<row>.jsonl.gz for every row that has a run, with the run's invocations
+    (commit and command: {"invocation": …} records); returns the paths. A row whose archive
+    reached more env steps than its run directory (a run begun again) is left as it is."""
     written = []
     for row in config.rows:
         run_dir = config.root.expanduser() / row
         if not (run_dir / "metrics.jsonl").is_file():
             continue
         kept = [r for r in map(archived, load_metrics(run_dir)) if r is not None]
+        kept += [{"invocation": r} for r in read_jsonl(run_dir / "invocations.jsonl")]
         path = archive_path(config.out, row)
+        if path.is_file() and _reached(read_archive(path)) > _reached(kept):
+            logger.warning("row %s: its archive reached %d env steps, its run %d: archive kept",
+                           row, _reached(read_archive(path)), _reached(kept))  # fmt: skip
+            continue
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        # mtime 0: the same records give the same bytes (no churn in the repository)
-        with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as file:
+        # mtime 0 and no file name: the same records give the same bytes (no churn in the repo)
+        with (
+            open(tmp, "wb") as raw,
+            gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as file,
+        ):
             file.write("".join(json.dumps(r) + "\n" for r in kept).encode())
         tmp.replace(path)
         written.append(path)

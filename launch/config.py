@@ -99,7 +99,8 @@ class DistributedConfig:
 # units (learns as well as Nature's at 300k env steps, 1.8× the updates/s), Adam 1e-4 stepping
 # down to 2.5e-5 at update 180,000 (about 1.44M env steps: the long run's branch
 # default-1-lowlr, whose rounds flagged in 6 of 12 against 0 of 8 before it — one run, no
-# control arm), target sync every 500 updates, 4 samples per insert.
+# control arm, and that branch also trained with sticky actions, which the defaults do not),
+# target sync every 500 updates, 4 samples per insert.
 def recipe_env() -> EnvConfig:
     return EnvConfig(
         action_set="right_jump", stuck_steps=100, stuck_is_death=True, flag_bonus=50.0,

@@ -215,19 +215,29 @@ def test_a_row_whose_run_is_gone_is_reported_from_its_archive(tmp_path):
             )
         )[0]
 
+    invocation = {"command": ["mario", "train"], "commit": "abc"}
+    (root / "base" / "invocations.jsonl").write_text(json.dumps(invocation) + "\n")
     before = report(None)
     main(["ablation", "archive", "--root", str(root), "--out", str(kept)])
     path = kept / "base.jsonl.gz"
     first = path.read_bytes()
+    assert not first[3] & 0x08  # no file name in the gzip header (the .tmp's would be there)
     main(["ablation", "archive", "--root", str(root), "--out", str(kept), "--rows", "base"])
     assert path.read_bytes() == first  # the same records give the same bytes
     assert [p.name for p in kept.iterdir()] == ["base.jsonl.gz"]  # rows without a run: none
     records_kept = ablation.read_archive(path)
+    assert records_kept[-1] == {"invocation": invocation}  # the commit and command stay
+    records_kept = records_kept[:-1]
     assert len(records_kept) == len(RECORDS)  # the learner's and the replay's records are left
     assert {k for r in records_kept for k in r} == {
         "step", "elapsed_s", "counters/env_steps", "counters/updates", "episode/x_pos",
         "episode/flag_get", "eval/env_steps", "eval/flag_rate", "eval/x_pos_mean",
         "eval/x_pos_median"}  # fmt: skip
+    # a run begun again (shorter) neither overwrites the archive nor hides it from the report
+    (root / "base" / "metrics.jsonl").write_text(json.dumps(_progress(20, 1, 5.0)) + "\n")
+    main(["ablation", "archive", "--root", str(root), "--out", str(kept)])
+    assert path.read_bytes() == first
+    assert report(kept) == before
     (root / "base" / "metrics.jsonl").unlink()
     assert "| 50% | 2000 / 1999 | 50%, x 2000 (100) | 25% / 1200 (2 rounds) | 1 of 3 |" in before
     assert report(kept) == before
