@@ -260,7 +260,7 @@ def row_result(records: list[dict], env_steps: int) -> dict:
     best = max(within, key=lambda r: (r["eval/flag_rate"], r["eval/x_pos_mean"]), default=None)
     episodes = [r for r in records if "episode/x_pos" in r and r["step"] <= env_steps]
     progress = [r for r in records if "counters/env_steps" in r]
-    reached = max((r["counters/env_steps"] for r in progress), default=0)
+    reached = _reached(progress)
     at_budget = [r for r in progress if r["counters/env_steps"] <= env_steps]
     last = at_budget[-1] if at_budget else {}
     last_100 = [r["episode/x_pos"] for r in episodes[-100:]]
@@ -493,9 +493,10 @@ def archive(config: AblationArchiveConfig) -> list[pathlib.Path]:
         kept = [r for r in map(archived, load_metrics(run_dir)) if r is not None]
         kept += [{"invocation": r} for r in read_jsonl(run_dir / "invocations.jsonl")]
         path = archive_path(config.out, row)
-        if path.is_file() and _reached(read_archive(path)) > _reached(kept):
+        archived_steps = _reached(read_archive(path)) if path.is_file() else 0
+        if archived_steps > _reached(kept):
             logger.warning("row %s: its archive reached %d env steps, its run %d: archive kept",
-                           row, _reached(read_archive(path)), _reached(kept))  # fmt: skip
+                           row, archived_steps, _reached(kept))  # fmt: skip
             continue
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
