@@ -494,9 +494,10 @@ def archive(config: AblationArchiveConfig) -> list[pathlib.Path]:
         kept += [{"invocation": r} for r in read_jsonl(run_dir / "invocations.jsonl")]
         path = archive_path(config.out, row)
         archived_steps = _reached(read_archive(path)) if path.is_file() else 0
-        if archived_steps > _reached(kept):
+        run_steps = _reached(kept)
+        if archived_steps > run_steps:
             logger.warning("row %s: its archive reached %d env steps, its run %d: archive kept",
-                           row, archived_steps, _reached(kept))  # fmt: skip
+                           row, archived_steps, run_steps)  # fmt: skip
             continue
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
