@@ -37,6 +37,7 @@ ACTION_SETS: dict[str, tuple[tuple[str, ...], ...]] = {
     ),
 }
 REWARD_MODES = ("classic", "native")
+GRAPHICS_MODES = ("vanilla", "downsample")
 _LEVEL_PATTERN = re.compile(r"^([1-8])-([1-4])$")
 
 
@@ -96,6 +97,10 @@ class EnvConfig:
     Mario stands on the ground, so that a jump action always jumps. Without it a held A does
     nothing on landing (the NES needs a new press), and the observation cannot show that A is
     held: a greedy policy that picks right+A at a pipe stands there for ever."""
+    graphics: str = "vanilla"
+    """ROM graphics: vanilla, or downsample (gym-super-mario-bros 7.x's SuperMarioBros-v1: a
+    black sky, background scenery tiles blanked; the same level, physics and RAM). DI-adventure
+    found it about halved the steps DQN needed to clear 1-1."""
 
     def __post_init__(self) -> None:
         parse_levels(self.level)
@@ -106,6 +111,10 @@ class EnvConfig:
         if self.reward not in REWARD_MODES:
             raise ValueError(
                 f"reward {self.reward!r} is unknown; accepted: {', '.join(REWARD_MODES)}"
+            )
+        if self.graphics not in GRAPHICS_MODES:
+            raise ValueError(
+                f"graphics {self.graphics!r} is unknown; accepted: {', '.join(GRAPHICS_MODES)}"
             )
         if self.frame_skip < 1:
             raise ValueError(f"frame_skip ({self.frame_skip}) must be >= 1")

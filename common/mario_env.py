@@ -9,9 +9,14 @@ env keeps ≥ 85 % of the raw frame rate.
 
 from __future__ import annotations
 
+import hashlib
+import os
+import pathlib
+import tempfile
 from typing import Any, ClassVar
 
 import cv2
+import gym_super_mario_bros.smb_env as smb_env_module
 import gymnasium as gym
 import numpy as np
 from gym_super_mario_bros.smb_env import SuperMarioBrosEnv
@@ -52,6 +57,73 @@ _BUSY_STATES = frozenset((0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x07))
 _STAGE_OVER_ENEMIES = (0x2D, 0x31)  # Bowser, flag pole
 DEATH_PENALTY = -25
 REWARD_CLIP = 15
+
+
+# gym-super-mario-bros 7.x shipped a second SMB1 ROM, "downsample" (its SuperMarioBros-v1); 9.x
+# ships only the vanilla one. Compared byte by byte (7.4.0's two files), the downsample ROM is
+# the vanilla ROM with the bytes below changed: eight background palette entries (the sky) set
+# to black (NES colour 0x0D), and five runs of background tiles (scenery) blanked. It is rebuilt
+# here from the installed vanilla ROM and checked against 7.4.0's file by its SHA-256.
+_VANILLA_SHA256 = "ec299b990e8bfee8ba46e3f61d63b2e1ae5b8a2e431de84e2e4bbd692dc53586"
+_ROM_PATCHES: dict[str, tuple[str, tuple[tuple[int, bytes], ...]]] = {
+    "downsample": (
+        "b65e7d0fb62d39926b67b612bb94b1c355a5f9e81c0851e3f878c0ec50b8a9df",
+        (
+            (1503, b"\x0d" * 8),
+            (37472, bytes(8)),
+            (37648, bytes(207)),
+            (38928, bytes(32)),
+            (39440, bytes(32)),
+            (39826, bytes(139)),
+        ),
+    ),
+}
+
+
+def rom_path(graphics: str) -> str:
+    """The SMB1 ROM file for a graphics mode (see EnvConfig.graphics): the package's own for
+    vanilla, else the patched copy, made once per machine in the temp directory.
+
+    Raises:
+        ValueError: the installed vanilla ROM is not the one the patch was made for.
+    """
+    vanilla = smb_env_module.smb1_rom_path()
+    if graphics == "vanilla":
+        return vanilla
+    expected, patch = _ROM_PATCHES[graphics]
+    path = pathlib.Path(tempfile.gettempdir()) / "mario-apex-roms" / f"smb1-{expected[:16]}.nes"
+    if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == expected:
+        return str(path)
+    rom = bytearray(pathlib.Path(vanilla).read_bytes())
+    found = hashlib.sha256(rom).hexdigest()
+    if found != _VANILLA_SHA256:
+        raise ValueError(
+            f"graphics {graphics!r} patches the SMB1 ROM with SHA-256 {_VANILLA_SHA256}, but "
+            f"{vanilla} has {found}: use --env.graphics vanilla with this gym-super-mario-bros"
+        )
+    for offset, data in patch:
+        rom[offset : offset + len(data)] = data
+    if hashlib.sha256(rom).hexdigest() != expected:
+        raise RuntimeError(f"the {graphics} ROM patch did not give the ROM it was made from")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    partial.write_bytes(rom)
+    partial.replace(path)  # atomic: another process may be making the same file
+    return str(path)
+
+
+def make_game(level: tuple[int, int], graphics: str = "vanilla") -> SuperMarioBrosEnv:
+    """The package's emulator env of one level, booted from the graphics mode's ROM."""
+    if graphics == "vanilla":
+        return SuperMarioBrosEnv(target=level)
+    path = rom_path(graphics)
+    # The package's constructor takes no ROM path: it asks its module's smb1_rom_path().
+    original = smb_env_module.smb1_rom_path
+    smb_env_module.smb1_rom_path = lambda: path
+    try:
+        return SuperMarioBrosEnv(target=level)
+    finally:
+        smb_env_module.smb1_rom_path = original
 
 
 def action_bytes(action_set: str) -> np.ndarray:
@@ -156,7 +228,7 @@ class MarioEnv(gym.Env):
         if game is None:
             # The package's constructor boots the ROM, skips the title screen and keeps a
             # backup state at the level's start; reset() restores it.
-            game = SuperMarioBrosEnv(target=level)
+            game = make_game(level, self.config.graphics)
             self._games[level] = game
         return game
 

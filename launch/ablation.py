@@ -99,6 +99,9 @@ ROWS: dict[str, Row] = {
                       against="base"),
     "right-only": Row("action set: right_only (5 actions)", ("--env.action-set", "right_only"),
                       against="base"),
+    "downsample": Row("graphics: gym-super-mario-bros 7.x's downsample ROM (its "
+                      "SuperMarioBros-v1: black sky, scenery blanked)",
+                      ("--env.graphics", "downsample")),
     "stuck-truncate": Row("stuck episode: bootstrapped truncation, not a death",
                           ("--env.no-stuck-is-death",)),
     "stuck-off": Row("stuck episode: off", ("--env.no-stuck-is-death", "--env.stuck-steps", "0")),

@@ -1,13 +1,17 @@
 """The Mario pipeline on the real emulator (level 1-1)."""
 
 import dataclasses
+import hashlib
+import pathlib
+import tempfile
 
+import gym_super_mario_bros.smb_env as smb_env_module
 import numpy as np
 import pytest
 from gym_super_mario_bros.smb_env import SuperMarioBrosEnv
 
 from common.config import EnvConfig
-from common.mario_env import FrameRing, action_bytes, classic_frame_reward, make_env
+from common.mario_env import FrameRing, action_bytes, classic_frame_reward, make_env, rom_path
 
 RIGHT = 1  # index of ['right'] in every action set but right_jump
 
@@ -209,6 +213,7 @@ def test_level_list_is_sampled_per_episode():
         ("level", "1-1,2-9", "WORLD-STAGE"),
         ("action_set", "everything", "right_jump, right_only, simple, complex"),
         ("reward", "dense", "classic, native"),
+        ("graphics", "v1", "vanilla, downsample"),
     ],
 )
 def test_bad_config_names_value_and_accepted_ones(field, value, accepted):
@@ -321,3 +326,36 @@ def test_release_jump_keeps_a_held_jump_whole_and_jumps_again_on_landing(frame_s
     landing = plain.index(176, plain.index(min(plain)))
     assert min(plain) <= 115 and plain[: landing + 1] == released[: landing + 1]
     assert set(plain[landing:]) == {176} and min(released[landing:]) < 170
+
+
+# -- graphics: the downsample ROM of gym-super-mario-bros 7.x ------------------------------------
+
+# SHA-256 of gym-super-mario-bros 7.4.0's _roms/super-mario-bros-downsample.nes (from its wheel)
+DOWNSAMPLE_7_4_0 = "b65e7d0fb62d39926b67b612bb94b1c355a5f9e81c0851e3f878c0ec50b8a9df"
+
+
+def test_downsample_rom_is_the_one_7_4_0_shipped():
+    assert hashlib.sha256(pathlib.Path(rom_path("downsample")).read_bytes()).hexdigest() == (
+        DOWNSAMPLE_7_4_0
+    )
+
+
+def test_downsample_graphics_change_the_picture_not_the_game():
+    # The same actions give the same positions and rewards; the sky (the commonest pixel of the
+    # first frame's top rows, a mid grey in vanilla) is black.
+    actions = [RIGHT] * 30 + [2] * 6 + [RIGHT] * 20  # 2: right + A
+    plain = run_actions(EnvConfig(), actions)
+    downsampled = run_actions(EnvConfig(graphics="downsample"), actions)
+    assert [i["x_pos"] for i in plain[2]] == [i["x_pos"] for i in downsampled[2]]
+    assert plain[1] == downsampled[1] and plain[3] == downsampled[3]
+    sky = [np.bincount(obs[0, -1, :20].ravel()).argmax() for obs in (plain[0], downsampled[0])]
+    assert sky[0] > 100 and sky[1] == 0
+
+
+def test_downsample_refuses_a_vanilla_rom_it_was_not_made_for(tmp_path, monkeypatch):
+    other = tmp_path / "other.nes"
+    other.write_bytes(bytes(40976))
+    monkeypatch.setattr(smb_env_module, "smb1_rom_path", lambda: str(other))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with pytest.raises(ValueError, match=r"graphics 'downsample'.*other\.nes has [0-9a-f]{64}"):
+        rom_path("downsample")
