@@ -113,7 +113,7 @@ def test_the_reference_is_the_base_plus_release_jump_and_the_defaults_add_explor
     row = ablation.ROWS[ablation.DEFAULTS_ROW]
     assert row.against == "reference"
     defaults = tyro.cli(TrainConfig, args=[*ablation.REFERENCE, *row.flags])
-    assert defaults == TrainConfig() and TrainConfig().actor.explore_repeat_max == 8
+    assert defaults == TrainConfig() and TrainConfig().env.graphics == "downsample"
 
 
 def test_the_tutorial_row_is_the_parts_own_defaults():
