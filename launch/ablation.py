@@ -332,6 +332,36 @@ def table(results: dict[str, dict | None], env_steps: int) -> str:
     return "\n".join(lines)
 
 
+def training_bins(records: list[dict], env_steps: int, bins: int = 6) -> list[tuple]:
+    """The training episodes that ended up to the budget, in `bins` equal spans of env steps:
+    (flags, episodes, mean max x or None) per span (an episode ending at a span's last step is
+    in it)."""
+    width = env_steps / bins
+    spans: list[list[dict]] = [[] for _ in range(bins)]
+    for r in records:
+        if "episode/x_pos" in r and 0 < r["step"] <= env_steps:
+            spans[min(int((r["step"] - 1) // width), bins - 1)].append(r)
+    return [
+        (sum(int(r["episode/flag_get"]) for r in span), len(span),
+         float(np.mean([r["episode/x_pos"] for r in span])) if span else None)
+        for span in spans
+    ]  # fmt: skip
+
+
+def training_table(records: dict[str, list[dict]], env_steps: int, bins: int = 6) -> str:
+    """Per row, its training episodes in `bins` spans of the budget: flags / episodes and mean
+    max x. The evaluation rounds are 10 greedy episodes each; these are hundreds, with
+    exploration: where the rows' learning differs before their greedy policies show it."""
+    width = env_steps // bins
+    heads = [f"{i * width // 1000:,}k–{(i + 1) * width // 1000:,}k" for i in range(bins)]
+    lines = ["| row | " + " | ".join(heads) + " |", "|---|" + "---:|" * bins]
+    for row, row_records in records.items():
+        cells = [f"{flags} / {count}, x {_cell(x, '.0f')}"
+                 for flags, count, x in training_bins(row_records, env_steps, bins)]  # fmt: skip
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 PAIR = ("dqn", "reference")  # the tutorial's comparison: DQN against double DQN
 X_LEVELS = (1000, 1500, 2000)
 
@@ -411,9 +441,9 @@ def _save(figure, axes, flag_axis, x_axis, out: pathlib.Path) -> pathlib.Path:
 
 
 def report(config: AblationReportConfig) -> tuple[str, pathlib.Path]:
-    """Prints nothing; returns the markdown table and the PNG path. With rows `dqn` and
-    `reference` both run to the budget, the table is followed by their comparison, drawn in
-    `pair_out`."""
+    """Prints nothing; returns the markdown and the PNG path: the table, then the training
+    episodes per sixth of the budget, then (with rows `dqn` and `reference` both run to the
+    budget) their comparison, drawn in `pair_out`."""
     root = config.root.expanduser()
     results: dict[str, dict | None] = {}
     records: dict[str, list[dict]] = {}
@@ -428,6 +458,10 @@ def report(config: AblationReportConfig) -> tuple[str, pathlib.Path]:
             records[row] = max(sources, key=_reached)
         results[row] = row_result(records[row], config.env_steps) if row in records else None
     markdown = table(results, config.env_steps)
+    markdown += (
+        "\n\nTraining episodes (flags / episodes, mean max x) per sixth of the budget:\n\n"
+        + training_table(records, config.env_steps)
+    )
     if all(results.get(row) and results[row]["done"] for row in PAIR):
         markdown += "\n\n" + pair_table(records, config.env_steps)
         plot_pair(records, config.env_steps, config.pair_out)

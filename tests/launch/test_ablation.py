@@ -54,6 +54,29 @@ def test_row_result_takes_the_evaluation_at_the_budget(
     assert (result["updates"], result["minutes"]) == (updates, minutes)
 
 
+@pytest.mark.parametrize(
+    ("budget", "bins", "expected"),
+    [
+        # spans (0, 60], (60, 120]: episodes ending at 10, 20 | 80 (flag), 110
+        (120, 2, [(0, 2, 500.0), (1, 2, (3161 + 900) / 2)]),
+        # spans (0, 50], (50, 100]: 10, 20 | 80; the episode at 110 is past the budget
+        (100, 2, [(0, 2, 500.0), (1, 1, 3161.0)]),
+        (100, 4, [(0, 2, 500.0), (0, 0, None), (0, 0, None), (1, 1, 3161.0)]),
+    ],
+)
+def test_training_bins_split_the_budget(budget, bins, expected):
+    assert ablation.training_bins(RECORDS, budget, bins) == expected
+
+
+def test_training_table_has_a_line_per_row():
+    markdown = ablation.training_table({"base": RECORDS}, 120, bins=2)
+    assert markdown.splitlines()[0] == "| row | 0k–0k | 0k–0k |"  # spans of 60 env steps
+    assert markdown.splitlines()[2] == "| base | 0 / 2, x 500 | 1 / 2, x 2030 |"
+    markdown = ablation.training_table({"base": RECORDS}, 300_000, bins=6)
+    assert markdown.splitlines()[0].startswith("| row | 0k–50k | 50k–100k |")
+    assert "| base | 1 / 4, x 1265 | 0 / 0, x – |" in markdown
+
+
 def test_a_row_short_of_the_budget_is_reported_as_not_finished():
     result = ablation.row_result(RECORDS, 200)
     assert not result["done"] and result["env_steps_reached"] == 120
