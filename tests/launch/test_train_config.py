@@ -136,3 +136,15 @@ def test_a_branch_is_told_when_its_learning_rate_flags_change_nothing(saved, new
     assert (note is not None) == unchanged
     if unchanged:
         assert f"from update {updates} on" in note and "--learner.learning-rate-final" in note
+
+
+def test_a_run_saved_before_the_graphics_option_stays_on_vanilla_graphics():
+    # Runs made before --env.graphics existed (all of them on the vanilla ROM) saved no such
+    # field; now that the defaults use the downsample ROM, reading them back must not switch
+    # them to it.
+    from common.config import config_from_dict, config_to_dict
+
+    saved = config_to_dict(TrainConfig())
+    del saved["env"]["graphics"]
+    assert TrainConfig().env.graphics == "downsample"
+    assert config_from_dict(TrainConfig, saved).env.graphics == "vanilla"
