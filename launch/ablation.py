@@ -252,6 +252,11 @@ class AblationReportConfig:
         _check_rows(self.rows)
 
 
+def training_episodes(records: list[dict], env_steps: int) -> list[dict]:
+    """The training episodes that ended up to the budget, in the order they ended."""
+    return [r for r in records if "episode/x_pos" in r and r["step"] <= env_steps]
+
+
 def row_result(records: list[dict], env_steps: int) -> dict:
     """One row's numbers at the budget, from its metric records.
 
@@ -264,7 +269,7 @@ def row_result(records: list[dict], env_steps: int) -> dict:
     last_step = final["eval/env_steps"] if final else env_steps
     within = [r for r in evals if r["eval/env_steps"] <= last_step]
     best = max(within, key=lambda r: (r["eval/flag_rate"], r["eval/x_pos_mean"]), default=None)
-    episodes = [r for r in records if "episode/x_pos" in r and r["step"] <= env_steps]
+    episodes = training_episodes(records, env_steps)
     progress = [r for r in records if "counters/env_steps" in r]
     reached = _reached(progress)
     at_budget = [r for r in progress if r["counters/env_steps"] <= env_steps]
@@ -338,8 +343,8 @@ def training_bins(records: list[dict], env_steps: int, bins: int = 6) -> list[tu
     in it)."""
     width = env_steps / bins
     spans: list[list[dict]] = [[] for _ in range(bins)]
-    for r in records:
-        if "episode/x_pos" in r and 0 < r["step"] <= env_steps:
+    for r in training_episodes(records, env_steps):
+        if r["step"] > 0:
             spans[min(int((r["step"] - 1) // width), bins - 1)].append(r)
     return [
         (sum(int(r["episode/flag_get"]) for r in span), len(span),
@@ -370,7 +375,7 @@ def episodes_to(records: list[dict], env_steps: int, window: int = 100) -> dict[
     """How many training episodes (in the order they ended, up to the budget) a row needed: to
     its first flag, and until the mean max x of its last `window` episodes first reached each of
     X_LEVELS. None: not within the budget."""
-    episodes = [r for r in records if "episode/x_pos" in r and r["step"] <= env_steps]
+    episodes = training_episodes(records, env_steps)
     out = {"first flag": next((i + 1 for i, r in enumerate(episodes) if r["episode/flag_get"]),
                               None)}  # fmt: skip
     x = np.array([r["episode/x_pos"] for r in episodes], dtype=float)
@@ -403,8 +408,7 @@ def plot_pair(records: dict[str, list[dict]], env_steps: int, out: pathlib.Path)
 
     figure, axes = plt.subplots(1, 3, figsize=(17, 4.5))
     for row, label in zip(PAIR, ("DQN", "double DQN"), strict=True):
-        x = [r["episode/x_pos"] for r in records[row]
-             if "episode/x_pos" in r and r["step"] <= env_steps]  # fmt: skip
+        x = [r["episode/x_pos"] for r in training_episodes(records[row], env_steps)]
         if len(x) >= 100:
             axes[0].plot(np.arange(100, len(x) + 1),
                          np.convolve(x, np.ones(100) / 100, mode="valid"), label=label)  # fmt: skip
