@@ -22,10 +22,15 @@ from replay_server.replay import PrioritizedReplay, ReplayConfig
 
 CELLS, PIT, GOAL = 8, 4, 7
 WALK, JUMP = 0, 1
+FAR, NEAR, NEAR_REWARD = 8, 0, 0.6  # NearOrFar
 
 
-class Corridor(gym.Env):
-    """The corridor, with the info keys the actor reads from Mario's env."""
+class Cells(gym.Env):
+    """A row of cells, the agent a bright block in one, with the info keys the actor reads from
+    Mario's env; a dark block marks the pit if there is one. Subclasses move the agent."""
+
+    goal: int
+    pit: int | None = None
 
     def __init__(self, config: EnvConfig):
         self.stack = config.frame_stack
@@ -34,17 +39,24 @@ class Corridor(gym.Env):
 
     def _obs(self) -> np.ndarray:
         frame = np.full((84, 84), 40, dtype=np.uint8)
-        frame[30:54, PIT * 10 + 2 : PIT * 10 + 10] = 0
+        if self.pit is not None:
+            frame[30:54, self.pit * 10 + 2 : self.pit * 10 + 10] = 0
         frame[36:48, self.cell * 10 + 2 : self.cell * 10 + 10] = 255
         return np.repeat(frame[None], self.stack, axis=0)
 
     def _info(self) -> dict:
-        return {"x_pos": self.cell, "flag_get": self.cell == GOAL, "world": 1, "stage": 1,
+        return {"x_pos": self.cell, "flag_get": self.cell == self.goal, "world": 1, "stage": 1,
                 "frames": 1}  # fmt: skip
 
     def reset(self, *, seed=None, options=None):
         self.cell = 0
         return self._obs(), self._info()
+
+
+class Corridor(Cells):
+    """Walk one cell or jump two; the pit at PIT, the goal at GOAL."""
+
+    goal, pit = GOAL, PIT
 
     def step(self, action: int):
         self.cell = min(self.cell + (2 if action == JUMP else 1), GOAL)
@@ -53,17 +65,37 @@ class Corridor(gym.Env):
         return self._obs(), reward, terminated, False, self._info()
 
 
+class NearOrFar(Cells):
+    """A choice at the start, between NEAR_REWARD now and 1 at the end of a FAR-step walk.
+
+    At cell 0, action 0 takes NEAR_REWARD and ends the episode; action 1 sets off along the
+    row, where either action moves one cell on, and reaching cell FAR pays 1 and ends it.
+    So Q*(0, near) = 0.6 and Q*(0, far) = γ^(FAR−1) = 0.9^7 = 0.478, and the far value reaches
+    cell 0 only through three n-step bootstraps of γ³ each: a wrong n-step discount shows in
+    it (γ for γ³: 0.729, a far reward worth more than the near one; an undiscounted n-step sum:
+    0.53). No exploration bias: past cell 0 both actions do the same."""
+
+    goal = FAR
+
+    def step(self, action: int):
+        if self.cell == 0 and action == NEAR:
+            return self._obs(), NEAR_REWARD, True, False, self._info()
+        self.cell += 1
+        return self._obs(), float(self.cell == FAR), self.cell == FAR, False, self._info()
+
+
 def train_on_corridor(
-    seed: int, learning_rate: float, updates: int = 600, device: str = "cpu"
+    seed: int, learning_rate: float, updates: int = 600, device: str = "cpu", env=Corridor
 ) -> Learner:
-    """Serial training loop over the real roles (as the in-process backend runs them)."""
+    """Serial training loop over the real roles (as the in-process backend runs them), on
+    `env` (the Corridor or NearOrFar)."""
     torch.manual_seed(seed)
     torch.set_num_threads(1)
     env_config = dataclasses.replace(EnvConfig(), action_set="right_jump")
     network = NetworkConfig(conv_channels=(8, 16, 16), hidden=64)
     actor = ActorCore(
         env_config, ActorConfig(envs_per_actor=4, n_step=3, gamma=0.9, chunk_length=20),
-        network, epsilons=[0.5, 0.3, 0.2, 0.1], env_factory=Corridor,
+        network, epsilons=[0.5, 0.3, 0.2, 0.1], env_factory=env,
     )  # fmt: skip
     replay_config = ReplayConfig(capacity=4000, min_size_to_sample=200, samples_per_insert=8,
                                  rate_error_buffer=64)  # fmt: skip
@@ -116,3 +148,20 @@ def test_double_dqn_learns_to_jump_the_pit_at_the_right_cell(device):
         if terminated:
             break
     assert path[-1] == GOAL and PIT not in path, path
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_n_step_bootstraps_discount_a_far_reward_by_gamma_per_step(device):
+    # Q at cell 0 only: there the stacked frames (4 copies of the first) are the ones the actor
+    # trained on; elsewhere the actor's stack holds earlier cells. Checked by hand (600 updates,
+    # 15–20 s): seeds 0–3 give Q(0, far) 0.477–0.489; with the n-step discount γ instead of
+    # γ^m, 0.727–0.728; with the n-step sum undiscounted, 0.533–0.538; without the terminal
+    # mask, Q(0, near) 4.2.
+    learner = train_on_corridor(seed=0, learning_rate=1e-3, device=device, env=NearOrFar)
+    learner.online.to("cpu").float()
+    env = NearOrFar(EnvConfig(action_set="right_jump"))
+    with torch.inference_mode():
+        near, far = learner.online(torch.from_numpy(env.reset()[0])[None])[0].tolist()
+    assert near == pytest.approx(NEAR_REWARD, abs=0.03), (near, far)
+    assert far == pytest.approx(0.9 ** (FAR - 1), abs=0.03), (near, far)
+    assert near > far  # 0.6 now beats 0.478 later; a wrong discount says otherwise
