@@ -436,7 +436,8 @@ def _save(figure, axes, flag_axis, x_axis, out: pathlib.Path) -> pathlib.Path:
     x_axis.set(title="greedy eval max x, mean", xlabel="env steps", ylabel="x_pos")
     x_axis.axhline(3161, color="grey", linestyle=":", linewidth=1)  # 1-1's flag pole
     for axis in axes:
-        axis.legend(loc="upper left", fontsize=8)
+        if axis.get_legend_handles_labels()[0]:  # a panel may have nothing to plot yet
+            axis.legend(loc="upper left", fontsize=8)
     figure.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=90)
