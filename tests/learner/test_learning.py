@@ -152,11 +152,11 @@ def test_double_dqn_learns_to_jump_the_pit_at_the_right_cell(device):
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
 def test_n_step_bootstraps_discount_a_far_reward_by_gamma_per_step(device):
-    # Q at cell 0 only: there the stacked frames (4 copies of the first) are the ones the actor
-    # trained on; elsewhere the actor's stack holds earlier cells. Checked by hand (600 updates,
-    # 15–20 s): seeds 0–3 give Q(0, far) 0.477–0.489; with the n-step discount γ instead of
-    # γ^m, 0.727–0.728; with the n-step sum undiscounted, 0.533–0.538; without the terminal
-    # mask, Q(0, near) 4.2.
+    # Q at cell 0 only: there the stack the learner trained on (the replay stacks each env's
+    # last 4 frames) is 4 copies of the first frame, as here; elsewhere it holds earlier cells.
+    # Checked by hand (600 updates, 15–20 s): seeds 0–3 give Q(0, far) 0.477–0.489; with the
+    # n-step discount γ instead of γ^m, 0.727–0.728; with the n-step sum undiscounted,
+    # 0.533–0.538; without the terminal mask, Q(0, near) 4.2.
     learner = train_on_corridor(seed=0, learning_rate=1e-3, device=device, env=NearOrFar)
     learner.online.to("cpu").float()
     env = NearOrFar(EnvConfig(action_set="right_jump"))
