@@ -20,7 +20,8 @@ from common.config import EnvConfig, NetworkConfig
 from learner.learner import Learner, LearnerConfig
 from replay_server.replay import PrioritizedReplay, ReplayConfig
 
-CELLS, PIT, GOAL = 8, 4, 7
+PIT, GOAL = 4, 7  # the corridor: cells 0..GOAL
+GAMMA = 0.9
 WALK, JUMP = 0, 1
 FAR, NEAR, NEAR_REWARD = 8, 0, 0.6  # NearOrFar
 
@@ -84,17 +85,17 @@ class NearOrFar(Cells):
         return self._obs(), float(self.cell == FAR), self.cell == FAR, False, self._info()
 
 
-def train_on_corridor(
-    seed: int, learning_rate: float, updates: int = 600, device: str = "cpu", env=Corridor
+def train_on(
+    env: type[Cells], seed: int, learning_rate: float, updates: int = 600, device: str = "cpu"
 ) -> Learner:
     """Serial training loop over the real roles (as the in-process backend runs them), on
-    `env` (the Corridor or NearOrFar)."""
+    `env` (Corridor or NearOrFar)."""
     torch.manual_seed(seed)
     torch.set_num_threads(1)
     env_config = dataclasses.replace(EnvConfig(), action_set="right_jump")
     network = NetworkConfig(conv_channels=(8, 16, 16), hidden=64)
     actor = ActorCore(
-        env_config, ActorConfig(envs_per_actor=4, n_step=3, gamma=0.9, chunk_length=20),
+        env_config, ActorConfig(envs_per_actor=4, n_step=3, gamma=GAMMA, chunk_length=20),
         network, epsilons=[0.5, 0.3, 0.2, 0.1], env_factory=env,
     )  # fmt: skip
     replay_config = ReplayConfig(capacity=4000, min_size_to_sample=200, samples_per_insert=8,
@@ -125,7 +126,7 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
 def test_double_dqn_learns_to_jump_the_pit_at_the_right_cell(device):
     # Checked by hand: seeds 0–3 pass in 15–22 s here; with learning rate 1e-9 it fails.
-    learner = train_on_corridor(seed=0, learning_rate=1e-3, device=device)
+    learner = train_on(Corridor, seed=0, learning_rate=1e-3, device=device)
     learner.online.to("cpu").float()  # the checks below read the net on the CPU
     env, q_values = Corridor(EnvConfig(action_set="right_jump")), {}
     for cell in range(GOAL):
@@ -157,11 +158,11 @@ def test_n_step_bootstraps_discount_a_far_reward_by_gamma_per_step(device):
     # Checked by hand (600 updates, 15–20 s): seeds 0–3 give Q(0, far) 0.477–0.489; with the
     # n-step discount γ instead of γ^m, 0.727–0.728; with the n-step sum undiscounted,
     # 0.533–0.538; without the terminal mask, Q(0, near) 4.2.
-    learner = train_on_corridor(seed=0, learning_rate=1e-3, device=device, env=NearOrFar)
+    learner = train_on(NearOrFar, seed=0, learning_rate=1e-3, device=device)
     learner.online.to("cpu").float()
     env = NearOrFar(EnvConfig(action_set="right_jump"))
     with torch.inference_mode():
         near, far = learner.online(torch.from_numpy(env.reset()[0])[None])[0].tolist()
     assert near == pytest.approx(NEAR_REWARD, abs=0.03), (near, far)
-    assert far == pytest.approx(0.9 ** (FAR - 1), abs=0.03), (near, far)
+    assert far == pytest.approx(GAMMA ** (FAR - 1), abs=0.03), (near, far)
     assert near > far  # 0.6 now beats 0.478 later; a wrong discount says otherwise
