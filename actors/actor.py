@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
+import os
 from collections.abc import Callable, Sequence
 
 import gymnasium as gym
@@ -15,6 +16,10 @@ from actors.adder import ChunkBuilder, NStepAdder, Transition
 from common.config import EnvConfig, NetworkConfig
 from common.experience import Chunk
 from common.networks import build_network
+
+FAILURE_AT_STEP_ENV = "MARIO_ACTOR_FAILURE_AT_STEP"
+"""Fault injection for tests: when set to N, an actor's step that passes its N-th env step
+raises RuntimeError (its own count: each actor of a run fails there)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +168,7 @@ class ActorCore:
         self.rng = np.random.default_rng([seed, actor_id])
         self.env_steps = 0
         self.frames = 0
+        self._failure_at_step = int(os.environ.get(FAILURE_AT_STEP_ENV) or 0)
         self._ready: list[Chunk] = []
         k = actor_config.envs_per_actor
         self.slots: list[_EnvSlot] = []
@@ -228,6 +234,8 @@ class ActorCore:
 
     def step(self) -> list[EpisodeResult]:
         """One agent step in every env; returns the episodes that ended."""
+        if 0 < self._failure_at_step <= self.env_steps + len(self.slots):
+            raise RuntimeError(f"injected failure at env step {self._failure_at_step}")
         q = self._q_values([slot.obs for slot in self.slots])  # [K, A]
         q_max = q.max(axis=1)
         greedy = q.argmax(axis=1)

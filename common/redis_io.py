@@ -139,6 +139,19 @@ class RedisKeys:
         """Hash producer → sequence number of its last applied batch (OnceWriter)."""
         return self._key("producers")
 
+    @property
+    def driver(self) -> str:
+        """The run directory of the driver that uses these keys, under a lease it renews: two
+        runs whose directories share a name (the run id) cannot share one Redis."""
+        return self._key("driver")
+
+    @property
+    def data(self) -> tuple[str, ...]:
+        """Every key a run writes (all but `driver`): what a new run of this id starts without."""
+        names = ("experience", "weights", "weights_version", "telemetry", "counters",
+                 "heartbeats", "stats", "shards", "producers")  # fmt: skip
+        return tuple(getattr(self, name) for name in names)
+
 
 REPLAY_GROUP = "replay"
 

@@ -46,6 +46,7 @@ from learner.learner import LearnerConfig
 from replay_server.replay import ReplayConfig
 
 logger = logging.getLogger("train")
+DASHBOARD_PORT = 8265  # Ray's default dashboard port
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,7 +152,7 @@ class TrainConfig:
     ray_head_cpus: int | None = None
     """CPUs the head started by --ray-head-port offers (one for the learner, the rest for actors);
     None: all of this machine's."""
-    ray_dashboard_port: int = 8265
+    ray_dashboard_port: int = DASHBOARD_PORT
     """Dashboard (and job API) port of the head started by --ray-head-port."""
     total_env_steps: int = 5_000_000
     """Stop after this many agent steps (over all envs)."""
@@ -203,6 +204,15 @@ class TrainConfig:
                 raise ValueError(f"{name} ({port}) must be a TCP port, 1..65535")
         if self.ray_head_cpus is not None and self.ray_head_cpus < 1:
             raise ValueError(f"ray_head_cpus ({self.ray_head_cpus}) must be >= 1 (the learner's)")
+        if (
+            self.resume is not None
+            and self.run_dir is not None
+            and pathlib.Path(self.resume).resolve() != pathlib.Path(self.run_dir).resolve()
+        ):
+            raise ValueError(
+                f"resume ({self.resume}) and run_dir ({self.run_dir}) differ: a resumed run goes "
+                "on in its own directory (to start a new one from it, use --branch-from)"
+            )
         if self.resume_existing and self.run_dir is None:
             raise ValueError("resume_existing needs --run-dir (the directory to continue)")
         if self.branch_from is not None:
@@ -237,6 +247,19 @@ class TrainConfig:
             )
         if self.serial:
             _refuse_ray_only_options(self)
+        head_only = [
+            f"{name} ({value})"
+            for name, value, default in (
+                ("ray_head_cpus", self.ray_head_cpus, None),
+                ("ray_dashboard_port", self.ray_dashboard_port, DASHBOARD_PORT),
+            )
+            if value != default
+        ]
+        if self.ray_head_port is None and head_only:
+            raise ValueError(
+                f"{' and '.join(head_only)}: a setting of the Ray head that --ray-head-port "
+                "starts; give --ray-head-port too, or leave it out"
+            )
 
 
 # Settings of one invocation, taken from the command line when a run is resumed; every other
@@ -342,7 +365,7 @@ def prepare_run(requested: TrainConfig, given: set[str] | None = None) -> Prepar
         return PreparedRun(requested, requested.run_dir or pathlib.Path("runs") / stamp)
     run_dir = pathlib.Path(requested.resume)
     checkpoint = load_checkpoint(run_dir)
-    saved = config_from_dict(TrainConfig, checkpoint["config"], "checkpoint config")
+    saved = _saved_config(checkpoint)
     _check_no_contradiction(requested, saved, run_dir, given)
     config = dataclasses.replace(_with_invocation(saved, requested), run_dir=run_dir)
     mode = "serial" if config.serial else "Ray"
@@ -378,7 +401,7 @@ def _branch(requested: TrainConfig, given: set[str] | None) -> PreparedRun:
     if not parent.is_dir():
         raise ValueError(f"branch_from ({parent}) must be a run directory")
     checkpoint = load_checkpoint(parent)
-    saved = config_from_dict(TrainConfig, checkpoint["config"], "checkpoint config")
+    saved = _saved_config(checkpoint)
     kept, changes = _leaves(saved), _given_changes(requested, saved, given)
     fixed = [path for path in changes if path.startswith(BRANCH_FIXED)]
     if fixed:
@@ -480,6 +503,15 @@ def _replace_leaves(config, changes: dict[str, object]):
         inner = {p.removeprefix(prefix): v for p, v in changes.items() if p.startswith(prefix)}
         top[name] = _replace_leaves(getattr(config, name), inner)
     return dataclasses.replace(config, **top)
+
+
+def _saved_config(checkpoint: dict) -> TrainConfig:
+    """The run's saved config, less this invocation's top-level fields (_with_invocation puts
+    the command line's in): a check added since the run was saved cannot refuse what it held
+    there (e.g. --ray-head-cpus without --ray-head-port, once ignored)."""
+    data = {name: value for name, value in checkpoint["config"].items()
+            if name not in INVOCATION_FIELDS}  # fmt: skip
+    return config_from_dict(TrainConfig, data, "checkpoint config")
 
 
 def _with_invocation(saved: TrainConfig, requested: TrainConfig) -> TrainConfig:

@@ -86,7 +86,11 @@ class LocalBackend:
                     actor.set_weights(learner.cpu_weights(), learner.updates)
                 continue
             acting_since = time.monotonic()
-            finished = actor.step()
+            try:
+                finished = actor.step()
+            except Exception as error:
+                logger.exception("actor 0 failed")
+                raise RoleFailed(f"actor 0 failed: {type(error).__name__}: {error}") from error
             self._insert(actor.take_chunks())
             for episode in finished:
                 record = dataclasses.asdict(episode)

@@ -54,6 +54,18 @@ from replay_server.replay import SnapshotError, write_snapshot
 logger = logging.getLogger("ray_backend")
 KEEP_LEARNER_STATE_S = 60.0  # at most this much learning is lost when the learner dies
 MAX_LEARNER_RESTARTS = 10
+DRIVER_LEASE_S = 30  # a run's hold on its run id in Redis, renewed every DRIVER_LEASE_S / 6
+# Sets KEYS[1] to ARGV[1] for ARGV[2] seconds unless another value holds it; returns that value.
+_CLAIM_SCRIPT = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return holder end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return false
+"""
+_RELEASE_SCRIPT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 0
+"""
 
 
 # -- Ray wrappers: thin, one per role ------------------------------------------------------------
@@ -261,8 +273,9 @@ class _PoolMember:
 class ActorPool:
     """The actor processes, elastic. Starts `initial`; later starts one on every CPU that is free
     in the cluster (a node joined), up to `maximum` in all (None: no cap); restarts an actor's
-    loop after a crash (Ray restarts the process); drops, with a log line, the actors of a node
-    that left the cluster, and the run goes on with the others."""
+    loop after its process died (Ray restarts the process); drops, with a log line, the actors
+    of a node that left the cluster, and the run goes on with the others. An error of an
+    actor's own code ends the run with that error (RoleFailed), as the learner's does."""
 
     def __init__(self, make_actor, initial: int, maximum: int | None, grow_every_s: float = 2.0):
         self._make = make_actor  # (actor id, ε band, ε bands) → Ray actor handle
@@ -319,6 +332,15 @@ class ActorPool:
                 ray.get(member.run_ref)
                 logger.warning("actor %d loop ended without being stopped; restarting it", index)
             except ray.exceptions.RayError as error:
+                own = isinstance(error, ray.exceptions.RayTaskError) or getattr(
+                    error, "actor_init_failed", False
+                )
+                if own:  # its code failed (running or starting): a restart would fail again
+                    logger.error("actor %d failed:\n%s", index, error)  # with its traceback
+                    cause = getattr(error, "cause", None) or error
+                    raise RoleFailed(
+                        f"actor {index} failed: {type(cause).__name__}: {cause}"
+                    ) from error
                 if alive is None:
                     alive = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
                 if member.node is not None and member.node[0] not in alive:
@@ -368,9 +390,12 @@ class RayBackend:
 
     name = "ray"
 
-    def __init__(self, config: TrainConfig, run_dir: pathlib.Path):
+    def __init__(self, config: TrainConfig, run_dir: pathlib.Path, new_run: bool = True):
+        """`new_run`: a run's first start (a branch's too), which owns nothing Redis holds
+        under its name yet; False when resuming, where the stream's backlog is the run's."""
         self.config = config
         self.run_dir = run_dir
+        self.new_run = new_run
         self.specs = RoleSpecs(config)
         self.shards: list = []
         self.learner = None
@@ -404,6 +429,7 @@ class RayBackend:
         self.client = self.endpoint.connect(outage_s=0)
         resources.callback(quietly, "closing the Redis client", self.client.close)
         self.redis_keys = self.endpoint.keys
+        self._claim_run_id(resources, url)
         self._counters = dict.fromkeys(BACKEND_COUNTERS, 0)
         if checkpoint is not None:  # the counters continue where the checkpoint left them
             saved = {k: v for k, v in checkpoint["counters"].items() if isinstance(v, int)}
@@ -420,6 +446,55 @@ class RayBackend:
         # replay snapshots come from the checkpoint's own set (previous/ after a fallback)
         self._set_dir = checkpoint.get(SET_DIR_KEY, self.run_dir) if checkpoint else self.run_dir
         self._start_roles(resources, checkpoint["learner"] if checkpoint else None)
+
+    def _claim_run_id(self, resources: contextlib.ExitStack, url: str) -> None:
+        """Takes the run id's lease in Redis, which a thread renews until the run ends: a second
+        run whose directory has the same name is refused while this one holds it. A new run
+        then drops what an earlier start under this id left in a Redis that persists (one that
+        died before its first checkpoint): its counters would count for this run."""
+        mine = str(self.run_dir.resolve())
+        holder = self._take_lease(mine)
+        if holder is not None:
+            raise ValueError(
+                f"Redis {url} is in use by the run in {holder}: a run's Redis keys are named "
+                f"after its directory's name ({self.endpoint.run_id!r}), so two runs at once "
+                "need different names or separate Redis servers (a stopped run frees the name "
+                f"within {DRIVER_LEASE_S} s)"
+            )
+        stop = threading.Event()
+        renewer = threading.Thread(target=self._keep_lease, args=(mine, stop), daemon=True)
+        renewer.start()
+
+        def release() -> None:
+            stop.set()
+            renewer.join()
+            self.client.eval(_RELEASE_SCRIPT, 1, self.redis_keys.driver, mine)
+
+        resources.callback(quietly, "releasing the run id in Redis", release)
+        if self.new_run:
+            left = [name for name in self.redis_keys.data if self.client.exists(name)]
+            if left:
+                self.client.delete(*left)
+                logger.warning("Redis held %s of an earlier start of run %r that wrote no "
+                               "checkpoint: dropped, this run starts from 0", ", ".join(left),
+                               self.endpoint.run_id)  # fmt: skip
+
+    def _take_lease(self, mine: str) -> str | None:
+        """Sets or renews the lease unless another run holds it; returns that run's directory."""
+        holder = self.client.eval(_CLAIM_SCRIPT, 1, self.redis_keys.driver, mine, DRIVER_LEASE_S)
+        return holder.decode() if holder is not None else None
+
+    def _keep_lease(self, mine: str, stop: threading.Event) -> None:
+        """Renews the lease every DRIVER_LEASE_S / 6 until `stop` (through a Redis outage too),
+        so that it holds while the run stops, evaluates and checkpoints at its end."""
+        while not stop.wait(DRIVER_LEASE_S / 6):
+            try:
+                holder = self._take_lease(mine)
+            except redis.RedisError:
+                continue  # the driver's loop says that Redis is down
+            if holder is not None:  # taken while Redis did not answer for DRIVER_LEASE_S
+                logger.error("the run in %s holds this run's id in Redis: the two runs mix "
+                             "their experience and counters; stop one", holder)  # fmt: skip
 
     def _start_ray(self, resources: contextlib.ExitStack) -> None:
         config = self.config

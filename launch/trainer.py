@@ -36,6 +36,7 @@ from rich.table import Table
 from common.config import config_to_dict
 from common.metrics import MetricsLogger
 from launch.config import PreparedRun, TrainConfig, prepare_run
+from launch.errors import RoleFailed
 from launch.evaluate import eval_rank
 from launch.reaper import Reaper
 from launch.status import STATUS_FILE
@@ -243,6 +244,11 @@ class Trainer:
             try:
                 self._loop(stop)
                 failed = False
+            except RoleFailed:
+                raise  # a role's own error: its traceback is in the log already
+            except Exception:
+                logger.exception("training failed")  # the traceback; `mario train` prints a line
+                raise
             finally:
                 self._finish(failed)
         summary = {"run_dir": str(self.run_dir), **(self.last_checkpoint or self.counters)}
@@ -585,14 +591,15 @@ def train(
     named = requested.resume or requested.run_dir
     with contextlib.ExitStack() as held:
         if named is not None and (pathlib.Path(named).is_dir() or requested.resume is None):
-            held.enter_context(lock_run_dir(pathlib.Path(named)))
+            option = "--resume" if requested.resume is not None else "--run-dir"
+            held.enter_context(lock_run_dir(pathlib.Path(named), option))
         # A branch reads its parent's newest set while it is prepared (its own set is made
         # then); a branch that has a checkpoint already is resumed instead.
         parent, run_dir = requested.branch_from, requested.run_dir
         with contextlib.ExitStack() as parent_held:
             if (parent is not None and run_dir is not None and pathlib.Path(parent).is_dir()
                     and not holds_checkpoint(pathlib.Path(run_dir))):  # fmt: skip
-                parent_held.enter_context(lock_run_dir(pathlib.Path(parent)))
+                parent_held.enter_context(lock_run_dir(pathlib.Path(parent), "--branch-from"))
             run = prepare_run(requested, given)
         if named is None:
             held.enter_context(lock_run_dir(run.run_dir))
@@ -603,13 +610,14 @@ RUN_LOCK = ".lock"
 
 
 @contextlib.contextmanager
-def lock_run_dir(run_dir: pathlib.Path):
+def lock_run_dir(run_dir: pathlib.Path, option: str = "--run-dir"):
     """Holds an exclusive lock on the run directory (flock on RUN_LOCK, which names the holder's
     pid) while a `mario train` uses it: a second trainer on the same directory would mix two
     runs' checkpoints and metrics. The kernel drops the lock when the holder dies, however.
 
     Raises:
-        ValueError: the directory is held by another process, named by its pid.
+        ValueError: the directory is held by another process, named by its pid, and by the
+            `option` that gave it.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / RUN_LOCK, "a+") as handle:
@@ -618,9 +626,14 @@ def lock_run_dir(run_dir: pathlib.Path):
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "unknown"
+            advice = {
+                "--run-dir": ", or pick another --run-dir",
+                "--branch-from": " (a branch reads its parent's newest checkpoint set, which a "
+                "running parent rewrites)",
+            }.get(option, "")
             raise ValueError(
-                f"run directory {run_dir} is in use by another mario train (pid {holder}): "
-                "stop that one first, or pick another --run-dir"
+                f"{option} {run_dir} is in use by another mario train (pid {holder}): stop that "
+                f"one first{advice}"
             ) from None
         handle.seek(0)
         handle.truncate()
@@ -634,6 +647,8 @@ def lock_run_dir(run_dir: pathlib.Path):
 
 def _train(run: PreparedRun, console: Console | None, command: list[str] | None) -> dict:
     if run.checkpoint:
+        if _budget_spent(run):
+            return _nothing_to_train(run, console or Console())
         log_lost_work(run)
     record_invocation(run, command)
     if run.config.serial:
@@ -643,5 +658,29 @@ def _train(run: PreparedRun, console: Console | None, command: list[str] | None)
     else:
         from launch.ray_backend import RayBackend
 
-        backend = RayBackend(run.config, run.run_dir)
+        # a branch's first start is a new run too: what Redis holds under its name is not its
+        new_run = run.checkpoint is None or run.branched_from is not None
+        backend = RayBackend(run.config, run.run_dir, new_run=new_run)
     return Trainer(run, backend, console).run()
+
+
+def _budget_spent(run: PreparedRun) -> bool:
+    """A resumed run that reached its budget and has its final evaluation (if it evaluates)."""
+    counters, total = run.checkpoint["counters"], run.config.total_env_steps
+    last_eval = run.checkpoint.get("trainer", {}).get("last_eval")
+    evaluated = not run.config.eval.every_env_steps or (
+        last_eval is not None and last_eval["env_steps"] >= total
+    )
+    return run.branched_from is None and counters["env_steps"] >= total and evaluated
+
+
+def _nothing_to_train(run: PreparedRun, console: Console) -> dict:
+    """Nothing is started (a service that restarts the run, docker compose or a RayJob, finds
+    it done); the way to train on is a larger budget."""
+    counters = run.checkpoint["counters"]
+    console.print(
+        f"run {run.run_dir} has spent its budget ({counters['env_steps']:,} of "
+        f"--total-env-steps {run.config.total_env_steps:,} env steps) and has its final "
+        "evaluation: nothing to train. Give a larger --total-env-steps to go on."
+    )
+    return {"run_dir": str(run.run_dir), **counters}

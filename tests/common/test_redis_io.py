@@ -164,3 +164,13 @@ def test_a_batch_redis_refuses_is_dropped_not_sent_for_ever(redis_url):
     with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
         writer.write(lambda: _stream_batch(0))
     assert not writer.busy and writer.write(lambda: ([("SET", "k", "v")], "next")) == "next"
+
+
+def test_the_data_of_a_run_is_every_key_it_writes_but_its_driver_lease():
+    keys = RedisKeys("run-x")
+    named = {name for name, value in vars(RedisKeys).items() if isinstance(value, property)}
+    assert named - {"driver", "data"} == {
+        "experience", "weights", "weights_version", "telemetry", "counters", "heartbeats",
+        "stats", "shards", "producers",
+    }  # fmt: skip
+    assert sorted(keys.data) == sorted(f"mario:run-x:{name}" for name in named - {"driver", "data"})

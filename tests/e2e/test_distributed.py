@@ -10,7 +10,10 @@ import time
 
 import numpy as np
 import pytest
+import ray
+import redis
 
+from common.redis_io import RedisKeys
 from launch.cli import main
 from learner.checkpoint import load_checkpoint
 
@@ -187,18 +190,55 @@ def test_serial_and_ray_runs_write_the_same_metric_keys(distributed_run, tmp_pat
             "driver/malformed_records"} <= ray_keys  # fmt: skip
 
 
-def test_a_failing_learner_ends_the_run_with_its_error_and_leaves_no_process(tmp_path):
+@pytest.mark.parametrize(
+    ("fault", "error"),
+    [
+        ("MARIO_LEARNER_FAILURE_AT_UPDATE=20",
+         r"the learner failed: RuntimeError: injected failure at update 20"),
+        # an error in an actor's code is not a dead process: Ray restarting it would not help
+        ("MARIO_ACTOR_FAILURE_AT_STEP=200",
+         r"actor [01] failed: RuntimeError: injected failure at env step 200"),
+    ],
+)  # fmt: skip
+def test_a_failing_role_ends_the_run_with_its_error_and_leaves_no_process(tmp_path, fault, error):
     run_dir = tmp_path / "failing"
     command = [sys.executable, "-m", "launch.cli", *TINY, "--total-env-steps", "100000000",
                "--run-dir", str(run_dir)]  # fmt: skip
-    env = {**os.environ, "MARIO_LEARNER_FAILURE_AT_UPDATE": "20"}
+    name, value = fault.split("=")
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, env=env)  # fmt: skip
+                               text=True, env={**os.environ, name: value})  # fmt: skip
     stdout, stderr = process.communicate(timeout=400)
     assert process.returncode == 1
-    assert "the learner failed: RuntimeError: injected failure at update 20" in stdout
-    assert "injected failure at update 20" in stderr  # its traceback, in the log
+    assert re.search(error, " ".join(stdout.split())), stdout[-2000:]
+    assert error.split(": ", 1)[1] in stderr  # its traceback, in the log
     assert leftover_processes(run_dir, process.pid) == ""
+
+
+def test_a_new_run_on_a_redis_that_holds_its_name_is_refused_or_starts_from_zero(
+    redis_url, tmp_path, capsys
+):
+    run_dir, keys = tmp_path / "named", RedisKeys("named")
+    command = [*TINY, "--total-env-steps", "400", "--redis-url", redis_url,
+               "--run-dir", str(run_dir)]  # fmt: skip
+    client = redis.Redis.from_url(redis_url)
+    # A live run elsewhere whose directory has the same name holds it: refused, nothing started.
+    client.set(keys.driver, "/elsewhere/named", ex=30)
+    with pytest.raises(SystemExit) as exit_info:
+        main(command)
+    assert exit_info.value.code == 1
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"Redis {redis_url} is in use by the run in /elsewhere/named" in text
+    assert not (run_dir / "checkpoint.pt").exists() and not ray.is_initialized()
+    # That run ended; an earlier start of this one died before its first checkpoint, leaving
+    # counters and experience in this Redis (it persists): the new run starts from 0.
+    client.delete(keys.driver)
+    client.hset(keys.counters, mapping={"env_steps": 1_000_000, "updates": 50_000})
+    client.xadd(keys.experience, {"m": b"not a chunk of this run"})
+    main(command)
+    counters = load_checkpoint(run_dir)["counters"]
+    assert 400 <= counters["env_steps"] < 1_000_000 and counters["updates"] < 50_000
+    assert counters["chunks_rejected"] == 0
+    assert client.get(keys.driver) is None  # released at the end
 
 
 def test_redis_restarted_then_killed_driver_leaves_no_process_and_resume_says_what_was_lost(

@@ -167,7 +167,18 @@ def test_existing_run_dir_needs_resume_and_resume_existing_continues(trained_run
     budget = before + 100
     main([*TINY, "--total-env-steps", str(budget), "--run-dir", str(trained_run),
           "--resume-existing"])  # fmt: skip
-    assert load_checkpoint(trained_run)["counters"]["env_steps"] >= budget
+    reached = load_checkpoint(trained_run)["counters"]["env_steps"]
+    assert reached >= budget
+    capsys.readouterr()
+    # Again (a service restarting it): the budget is spent, so nothing is started or written.
+    written = {path: path.read_bytes() for path in trained_run.iterdir() if path.is_file()}
+    main([*TINY, "--total-env-steps", str(budget), "--run-dir", str(trained_run),
+          "--resume-existing"])  # fmt: skip
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"has spent its budget ({reached:,} of --total-env-steps {budget:,} env steps)" in text
+    assert "Give a larger --total-env-steps to go on" in text
+    written.pop(trained_run / ".lock")  # rewritten with the pid of each mario train
+    assert {path: path.read_bytes() for path in written} == written
 
 
 def test_a_branch_goes_on_from_the_parent_with_the_settings_given_changed(trained_run, tmp_path):
@@ -327,15 +338,28 @@ def test_serial_refuses_options_only_the_ray_backend_has(capsys):
     assert "--redis-url ('redis://x'), --distributed.num-shards (2): only the Ray backend" in text
 
 
-def test_a_failing_learner_ends_the_serial_run_with_its_own_error(tmp_path):
+@pytest.mark.parametrize(
+    ("fault", "error", "saved"),
+    [
+        # the learner's state could still be read: the final checkpoint holds its 2 updates
+        ("MARIO_LEARNER_FAILURE_AT_UPDATE=3",
+         "the learner failed: RuntimeError: injected failure at update 3", {"updates": 2}),
+        # the actor (2 envs) fails on the step that would pass its 300th env step
+        ("MARIO_ACTOR_FAILURE_AT_STEP=300",
+         "actor 0 failed: RuntimeError: injected failure at env step 300", {"env_steps": 298}),
+    ],
+)  # fmt: skip
+def test_a_failing_role_ends_the_serial_run_with_its_own_error(tmp_path, fault, error, saved):
     command = [sys.executable, "-m", "launch.cli", *TINY, "--total-env-steps", "5000",
                "--run-dir", str(tmp_path / "run")]  # fmt: skip
-    env = {**os.environ, "MARIO_LEARNER_FAILURE_AT_UPDATE": "3"}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    name, value = fault.split("=")
+    result = subprocess.run(command, capture_output=True, text=True,
+                            env={**os.environ, name: value}, timeout=300)  # fmt: skip
     assert result.returncode == 1
-    assert "the learner failed: RuntimeError: injected failure at update 3" in result.stdout
-    # the learner's state could still be read: the final checkpoint holds its 2 updates
-    assert load_checkpoint(tmp_path / "run")["counters"]["updates"] == 2
+    assert error in " ".join(result.stdout.split())
+    assert error.split(": ", 1)[1] in result.stderr  # the traceback, in the log
+    counters = load_checkpoint(tmp_path / "run")["counters"]
+    assert {key: counters[key] for key in saved} == saved
 
 
 NO_RAY_SCRIPT = """

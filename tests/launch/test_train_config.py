@@ -7,8 +7,9 @@ import socket
 import pytest
 import redis
 
+from common.config import config_to_dict
 from launch.cli import main
-from launch.config import DistributedConfig, TrainConfig, given_fields
+from launch.config import DistributedConfig, TrainConfig, _saved_config, given_fields
 from launch.trainer import RUN_LOCK, lock_run_dir
 
 
@@ -20,6 +21,19 @@ from launch.trainer import RUN_LOCK, lock_run_dir
         ({"ray_dashboard_port": 0}, r"ray_dashboard_port \(0\) must be a TCP port"),
         ({"ray_head_cpus": 0}, r"ray_head_cpus \(0\) must be >= 1"),
         ({"resume_existing": True}, "resume_existing needs --run-dir"),
+        # settings of the head --ray-head-port starts are refused without it, not ignored
+        (
+            {"ray_head_cpus": 4},
+            r"^ray_head_cpus \(4\): a setting of the Ray head that --ray",
+        ),
+        (
+            {"ray_dashboard_port": 9000, "ray_head_cpus": 2},
+            r"^ray_head_cpus \(2\) and ray_dashboard_port \(9000\): a setting of the Ray head",
+        ),
+        (
+            {"resume": "runs/a", "run_dir": "runs/b"},
+            r"resume \(runs/a\) and run_dir \(runs/b\) differ: a resumed run goes on in its own",
+        ),
     ],
 )
 def test_bad_deploy_settings_name_the_value(kwargs, message):
@@ -93,11 +107,13 @@ def test_a_run_directory_in_use_is_refused_naming_the_holder(tmp_path, capsys):
         in_use = rf"{run_dir} is in use .* \(pid {os.getpid()}\)"
         with pytest.raises(ValueError, match=in_use), lock_run_dir(run_dir):
             pass
-        for flags in (["--run-dir", str(run_dir)], ["--resume", str(run_dir)]):
+        branch = ["--branch-from", str(run_dir), "--run-dir", str(tmp_path / "branch")]
+        for flags in (["--run-dir", str(run_dir)], ["--resume", str(run_dir)], branch):
             with pytest.raises(SystemExit) as exit_info:
                 main(["train", "--serial", *flags, "--wandb", "disabled", "--no-live-display"])
             assert exit_info.value.code == 1
-            assert "is in use by another mario train" in " ".join(capsys.readouterr().out.split())
+            text = " ".join(capsys.readouterr().out.split())
+            assert f"{flags[0]} {run_dir} is in use by another mario train" in text
         assert list(run_dir.iterdir()) == [run_dir / RUN_LOCK]  # nothing else was written
     with lock_run_dir(run_dir):  # released when its holder lets go (or dies)
         pass
@@ -148,3 +164,15 @@ def test_a_run_saved_before_the_graphics_option_stays_on_vanilla_graphics():
     del saved["env"]["graphics"]
     assert TrainConfig().env.graphics == "downsample"
     assert config_from_dict(TrainConfig, saved).env.graphics == "vanilla"
+
+
+def test_a_saved_run_is_read_without_the_settings_of_the_invocation_that_saved_it():
+    # --ray-head-cpus without --ray-head-port was ignored once, and saved: a resume must still
+    # read the run (the command line gives this invocation's deployment settings anyway)
+    saved = {**config_to_dict(TrainConfig()), "ray_head_cpus": 4, "ray_dashboard_port": 9000,
+             "total_env_steps": 1_000}  # fmt: skip
+    config = _saved_config({"config": saved})
+    assert (config.ray_head_cpus, config.ray_dashboard_port) == (None, 8265)
+    # a training setting it holds is still validated
+    with pytest.raises(ValueError, match=r"n_step \(0\) must be >= 1"):
+        _saved_config({"config": {**saved, "actor": {**saved["actor"], "n_step": 0}}})

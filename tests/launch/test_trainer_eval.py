@@ -1,11 +1,14 @@
 """The evaluation schedule a checkpoint saves: a round still in flight (the Ray evaluator plays
-it while training goes on) is saved as not yet started, so a resumed run plays it again."""
+it while training goes on) is saved as not yet started, so a resumed run plays it again; and a
+resumed run is done (nothing is started) only once it has its final round."""
+
+import pathlib
 
 import pytest
 
-from launch.config import PreparedRun, TrainConfig
+from launch.config import PreparedRun, TrainConfig, TrainEvalConfig
 from launch.local_backend import LocalBackend
-from launch.trainer import Trainer
+from launch.trainer import Trainer, _budget_spent
 
 
 @pytest.mark.parametrize(
@@ -30,3 +33,26 @@ def test_a_checkpoint_saves_an_unfinished_round_as_not_started(
     resumed = Trainer(PreparedRun(config, tmp_path, checkpoint), LocalBackend(config, tmp_path))
     assert {"eval_round": resumed.eval_round, "next_eval_at": resumed.next_eval_at} == saved
     assert (resumed.next_eval_at <= 160_000) == (in_flight_since is not None)
+
+
+@pytest.mark.parametrize(
+    ("env_steps", "last_eval_at", "every", "branched", "spent"),
+    [
+        (2_000_000, 2_000_000, 50_000, False, True),  # the budget and its final round
+        (2_000_040, 2_000_040, 50_000, False, True),  # (the budget's round is past it)
+        (2_000_000, 1_950_000, 50_000, False, False),  # the final round was cut short
+        (2_000_000, None, 50_000, False, False),  # never evaluated
+        (2_000_000, None, 0, False, True),  # a run that does not evaluate
+        (1_999_990, 1_950_000, 50_000, False, False),  # short of the budget
+        (2_000_000, 2_000_000, 50_000, True, False),  # a branch made now (prepare_run refuses)
+    ],
+)
+def test_a_run_has_spent_its_budget_once_it_has_its_final_evaluation(
+    env_steps, last_eval_at, every, branched, spent
+):
+    config = TrainConfig(total_env_steps=2_000_000, eval=TrainEvalConfig(every_env_steps=every))
+    last_eval = None if last_eval_at is None else {"env_steps": last_eval_at}
+    checkpoint = {"counters": {"env_steps": env_steps}, "trainer": {"last_eval": last_eval}}
+    run = PreparedRun(config, pathlib.Path("runs/x"), checkpoint,
+                      pathlib.Path("runs/parent") if branched else None)  # fmt: skip
+    assert _budget_spent(run) == spent
