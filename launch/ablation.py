@@ -167,9 +167,13 @@ class AblationRunConfig:
     """Print the commands instead of running them."""
 
     def __post_init__(self) -> None:
+        if not self.rows:
+            raise ValueError(f"rows: name at least one row to train; known: {', '.join(ROWS)}")
         _check_rows(self.rows)
         if self.env_steps < 1:
             raise ValueError(f"env_steps ({self.env_steps}) must be >= 1")
+        if self.checkpoint_minutes <= 0:
+            raise ValueError(f"checkpoint_minutes ({self.checkpoint_minutes}) must be > 0")
 
 
 def command(row: str, root: pathlib.Path, env_steps: int, checkpoint_minutes: float) -> list[str]:
@@ -194,7 +198,7 @@ def run(config: AblationRunConfig) -> list[list[str]]:
         if row_done(config.root.expanduser() / row, config.env_steps):
             print(f"row {row}: done (evaluated at its budget); skipped", flush=True)
             continue
-        if not _train(args):
+        if not _train(row, args):
             break
     return commands
 
@@ -208,7 +212,7 @@ def row_done(run_dir: pathlib.Path, env_steps: int) -> bool:
         return False
 
 
-def _train(args: list[str]) -> bool:
+def _train(row: str, args: list[str]) -> bool:
     """Runs one row's `mario train`; SIGINT/SIGTERM go to it (it checkpoints and ends), and no
     later row starts. Returns whether to go on."""
     process = subprocess.Popen([sys.executable, "-m", "launch.cli", *args])
@@ -224,8 +228,8 @@ def _train(args: list[str]) -> bool:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    if code != 0 and not stopped:
-        raise subprocess.CalledProcessError(code, ["mario", *args])
+    if code != 0 and not stopped:  # its own error is printed above; later rows do not start
+        raise ChildProcessError(f"row {row}: mario train exited with {code} (its error is above)")
     return not stopped
 
 
@@ -250,6 +254,8 @@ class AblationReportConfig:
 
     def __post_init__(self) -> None:
         _check_rows(self.rows)
+        if self.env_steps < 1:
+            raise ValueError(f"env_steps ({self.env_steps}) must be >= 1")
 
 
 def training_episodes(records: list[dict], env_steps: int) -> list[dict]:

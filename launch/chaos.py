@@ -30,6 +30,7 @@ import os
 import pathlib
 import random
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -52,7 +53,7 @@ class ChaosConfig:
     """Train for --minutes while SIGKILLing a random role every --every-s seconds; check after."""
 
     run_dir: pathlib.Path = pathlib.Path("runs/chaos")
-    """The run directory (emptied first)."""
+    """The run directory: a new one, or an earlier chaos run's (emptied first)."""
     minutes: float = 5.0
     """How long the run trains under fire."""
     every_s: float = 30.0
@@ -79,6 +80,10 @@ class ChaosConfig:
             raise ValueError(f"kills ({self.kills}) must be >= 1")
         if self.recover_s < 0:
             raise ValueError(f"recover_s ({self.recover_s}) must be >= 0")
+        try:
+            shlex.split(self.train_args)
+        except ValueError as error:
+            raise ValueError(f"train_args {self.train_args!r}: {error}") from None
 
 
 def _role_pids(driver: int, title: str) -> list[int]:
@@ -95,20 +100,36 @@ def _role_pids(driver: int, title: str) -> list[int]:
     return pids
 
 
+CHAOS_LOG = "chaos-train.log"
+
+
 def run(config: ChaosConfig) -> dict:
     run_dir = config.run_dir
-    if run_dir.exists():
-        subprocess.run(["rm", "-rf", str(run_dir)], check=True)
+    if run_dir.exists():  # only an earlier chaos run's directory is emptied
+        if not run_dir.is_dir() or (any(run_dir.iterdir()) and not (run_dir / CHAOS_LOG).exists()):
+            raise ValueError(
+                f"run_dir {run_dir} exists and is not an earlier chaos run's directory (it has "
+                f"no {CHAOS_LOG}): chaos empties its run directory, so pick a new one"
+            )
+        shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
+    server = EmbeddedRedis(data_dir=run_dir.parent / f"{run_dir.name}-redis")
+    try:
+        return _run_under_fire(config, server)
+    finally:
+        server.stop()  # also when the run went wrong: no redis-server is left behind
+
+
+def _run_under_fire(config: ChaosConfig, server: EmbeddedRedis) -> dict:
+    run_dir = config.run_dir
     rng = random.Random(config.seed)
     order = rng.sample(config.roles, len(config.roles))  # every role in turn, in a random order
-    server = EmbeddedRedis(data_dir=run_dir.parent / f"{run_dir.name}-redis")
     keys = RedisKeys(run_dir.name)
     client = connect(server.url)
     command = [sys.executable, "-m", "launch.cli", "train", "--redis-url", server.url,
                "--run-dir", str(run_dir), "--total-env-steps", "1000000000", "--no-live-display",
                "--wandb", "offline", *shlex.split(config.train_args)]  # fmt: skip
-    log = (run_dir / "chaos-train.log").open("w")
+    log = (run_dir / CHAOS_LOG).open("w")
     driver = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     kills: list[dict] = []
     backwards: list[str] = []
@@ -188,6 +209,9 @@ def run(config: ChaosConfig) -> dict:
             driver.kill()
             driver.wait()
         log.close()
+    if exit_code != 0:
+        tail = (run_dir / CHAOS_LOG).read_text(errors="replace")[-2000:]
+        logger.error("mario train exited with %d; the end of %s:\n%s", exit_code, CHAOS_LOG, tail)
     # What the run left: its counters and the stream (the chunks no shard took), in this Redis.
     server.restart_if_dead()
     final = read_counters() or {}

@@ -21,7 +21,7 @@ import tyro
 from common.config import EnvConfig, NetworkConfig
 from common.mario_env import make_env
 from common.networks import build_network
-from launch.model import load_policy
+from launch.model import is_model_dir, load_policy
 
 logger = logging.getLogger("eval")
 VIDEO_FPS = 15  # one frame per agent step (4 emulator frames at 60 Hz)
@@ -91,7 +91,8 @@ class EvalConfig:
     video_all: bool = False
     """Write an mp4 of every episode (default: only the best one)."""
     out: pathlib.Path | None = None
-    """Folder for videos and eval.json (default: <run dir>/eval)."""
+    """Folder for videos and eval.json (default: <run dir>/eval; for a model folder
+    runs/eval/<its name>, since its own eval/ is the evaluation its card records)."""
 
     def __post_init__(self) -> None:
         if self.episodes < 1:
@@ -235,6 +236,8 @@ def evaluate(config: EvalConfig) -> dict:
     )
     model_path = pathlib.Path(config.checkpoint)
     out = config.out or (model_path if model_path.is_dir() else model_path.parent) / "eval"
+    if config.out is None and is_model_dir(model_path):
+        out = pathlib.Path("runs") / "eval" / model_path.resolve().name
     out.mkdir(parents=True, exist_ok=True)
     evaluator = Evaluator(env_config, network_config)
     weights = policy.weights

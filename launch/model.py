@@ -18,14 +18,22 @@ import dataclasses
 import datetime
 import json
 import pathlib
+import shutil
 
 import imageio.v2 as imageio
 import torch
 import tyro
 
 from common.config import EnvConfig, NetworkConfig, config_from_dict
+from common.networks import build_network
 from launch.plots import describe_milestones, load_metrics, milestones, read_jsonl
-from learner.checkpoint import BEST_NAME, CHECKPOINT_NAME, CheckpointError, load_checkpoint
+from learner.checkpoint import (
+    BEST_NAME,
+    CHECKPOINT_NAME,
+    SET_DIR_KEY,
+    CheckpointError,
+    load_checkpoint,
+)
 
 MODEL_WEIGHTS = "model.pt"
 MODEL_CONFIG = "config.json"
@@ -70,17 +78,36 @@ def load_policy(path: pathlib.Path, last: bool = False) -> Policy:
     if is_model_dir(path):
         return _load_model_dir(path)
     checkpoint = resolve_checkpoint(path, last)
-    if checkpoint.is_dir():
-        checkpoint = checkpoint / CHECKPOINT_NAME
+    # a run directory's newest whole set (checked against its manifest; previous/ if torn)
     payload = load_checkpoint(checkpoint)
+    if checkpoint.is_dir():
+        checkpoint = pathlib.Path(payload[SET_DIR_KEY]) / CHECKPOINT_NAME
     config = payload["config"]
-    return Policy(
+    return _checked(Policy(
         env=config_from_dict(EnvConfig, config["env"], f"{checkpoint} config.env"),
         network=config_from_dict(NetworkConfig, config["network"], f"{checkpoint} config.network"),
         weights=payload["learner"]["online"],
         source=checkpoint,
         env_steps=int(payload["counters"]["env_steps"]),
-    )
+    ))  # fmt: skip
+
+
+def _checked(policy: Policy) -> Policy:
+    """The policy, once its weights are known to fit the network its config describes.
+
+    Raises:
+        CheckpointError: naming the file and the first weights that do not fit.
+    """
+    network = build_network(policy.network, policy.env.num_actions, policy.env.frame_stack)
+    try:
+        network.load_state_dict(policy.weights)
+    except RuntimeError as error:  # missing, unexpected or mis-shaped weights
+        first = str(error).strip().splitlines()[:2]
+        raise CheckpointError(
+            f"the weights in {policy.source} do not fit the network its config describes "
+            f"(env.action_set, env.frame_stack, network.*): {' '.join(first)}"
+        ) from error
+    return policy
 
 
 def _load_model_dir(path: pathlib.Path) -> Policy:
@@ -104,13 +131,13 @@ def _load_model_dir(path: pathlib.Path) -> Policy:
         card = json.loads(card_path.read_text()) if card_path.is_file() else {}
     except (OSError, json.JSONDecodeError) as error:
         raise CheckpointError(f"cannot read the model card {card_path}: {error!r}") from error
-    return Policy(
+    return _checked(Policy(
         env=env,
         network=network,
         weights={name: tensor.float() for name, tensor in weights.items()},
         source=weights_path,
         env_steps=card.get("training", {}).get("env_steps"),
-    )
+    ))  # fmt: skip
 
 
 # -- export ---------------------------------------------------------------------------------------
@@ -131,6 +158,8 @@ class ExportConfig:
     0: none)."""
     seed: int = 1000
     """Seed of the final evaluation's first episode."""
+    force: bool = False
+    """Replace the model folder --out if it is one already (its files and its evaluation)."""
 
     def __post_init__(self) -> None:
         if self.eval_episodes < 0:
@@ -141,16 +170,26 @@ def export(config: ExportConfig) -> dict:
     """Writes the model folder; returns its card."""
     from launch.evaluate import EvalConfig, evaluate
 
-    run_dir = pathlib.Path(config.run)
+    run_dir, out = pathlib.Path(config.run), pathlib.Path(config.out)
     if not run_dir.is_dir():
         raise CheckpointError(f"{run_dir} is not a run directory")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out ({out}) is a file, not a model folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not is_model_dir(out):
+            raise ValueError(f"out ({out}) holds files and is not a model folder: pick a new or "
+                             "empty --out")  # fmt: skip
+        if not config.force:
+            raise ValueError(f"out ({out}) is a model folder already: give --force to replace "
+                             "it, or pick another --out")  # fmt: skip
     policy = load_policy(run_dir, config.last)
     checkpoint = policy.source
     payload = load_checkpoint(checkpoint)
     weights = {name: tensor.detach().cpu().float().contiguous()
                for name, tensor in policy.weights.items()}  # fmt: skip
-    out = pathlib.Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if is_model_dir(out):  # --force: nothing of the model it replaces stays (its evaluation)
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
     tmp = out / (MODEL_WEIGHTS + ".tmp")
     torch.save(weights, tmp)
     size = tmp.stat().st_size

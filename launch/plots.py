@@ -25,6 +25,12 @@ class PlotConfig:
     table: bool = False
     """Also print each run's evaluation rounds as a Markdown table."""
 
+    def __post_init__(self) -> None:
+        if not self.run_dirs:
+            raise ValueError("run_dirs: give at least one run directory to plot")
+        if self.window < 1:
+            raise ValueError(f"window ({self.window}) must be >= 1 episode")
+
 
 def load_metrics(run_dir: pathlib.Path) -> list[dict]:
     """The run's metric records; a line that is not JSON (a torn last write) is skipped."""

@@ -40,6 +40,15 @@ class StatusConfig:
 def _resolve(config: StatusConfig) -> tuple[pathlib.Path | None, str | None, str]:
     """(run directory, Redis URL or None, run id)."""
     run_dir = config.run_dir
+    if run_dir is None and config.run_id is not None:  # runs/<run id>, not the newest run
+        named = pathlib.Path("runs") / config.run_id
+        if named.is_dir():
+            run_dir = named
+        elif config.redis_url is None:
+            raise FileNotFoundError(
+                f"no run directory {named} for run_id {config.run_id!r}: pass --run-dir, or "
+                "--redis-url with the run id"
+            )
     if run_dir is None and (config.redis_url is None or config.run_id is None):
         runs = pathlib.Path("runs")
         candidates = sorted(

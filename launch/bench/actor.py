@@ -12,6 +12,7 @@ import torch
 
 from actors.actor import ActorConfig, ActorCore, slot_epsilons
 from common.config import EnvConfig, NetworkConfig, recipe_network
+from launch.bench.cpu import check_cpu
 from launch.bench.env import raw_emulator_fps
 from launch.config import recipe_actor, recipe_env
 
@@ -29,6 +30,11 @@ class BenchActorConfig:
     """CPU core to pin to (None: do not pin); torch uses one thread."""
     out: pathlib.Path = pathlib.Path("runs/bench/actor.json")
     """Where the JSON result is written."""
+
+    def __post_init__(self) -> None:
+        if self.seconds <= 0:
+            raise ValueError(f"seconds ({self.seconds}) must be > 0")
+        check_cpu(self.cpu)
 
 
 def run(config: BenchActorConfig) -> dict:

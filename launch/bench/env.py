@@ -13,6 +13,7 @@ from gym_super_mario_bros.smb_env import SuperMarioBrosEnv
 
 from common.config import EnvConfig
 from common.mario_env import action_bytes, make_env
+from launch.bench.cpu import check_cpu
 from launch.config import recipe_env
 
 
@@ -35,6 +36,7 @@ class BenchEnvConfig:
     def __post_init__(self) -> None:
         if self.seconds <= 0:
             raise ValueError(f"seconds ({self.seconds}) must be > 0")
+        check_cpu(self.cpu)
 
 
 def raw_emulator_fps(level: tuple[int, int], seconds: float) -> float:

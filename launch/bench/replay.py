@@ -11,6 +11,7 @@ import time
 import numpy as np
 
 from common.experience import synthetic_chunk
+from launch.bench.cpu import check_cpu
 from replay_server.replay import PrioritizedReplay, ReplayConfig
 
 
@@ -30,6 +31,19 @@ class BenchReplayConfig:
     """CPU core to pin to (None: do not pin)."""
     out: pathlib.Path = pathlib.Path("runs/bench/replay.json")
     """Where the JSON result is written."""
+
+    def __post_init__(self) -> None:
+        for name in ("chunk_length", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} ({getattr(self, name)}) must be >= 1")
+        if self.capacity < max(self.chunk_length, self.batch_size):
+            raise ValueError(
+                f"capacity ({self.capacity}) must hold a chunk (chunk_length "
+                f"{self.chunk_length}) and a batch (batch_size {self.batch_size})"
+            )
+        if self.sample_seconds <= 0:
+            raise ValueError(f"sample_seconds ({self.sample_seconds}) must be > 0")
+        check_cpu(self.cpu)
 
 
 def run(config: BenchReplayConfig) -> dict:

@@ -22,6 +22,9 @@ def _default_train() -> TrainConfig:
     return TrainConfig(replay=replay)
 
 
+MIN_SECONDS = 40.0
+
+
 @dataclasses.dataclass(frozen=True)
 class BenchSystemConfig:
     """Measure the whole trainer: distributed vs serial, each for the same time."""
@@ -33,6 +36,11 @@ class BenchSystemConfig:
     """Measure only the distributed mode."""
     out: pathlib.Path = pathlib.Path("runs/bench/system.json")
     """Where the JSON result is written."""
+
+    def __post_init__(self) -> None:
+        if self.seconds < MIN_SECONDS:  # metrics every 5 s; a quarter of the time is warm-up
+            raise ValueError(f"seconds ({self.seconds}) must be >= {MIN_SECONDS}, to log enough "
+                             "metric records to measure after the warm-up")  # fmt: skip
 
 
 def _window(records: list[dict], time_key: str) -> tuple[dict, dict] | None:

@@ -392,7 +392,9 @@ def test_commands_that_need_no_ray_do_not_import_it(trained_run, tmp_path):
     assert (tmp_path / "e.json").exists() and (tmp_path / "a.json").exists()  # all of them ran
 
 
-def test_export_writes_a_model_folder_that_eval_and_play_take(trained_run, tmp_path, capsys):
+def test_export_writes_a_model_folder_that_eval_and_play_take(
+    trained_run, tmp_path, capsys, monkeypatch
+):
     import imageio.v2 as imageio
 
     out = tmp_path / "smb-test"
@@ -419,10 +421,23 @@ def test_export_writes_a_model_folder_that_eval_and_play_take(trained_run, tmp_p
     last_weights = torch.load(last / "model.pt", weights_only=True)
     assert all(torch.equal(last_weights[k], final["learner"]["online"][k]) for k in last_weights)
 
+    # a model folder is replaced only on demand
+    with pytest.raises(SystemExit):
+        main(["export", str(trained_run), "--out", str(last), "--eval-episodes", "0"])
+    assert f"out ({last}) is a model folder already: give --force" in " ".join(
+        capsys.readouterr().out.split()
+    )
+    main(["export", str(trained_run), "--out", str(last), "--eval-episodes", "0", "--force"])
+    assert json.loads((last / "model_card.json").read_text())["source"]["checkpoint"] == "best.pt"
+
+    # eval of a model folder leaves the folder's own evaluation (its card's) as it was
+    card_eval = (out / "eval" / "eval.json").read_bytes()
+    monkeypatch.chdir(tmp_path)
     main(["eval", str(out), "--episodes", "1", "--max-episode-steps", "30"])
-    summary = json.loads((out / "eval" / "eval.json").read_text())
+    summary = json.loads((tmp_path / "runs" / "eval" / "smb-test" / "eval.json").read_text())
     assert summary["checkpoint"] == str(out / "model.pt")
     assert summary["env_steps_trained"] == card["training"]["env_steps"]
+    assert (out / "eval" / "eval.json").read_bytes() == card_eval
 
     gif, mp4 = tmp_path / "play.gif", tmp_path / "play.mp4"
     main(["play", str(out), "--out", str(gif), "--max-episode-steps", "12", "--frame-every", "2"])

@@ -5,6 +5,8 @@ import json
 import pytest
 import torch
 
+from common.config import EnvConfig, NetworkConfig
+from common.networks import build_network
 from launch.cli import main
 from launch.model import MODEL_CONFIG, MODEL_WEIGHTS, PlayConfig, load_policy
 from learner.checkpoint import CheckpointError
@@ -40,10 +42,13 @@ def test_a_bad_model_folder_is_an_error_naming_the_file(tmp_path, weights, confi
 def test_a_model_folder_loads_as_float32(tmp_path):
     folder = tmp_path / "model"
     folder.mkdir()
-    torch.save({"w": torch.ones(3, dtype=torch.float16)}, folder / MODEL_WEIGHTS)
+    env = EnvConfig(level="1-2")
+    network = build_network(NetworkConfig(), env.num_actions, env.frame_stack)
+    torch.save({k: v.half() for k, v in network.state_dict().items()}, folder / MODEL_WEIGHTS)
     (folder / MODEL_CONFIG).write_text(json.dumps({"env": {"level": "1-2"}, "network": {}}))
     policy = load_policy(folder)
-    assert policy.weights["w"].dtype == torch.float32 and policy.env.level == "1-2"
+    assert all(w.dtype == torch.float32 for w in policy.weights.values())
+    assert policy.env.level == "1-2"
     assert policy.source == folder / MODEL_WEIGHTS and policy.env_steps is None
 
 

@@ -1,0 +1,98 @@
+"""Bad input to the commands other than `mario train`: a clear error that names the value, and
+nothing already there is lost (the train command's own are in tests/launch/test_train_config.py
+and tests/e2e)."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from common.config import EnvConfig, NetworkConfig
+from common.networks import build_network
+from launch.cli import main
+
+
+def _error(argv, capsys) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    printed = capsys.readouterr()
+    return exit_info.value.code, " ".join((printed.out + printed.err).split())
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "message"),
+    [
+        (["plot"], 2, "run_dirs: give at least one run directory"),
+        (["plot", "{tmp}", "--window", "0"], 2, "window (0) must be >= 1 episode"),
+        (["ablation", "run"], 2, "rows: name at least one row to train; known: base"),
+        (["ablation", "run", "base", "--checkpoint-minutes", "0"], 2,
+         "checkpoint_minutes (0.0) must be > 0"),
+        (["ablation", "report", "--env-steps", "-5"], 2, "env_steps (-5) must be >= 1"),
+        (["bench", "replay", "--chunk-length", "0"], 2, "chunk_length (0) must be >= 1"),
+        (["bench", "replay", "--capacity", "100"], 2,
+         "capacity (100) must hold a chunk (chunk_length 100) and a batch (batch_size 512)"),
+        (["bench", "replay", "--sample-seconds", "0"], 2, "sample_seconds (0.0) must be > 0"),
+        (["bench", "replay", "--cpu", "4096"], 2, "cpu (4096) is not a core this process may"),
+        (["bench", "actor", "--seconds", "0"], 2, "seconds (0.0) must be > 0"),
+        (["bench", "env", "--cpu", "4096"], 2, "cpu (4096) is not a core this process may"),
+        (["bench", "system", "--seconds", "10"], 2, "seconds (10.0) must be >= 40.0"),
+        (["chaos", '--train-args=--seed "1'], 2,
+         "train_args '--seed \"1': No closing quotation"),
+        (["status", "--run-id", "no-such-run"], 1,
+         "no run directory runs/no-such-run for run_id 'no-such-run': pass --run-dir"),
+    ],
+)  # fmt: skip
+def test_a_bad_argument_is_a_clear_error_naming_it(argv, code, message, tmp_path, capsys,
+                                                   monkeypatch):  # fmt: skip
+    monkeypatch.chdir(tmp_path)  # `runs/` is the test's own
+    argv = [arg.format(tmp=tmp_path) for arg in argv]
+    got_code, text = _error(argv, capsys)
+    assert got_code == code and message in text, text
+
+
+def test_chaos_refuses_a_directory_that_is_not_an_earlier_chaos_run(tmp_path, capsys):
+    run = tmp_path / "precious"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(b"weeks of training")
+    code, text = _error(["chaos", "--run-dir", str(run), "--minutes", "0.1"], capsys)
+    assert code == 1
+    assert f"run_dir {run} exists and is not an earlier chaos run's directory" in text
+    assert (run / "checkpoint.pt").read_bytes() == b"weeks of training"
+
+
+def test_export_replaces_only_a_model_folder_and_only_with_force(tmp_path, capsys):
+    run, out = tmp_path / "run", tmp_path / "notes"
+    run.mkdir()
+    out.mkdir()
+    (out / "todo.txt").write_text("mine")
+    code, text = _error(["export", str(run), "--out", str(out), "--force"], capsys)
+    assert code == 1
+    assert f"out ({out}) holds files and is not a model folder: pick a new or empty --out" in text
+    assert (out / "todo.txt").read_text() == "mine"
+
+
+def test_weights_that_do_not_fit_the_config_are_named_before_anything_is_written(tmp_path, capsys):
+    model = tmp_path / "model"
+    model.mkdir()
+    env, network = EnvConfig(), NetworkConfig()
+    torch.save(build_network(network, env.num_actions, env.frame_stack).state_dict(),
+               model / "model.pt")  # fmt: skip
+    wider = dataclasses.replace(network, hidden=network.hidden * 2)
+    (model / "config.json").write_text(json.dumps(
+        {"env": dataclasses.asdict(env), "network": dataclasses.asdict(wider)}))  # fmt: skip
+    for argv in (["eval", str(model), "--out", str(tmp_path / "eval")],
+                 ["play", str(model), "--out", str(tmp_path / "play.gif")]):  # fmt: skip
+        code, text = _error(argv, capsys)
+        assert code == 1
+        assert f"the weights in {model / 'model.pt'} do not fit the network its config" in text
+        assert "size mismatch" in text
+    assert not (tmp_path / "eval").exists() and not (tmp_path / "play.gif").exists()
+
+
+def test_a_row_whose_training_fails_ends_the_ablation_with_the_row_named(tmp_path, capsys):
+    root = tmp_path / "not-a-directory"
+    root.write_text("")  # the row's `mario train --run-dir <root>/base` fails at once
+    code, text = _error(["ablation", "run", "base", "--root", str(root)], capsys)
+    assert code == 1
+    assert "row base: mario train exited with 1 (its error is above)" in text
