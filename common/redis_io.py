@@ -270,6 +270,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def check_redis_url(url: str | None) -> None:
+    """Raises ValueError, naming it, unless `url` (a --redis-url) is None or a Redis URL."""
+    if url is not None and not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError(f"redis_url {url!r} must start with redis://, rediss:// or unix://")
+
+
 class EmbeddedRedis:
     """A redis-server child process on a free loopback port; stop() ends it.
 

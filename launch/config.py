@@ -28,7 +28,7 @@ from common.config import (
     config_to_dict,
     recipe_network,
 )
-from common.redis_io import RedisConfig
+from common.redis_io import RedisConfig, check_redis_url
 from launch.evaluate import TrainEvalConfig
 from learner.checkpoint import (
     BEST_NAME,
@@ -187,12 +187,7 @@ class TrainConfig:
     """CPU threads for the learner's torch (0: torch's default)."""
 
     def __post_init__(self) -> None:
-        if self.redis_url is not None and not self.redis_url.startswith(
-            ("redis://", "rediss://", "unix://")
-        ):
-            raise ValueError(
-                f"redis_url {self.redis_url!r} must start with redis://, rediss:// or unix://"
-            )
+        check_redis_url(self.redis_url)
         if self.ray_head_port is not None and self.ray_address is not None:
             raise ValueError(
                 f"ray_head_port ({self.ray_head_port}) and ray_address ({self.ray_address!r}) "

@@ -99,6 +99,8 @@ class EvalConfig:
             raise ValueError(f"episodes ({self.episodes}) must be >= 1")
         if not 0 <= self.epsilon <= 1:
             raise ValueError(f"epsilon ({self.epsilon}) must be in [0, 1]")
+        if self.max_episode_steps is not None and self.max_episode_steps < 1:
+            raise ValueError(f"max_episode_steps ({self.max_episode_steps}) must be >= 1")
 
 
 def _writer(path: pathlib.Path):

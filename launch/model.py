@@ -356,6 +356,8 @@ class PlayConfig:
             raise ValueError(f"sticky_action_prob ({self.sticky_action_prob}) must be in [0, 1)")
         if self.frame_every < 1:
             raise ValueError(f"frame_every ({self.frame_every}) must be >= 1")
+        if self.max_episode_steps is not None and self.max_episode_steps < 1:
+            raise ValueError(f"max_episode_steps ({self.max_episode_steps}) must be >= 1")
 
 
 class _EveryKth:

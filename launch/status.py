@@ -13,7 +13,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
-from common.redis_io import RedisConfig, RedisKeys, connect
+from common.redis_io import RedisConfig, RedisKeys, check_redis_url, connect
 from common.wire import decode_record
 
 STATUS_FILE = "status.json"  # rewritten every second by the trainer (launch.trainer)
@@ -35,6 +35,9 @@ class StatusConfig:
     """Health check (a container's HEALTHCHECK): exit 1 unless the learner and at least one actor
     sent a heartbeat within this many seconds."""
     redis: RedisConfig = dataclasses.field(default_factory=RedisConfig)
+
+    def __post_init__(self) -> None:
+        check_redis_url(self.redis_url)
 
 
 def _resolve(config: StatusConfig) -> tuple[pathlib.Path | None, str | None, str]:
