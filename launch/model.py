@@ -61,7 +61,8 @@ def is_model_dir(path: pathlib.Path) -> bool:
 
 def resolve_checkpoint(path: pathlib.Path, last: bool = False) -> pathlib.Path:
     """A run directory's best weights (best.pt) unless `last` or there are none yet; else the
-    path as given (a checkpoint file, or a run directory's checkpoint.pt)."""
+    path as given (a checkpoint file, or a run directory, whose newest whole checkpoint set
+    load_checkpoint reads)."""
     path = pathlib.Path(path)
     if path.is_dir() and not last and (path / BEST_NAME).is_file():
         return path / BEST_NAME
@@ -187,16 +188,17 @@ def export(config: ExportConfig) -> dict:
     payload = load_checkpoint(checkpoint)
     weights = {name: tensor.detach().cpu().float().contiguous()
                for name, tensor in policy.weights.items()}  # fmt: skip
-    if is_model_dir(out):  # --force: nothing of the model it replaces stays (its evaluation)
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    tmp = out / (MODEL_WEIGHTS + ".tmp")
-    torch.save(weights, tmp)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.{MODEL_WEIGHTS}.tmp"  # beside it: the old model stays
+    torch.save(weights, tmp)  # until the new weights are written and within the limit
     size = tmp.stat().st_size
     if size > MAX_WEIGHTS_BYTES:
         tmp.unlink()
         raise ValueError(f"the weights are {size:,} bytes, over the {MAX_WEIGHTS_BYTES:,} a "
                          "shipped model may have: train a smaller --network")  # fmt: skip
+    if is_model_dir(out):  # --force: nothing of the model it replaces stays (its evaluation)
+        shutil.rmtree(out)
+    out.mkdir(exist_ok=True)
     tmp.replace(out / MODEL_WEIGHTS)
     model_config = {"env": dataclasses.asdict(policy.env),
                     "network": dataclasses.asdict(policy.network)}  # fmt: skip
@@ -232,7 +234,8 @@ def export(config: ExportConfig) -> dict:
         summary = evaluate(EvalConfig(checkpoint=out, episodes=config.eval_episodes,
                                       seed=config.seed, out=out / "eval"))  # fmt: skip
         card["final_eval"] = {
-            "command": f"mario eval {out} --episodes {config.eval_episodes} --seed {config.seed}",
+            "command": f"mario eval {out} --episodes {config.eval_episodes} --seed {config.seed} "
+            f"--out {out / 'eval'}",
             **{k: summary[k] for k in ("episodes", "flag_rate", "max_x_pos_mean",
                                        "max_x_pos_median", "sticky_action_prob", "noop_max")},
             "per_episode": [{k: e[k] for k in ("seed", "flag_get", "max_x_pos", "length")}

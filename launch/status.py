@@ -24,7 +24,8 @@ class StatusConfig:
     """Show a run's counters, rates, heartbeats and lags."""
 
     run_dir: pathlib.Path | None = None
-    """Run directory (its redis_url file and name locate the run); default: newest in runs/."""
+    """Run directory (its redis_url file and name locate the run); default: runs/<run id> with
+    --run-id, else the newest in runs/."""
     redis_url: str | None = None
     """Redis URL (default: the one the run wrote to <run dir>/redis_url)."""
     run_id: str | None = None

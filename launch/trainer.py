@@ -177,7 +177,16 @@ class _Every:
 class Trainer:
     """Runs one prepared run over a backend until its budget is spent or a stop signal."""
 
-    def __init__(self, run: PreparedRun, backend: Backend, console: Console | None = None):
+    def __init__(
+        self,
+        run: PreparedRun,
+        backend: Backend,
+        console: Console | None = None,
+        command: list[str] | None = None,
+    ):
+        """`command`: the command line, recorded in the run's invocations.jsonl once the roles
+        have started (a start that is refused trained nothing)."""
+        self.run_prepared, self.command = run, command
         self.config: TrainConfig = run.config
         self.run_dir = run.run_dir
         self.checkpoint = run.checkpoint
@@ -230,6 +239,7 @@ class Trainer:
             # A stop signal during the start ends the run right after it, cleanly.
             stop = self._stop = resources.enter_context(StopSignals())
             self.backend.start(resources, self.checkpoint)
+            record_invocation(self.run_prepared, self.command)
             stop.install()  # ray.init installed a SIGTERM handler of its own: ours must win
             self._metrics = MetricsLogger(
                 self.run_dir, config_to_dict(config), config.wandb, resume=bool(self.checkpoint)
@@ -650,7 +660,6 @@ def _train(run: PreparedRun, console: Console | None, command: list[str] | None)
         if _budget_spent(run):
             return _nothing_to_train(run, console or Console())
         log_lost_work(run)
-    record_invocation(run, command)
     if run.config.serial:
         from launch.local_backend import LocalBackend
 
@@ -661,7 +670,7 @@ def _train(run: PreparedRun, console: Console | None, command: list[str] | None)
         # a branch's first start is a new run too: what Redis holds under its name is not its
         new_run = run.checkpoint is None or run.branched_from is not None
         backend = RayBackend(run.config, run.run_dir, new_run=new_run)
-    return Trainer(run, backend, console).run()
+    return Trainer(run, backend, console, command).run()
 
 
 def _budget_spent(run: PreparedRun) -> bool:
@@ -678,9 +687,10 @@ def _nothing_to_train(run: PreparedRun, console: Console) -> dict:
     """Nothing is started (a service that restarts the run, docker compose or a RayJob, finds
     it done); the way to train on is a larger budget."""
     counters = run.checkpoint["counters"]
+    evaluated = " and has its final evaluation" if run.config.eval.every_env_steps else ""
     console.print(
         f"run {run.run_dir} has spent its budget ({counters['env_steps']:,} of "
-        f"--total-env-steps {run.config.total_env_steps:,} env steps) and has its final "
-        "evaluation: nothing to train. Give a larger --total-env-steps to go on."
+        f"--total-env-steps {run.config.total_env_steps:,} env steps){evaluated}: nothing to "
+        "train. Give a larger --total-env-steps to go on."
     )
     return {"run_dir": str(run.run_dir), **counters}

@@ -229,6 +229,7 @@ def test_a_new_run_on_a_redis_that_holds_its_name_is_refused_or_starts_from_zero
     text = " ".join(capsys.readouterr().out.split())
     assert f"Redis {redis_url} is in use by the run in /elsewhere/named" in text
     assert not (run_dir / "checkpoint.pt").exists() and not ray.is_initialized()
+    assert not (run_dir / "invocations.jsonl").exists()  # a start that was refused trained nothing
     # That run ended; an earlier start of this one died before its first checkpoint, leaving
     # counters and experience in this Redis (it persists): the new run starts from 0.
     client.delete(keys.driver)

@@ -429,6 +429,10 @@ def test_export_writes_a_model_folder_that_eval_and_play_take(
     )
     main(["export", str(trained_run), "--out", str(last), "--eval-episodes", "0", "--force"])
     assert json.loads((last / "model_card.json").read_text())["source"]["checkpoint"] == "best.pt"
+    empty = tmp_path / "empty"
+    empty.mkdir()  # an empty folder is a new one
+    main(["export", str(trained_run), "--out", str(empty), "--eval-episodes", "0"])
+    assert (empty / "model.pt").is_file() and not list(tmp_path.glob(".*.tmp"))
 
     # eval of a model folder leaves the folder's own evaluation (its card's) as it was
     card_eval = (out / "eval" / "eval.json").read_bytes()
