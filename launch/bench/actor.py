@@ -12,7 +12,7 @@ import torch
 
 from actors.actor import ActorConfig, ActorCore, slot_epsilons
 from common.config import EnvConfig, NetworkConfig, recipe_network
-from launch.bench.cpu import check_cpu
+from launch.bench.checks import check_cpu, prepare_out
 from launch.bench.env import raw_emulator_fps
 from launch.config import recipe_actor, recipe_env
 
@@ -38,6 +38,7 @@ class BenchActorConfig:
 
 
 def run(config: BenchActorConfig) -> dict:
+    prepare_out(config.out)
     if config.cpu is not None:
         os.sched_setaffinity(0, {config.cpu})
     torch.set_num_threads(1)

@@ -13,7 +13,7 @@ from gym_super_mario_bros.smb_env import SuperMarioBrosEnv
 
 from common.config import EnvConfig
 from common.mario_env import action_bytes, make_env
-from launch.bench.cpu import check_cpu
+from launch.bench.checks import check_cpu, prepare_out
 from launch.config import recipe_env
 
 
@@ -98,6 +98,7 @@ def _pipeline_rates(config: EnvConfig, seconds: float, seed: int) -> tuple[float
 
 def run(config: BenchEnvConfig) -> dict:
     """Runs the three measurements and returns (and writes) the result."""
+    prepare_out(config.out)
     if config.cpu is not None:
         os.sched_setaffinity(0, {config.cpu})
     level = config.env.levels[0]

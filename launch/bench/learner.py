@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from common.config import NetworkConfig, recipe_network
+from launch.bench.checks import prepare_out
 from learner.learner import Learner, LearnerConfig
 from replay_server.replay import Sample
 
@@ -108,6 +109,7 @@ def measure(
 
 
 def run(config: BenchLearnerConfig) -> dict:
+    prepare_out(config.out)
     devices = [d for d in config.devices if d == "cpu" or torch.cuda.is_available()]
     rows = []
     for device in devices:

@@ -11,7 +11,7 @@ import time
 import numpy as np
 
 from common.experience import synthetic_chunk
-from launch.bench.cpu import check_cpu
+from launch.bench.checks import check_cpu, prepare_out
 from replay_server.replay import PrioritizedReplay, ReplayConfig
 
 
@@ -47,6 +47,7 @@ class BenchReplayConfig:
 
 
 def run(config: BenchReplayConfig) -> dict:
+    prepare_out(config.out)
     if config.cpu is not None:
         os.sched_setaffinity(0, {config.cpu})
     rng = np.random.default_rng(0)

@@ -10,6 +10,7 @@ import tempfile
 import numpy as np
 from rich.console import Console
 
+from launch.bench.checks import prepare_out
 from launch.config import TrainConfig, recipe_replay
 from launch.plots import load_metrics
 from launch.trainer import train
@@ -80,6 +81,7 @@ def measure(run_dir: pathlib.Path, batch_size: int) -> dict:
 
 
 def run(config: BenchSystemConfig, console: Console) -> dict:
+    prepare_out(config.out)
     batch = config.train.learner.batch_size
     base = dataclasses.replace(
         config.train,

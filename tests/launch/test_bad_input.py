@@ -35,6 +35,9 @@ def _error(argv, capsys) -> tuple[int, str]:
         (["bench", "replay", "--sample-seconds", "0"], 2, "sample_seconds (0.0) must be > 0"),
         (["bench", "replay", "--cpu", "4096"], 2, "cpu (4096) is not a core this process may"),
         (["bench", "actor", "--seconds", "0"], 2, "seconds (0.0) must be > 0"),
+        # a bad --out is found before the measurement, not after it
+        (["bench", "replay", "--out", "{tmp}"], 1, "is a directory: give the path of the JSON"),
+        (["bench", "learner", "--out", "{file}/x.json"], 1, "[Errno 17] File exists"),
         (["bench", "env", "--cpu", "4096"], 2, "cpu (4096) is not a core this process may"),
         (["bench", "system", "--seconds", "10"], 2, "seconds (10.0) must be >= 40.0"),
         (["chaos", '--train-args=--seed "1'], 2,
@@ -51,7 +54,8 @@ def _error(argv, capsys) -> tuple[int, str]:
 def test_a_bad_argument_is_a_clear_error_naming_it(argv, code, message, tmp_path, capsys,
                                                    monkeypatch):  # fmt: skip
     monkeypatch.chdir(tmp_path)  # `runs/` is the test's own
-    argv = [arg.format(tmp=tmp_path) for arg in argv]
+    (tmp_path / "file").write_text("")
+    argv = [arg.format(tmp=tmp_path, file=tmp_path / "file") for arg in argv]
     got_code, text = _error(argv, capsys)
     assert got_code == code and message in text, text
 
