@@ -33,6 +33,7 @@ from learner.checkpoint import (
     SET_DIR_KEY,
     CheckpointError,
     load_checkpoint,
+    round_name,
 )
 
 MODEL_WEIGHTS = "model.pt"
@@ -154,6 +155,9 @@ class ExportConfig:
     """The model folder to write."""
     last: bool = False
     """Export the run's last checkpoint instead of its best evaluation's weights."""
+    round: int | None = None
+    """Export the weights of the evaluation round at these env steps (eval/round-<env
+    steps>.pt; the rounds are in `mario plot RUN --table`) instead of the best evaluation's."""
     eval_episodes: int = 20
     """Greedy episodes of the final evaluation recorded in the card (sticky 0.25, 0–30 no-ops;
     0: none)."""
@@ -165,6 +169,9 @@ class ExportConfig:
     def __post_init__(self) -> None:
         if self.eval_episodes < 0:
             raise ValueError(f"eval_episodes ({self.eval_episodes}) must be >= 0")
+        if self.round is not None and self.last:
+            raise ValueError(f"round ({self.round}) and last exclude each other: one set of "
+                             "weights is exported")  # fmt: skip
 
 
 def export(config: ExportConfig) -> dict:
@@ -183,7 +190,14 @@ def export(config: ExportConfig) -> dict:
         if not config.force:
             raise ValueError(f"out ({out}) is a model folder already: give --force to replace "
                              "it, or pick another --out")  # fmt: skip
-    policy = load_policy(run_dir, config.last)
+    source = run_dir
+    if config.round is not None:
+        source = run_dir / "eval" / round_name(config.round)
+        if not source.is_file():
+            kept = sorted(int(p.stem.split("-")[1]) for p in (run_dir / "eval").glob("round-*.pt"))
+            raise ValueError(f"round ({config.round}): {run_dir} kept no weights of a round at "
+                             f"{config.round} env steps; it kept {kept or 'none'}")  # fmt: skip
+    policy = load_policy(source, config.last)
     checkpoint = policy.source
     payload = load_checkpoint(checkpoint)
     weights = {name: tensor.detach().cpu().float().contiguous()

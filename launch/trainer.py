@@ -47,6 +47,7 @@ from learner.checkpoint import (
     load_checkpoint,
     newest_set_file,
     rotate_set,
+    round_name,
     save_checkpoint,
     write_manifest,
 )
@@ -389,24 +390,23 @@ class Trainer:
         logger.info("eval at %d env steps: %s", env_steps, summary)
         if result["video"] is not None:
             self._metrics.log_video("eval/best_episode", result["video"], now)
+        weights = {
+            "learner": {"online": result["weights"], "updates": summary["policy_version"]},
+            "config": config_to_dict(self.config),
+            "counters": {
+                "env_steps": env_steps,
+                "updates": summary["policy_version"],
+                "elapsed_s": round(self.elapsed_s, 1),
+            },
+            "eval": {**summary, "per_episode": result["per_episode"]},
+        }
+        if self.config.eval.keep_weights:
+            save_checkpoint(self.run_dir / "eval", weights, name=round_name(env_steps))
         rank = eval_rank(summary["flag_rate"], summary["x_pos_mean"])
         best = self.best_eval
         if best is None or rank > eval_rank(best["flag_rate"], best["x_pos_mean"]):
             self.best_eval = summary
-            save_checkpoint(
-                self.run_dir,
-                {
-                    "learner": {"online": result["weights"], "updates": summary["policy_version"]},
-                    "config": config_to_dict(self.config),
-                    "counters": {
-                        "env_steps": env_steps,
-                        "updates": summary["policy_version"],
-                        "elapsed_s": round(self.elapsed_s, 1),
-                    },
-                    "eval": {**summary, "per_episode": result["per_episode"]},
-                },
-                name=BEST_NAME,
-            )
+            save_checkpoint(self.run_dir, weights, name=BEST_NAME)
 
     def _refresh(self) -> None:
         """Rates over the last interval, the roles' stats, the live table and the status file."""

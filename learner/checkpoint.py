@@ -37,6 +37,12 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable, or not one of ours."""
 
 
+def round_name(env_steps: int) -> str:
+    """The file, in <run>/eval/, of the weights the evaluation round at `env_steps` evaluated
+    (a checkpoint like best.pt: learner.online, config, counters, eval)."""
+    return f"round-{env_steps:09d}.pt"
+
+
 def save_checkpoint(
     run_dir: pathlib.Path, payload: dict, name: str = CHECKPOINT_NAME
 ) -> pathlib.Path:

@@ -112,6 +112,14 @@ def test_evaluation_during_training_logs_and_keeps_the_best_weights(trained_run)
     assert videos and videos[0]["step"] == evals[0]["eval/env_steps"]
     for record in videos:
         assert pathlib.Path(record["eval/best_episode"]).stat().st_size > 1000
+    # every round's weights are kept, as a checkpoint of their own: best.pt is one of them
+    for record in evals:
+        kept = load_checkpoint(trained_run / "eval" / f"round-{record['eval/env_steps']:09d}.pt")
+        assert kept["eval"]["flag_rate"] == record["eval/flag_rate"]
+        assert kept["counters"]["updates"] == record["eval/policy_version"]
+    kept = load_checkpoint(trained_run / "eval" / f"round-{best['eval']['env_steps']:09d}.pt")
+    assert all(torch.equal(kept["learner"]["online"][k], w)
+               for k, w in best["learner"]["online"].items())  # fmt: skip
 
 
 def test_eval_prints_stats_and_writes_video(trained_run, capsys):
@@ -431,8 +439,18 @@ def test_export_writes_a_model_folder_that_eval_and_play_take(
     assert json.loads((last / "model_card.json").read_text())["source"]["checkpoint"] == "best.pt"
     empty = tmp_path / "empty"
     empty.mkdir()  # an empty folder is a new one
-    main(["export", str(trained_run), "--out", str(empty), "--eval-episodes", "0"])
+    first = min(int(p.stem[6:]) for p in (trained_run / "eval").glob("round-*.pt"))
+    main(["export", str(trained_run), "--round", str(first), "--out", str(empty),
+          "--eval-episodes", "0"])  # fmt: skip
     assert (empty / "model.pt").is_file() and not list(tmp_path.glob(".*.tmp"))
+    round_card = json.loads((empty / "model_card.json").read_text())
+    assert round_card["source"]["checkpoint"] == f"round-{first:09d}.pt"
+    assert round_card["selected_by"]["env_steps"] == round_card["training"]["env_steps"] == first
+    with pytest.raises(SystemExit):
+        main(["export", str(trained_run), "--round", "7", "--out", str(tmp_path / "r7")])
+    assert f"round (7): {trained_run} kept no weights of a round at 7 env steps; it kept [" in (
+        " ".join(capsys.readouterr().out.split())
+    )
 
     # eval of a model folder leaves the folder's own evaluation (its card's) as it was
     card_eval = (out / "eval" / "eval.json").read_bytes()

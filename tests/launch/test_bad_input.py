@@ -42,6 +42,7 @@ def _error(argv, capsys) -> tuple[int, str]:
         (["bench", "system", "--seconds", "10"], 2, "seconds (10.0) must be >= 40.0"),
         (["chaos", '--train-args=--seed "1'], 2,
          "train_args '--seed \"1': No closing quotation"),
+        (["export", "{tmp}", "--round", "5", "--last"], 2, "round (5) and last exclude each other"),
         (["status", "--redis-url", "notaurl"], 2,
          "redis_url 'notaurl' must start with redis://, rediss:// or unix://"),
         (["eval", "{tmp}", "--max-episode-steps", "0"], 2, "max_episode_steps (0) must be >= 1"),
