@@ -281,15 +281,15 @@ def _run(words: tuple[str, ...], command: _Command, args: list[str]) -> None:
             getattr(module, command.config), args=args, prog=prog, description=command.help
         )
     except ValueError as error:  # raised by a config's __post_init__ validation
-        console.print(f"[red]error:[/red] {error}")
+        console.print(f"[red]error:[/red] {error}", soft_wrap=True)  # a path stays whole
         raise SystemExit(2) from None
     try:
         command.run(module, config, args)
     except (ValueError, OSError) as error:  # bad checkpoint, snapshot, path or setting
-        console.print(f"[red]error:[/red] {error}")
+        console.print(f"[red]error:[/red] {error}", soft_wrap=True)  # a path stays whole
         raise SystemExit(1) from None
     except RoleFailed as error:  # the role's own error; its traceback went to the log
-        console.print(f"[red]error:[/red] {error}")
+        console.print(f"[red]error:[/red] {error}", soft_wrap=True)  # a path stays whole
         raise SystemExit(1) from None
 
 
