@@ -390,7 +390,7 @@ class Trainer:
         logger.info("eval at %d env steps: %s", env_steps, summary)
         if result["video"] is not None:
             self._metrics.log_video("eval/best_episode", result["video"], now)
-        weights = {
+        evaluated = {  # the weights this round evaluated, as a checkpoint
             "learner": {"online": result["weights"], "updates": summary["policy_version"]},
             "config": config_to_dict(self.config),
             "counters": {
@@ -401,12 +401,12 @@ class Trainer:
             "eval": {**summary, "per_episode": result["per_episode"]},
         }
         if self.config.eval.keep_weights:
-            save_checkpoint(self.run_dir / "eval", weights, name=round_name(env_steps))
+            save_checkpoint(self.run_dir / "eval", evaluated, name=round_name(env_steps))
         rank = eval_rank(summary["flag_rate"], summary["x_pos_mean"])
         best = self.best_eval
         if best is None or rank > eval_rank(best["flag_rate"], best["x_pos_mean"]):
             self.best_eval = summary
-            save_checkpoint(self.run_dir, weights, name=BEST_NAME)
+            save_checkpoint(self.run_dir, evaluated, name=BEST_NAME)
 
     def _refresh(self) -> None:
         """Rates over the last interval, the roles' stats, the live table and the status file."""
