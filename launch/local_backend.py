@@ -78,9 +78,7 @@ class LocalBackend:
                     self._last_metrics, td_abs = learner.update(sample)
                 except Exception as error:
                     logger.exception("the learner failed")
-                    raise RoleFailed(
-                        f"the learner failed: {type(error).__name__}: {error}"
-                    ) from error
+                    raise RoleFailed.of("the learner", error) from error
                 replay.update_priorities(sample.keys, td_abs)
                 if learner.updates % self.config.publish_every_updates == 0:
                     actor.set_weights(learner.cpu_weights(), learner.updates)
@@ -90,7 +88,7 @@ class LocalBackend:
                 finished = actor.step()
             except Exception as error:
                 logger.exception("actor 0 failed")
-                raise RoleFailed(f"actor 0 failed: {type(error).__name__}: {error}") from error
+                raise RoleFailed.of("actor 0", error) from error
             self._insert(actor.take_chunks())
             for episode in finished:
                 record = dataclasses.asdict(episode)

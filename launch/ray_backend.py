@@ -338,9 +338,7 @@ class ActorPool:
                 if own:  # its code failed (running or starting): a restart would fail again
                     logger.error("actor %d failed:\n%s", index, error)  # with its traceback
                     cause = getattr(error, "cause", None) or error
-                    raise RoleFailed(
-                        f"actor {index} failed: {type(cause).__name__}: {cause}"
-                    ) from error
+                    raise RoleFailed.of(f"actor {index}", cause) from error
                 if alive is None:
                     alive = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
                 if member.node is not None and member.node[0] not in alive:
@@ -626,7 +624,7 @@ class RayBackend:
         except ray.exceptions.RayTaskError as error:
             logger.error("the learner failed:\n%s", error)  # with the learner's traceback
             cause = error.cause if error.cause is not None else error
-            raise RoleFailed(f"the learner failed: {type(cause).__name__}: {cause}") from error
+            raise RoleFailed.of("the learner", cause) from error
         except ray.exceptions.RayError as error:
             raise RoleFailed(f"the learner is unavailable: {error}") from error
 
