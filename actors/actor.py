@@ -183,6 +183,7 @@ class ActorCore:
                     actor_config.n_step,
                     actor_id,
                     slot_index,
+                    frames_per_reset=env_config.frame_stack if env_config.noop_max else 1,
                 ),
                 float(epsilon),
             )
@@ -218,8 +219,15 @@ class ActorCore:
         return frame_id
 
     def _begin_episode(self, slot: _EnvSlot, obs: np.ndarray, info: dict) -> None:
-        first = self._new_frame(slot, obs[-1])
-        slot.ids = collections.deque([first] * self.env_config.frame_stack)
+        # The reset's stack as the policy sees it: copies of the first frame, then (after
+        # --env.noop-max no-ops) the frames those steps showed. A repeated frame is stored once.
+        ids: list[int] = []
+        for index, frame in enumerate(obs):
+            if index and np.array_equal(frame, obs[index - 1]):
+                ids.append(ids[-1])
+            else:
+                ids.append(self._new_frame(slot, frame))
+        slot.ids = collections.deque(ids)
         slot.obs = obs
         slot.adder.start(tuple(slot.ids))
         slot.episode_return, slot.length = 0.0, 0

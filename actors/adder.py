@@ -86,15 +86,20 @@ class NStepAdder:
 class ChunkBuilder:
     """Collects one env slot's frames and prioritized transitions into self-contained Chunks."""
 
-    def __init__(self, stack: int, chunk_length: int, n: int, actor_id: int, env_slot: int):
+    def __init__(
+        self, stack: int, chunk_length: int, n: int, actor_id: int, env_slot: int,
+        frames_per_reset: int = 1,
+    ):  # fmt: skip
+        """`frames_per_reset`: the distinct frames a reset's stack can hold (1; up to `stack`
+        after random no-ops)."""
         self.stack = stack
         self.chunk_length = chunk_length
         self.actor_id = actor_id
         self.env_slot = env_slot
-        # Frames a pending transition can still need: the chunk's own steps (up to two frames
-        # per transition when episodes are one step long: each reset adds a frame), the stack's
-        # history and the n-step lookahead.
-        self._ring_size = 2 * chunk_length + stack + n + 8
+        # Frames a pending transition can still need: the chunk's own steps (up to
+        # 1 + frames_per_reset frames per transition when episodes are one step long: each
+        # reset adds its frames), the stack's history and the n-step lookahead.
+        self._ring_size = (1 + frames_per_reset) * chunk_length + stack + n + 8
         self._frames = np.zeros((self._ring_size, *FRAME_SHAPE), dtype=np.uint8)
         self._newest_id = -1
         self._transitions: list[Transition] = []

@@ -14,6 +14,7 @@ checked on decoding the same way.
 
 from __future__ import annotations
 
+import math
 import struct
 import zlib
 
@@ -100,10 +101,10 @@ def _unpack(message: bytes, kind: str) -> tuple[dict, list[tuple[str, str, tuple
             raise WireError(f"bad array spec {spec!r}")
         name, dtype, shape = spec[0], spec[1], tuple(spec[2])
         itemsize = 2 if dtype == _BF16 else _itemsize(dtype)
-        size = itemsize * int(np.prod(shape, dtype=np.int64))
+        size = itemsize * math.prod(shape)  # Python ints: a crafted shape cannot wrap around
         total += size
         if total > _MAX_BODY_BYTES:
-            raise WireError("arrays are larger than allowed")
+            raise WireError(f"arrays are larger than allowed ({total} > {_MAX_BODY_BYTES} bytes)")
         parsed.append((name, dtype, shape, size))
     body = _decompress(message[start + header_length :], total)
     view, offset, out = memoryview(body), 0, []

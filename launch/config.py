@@ -60,7 +60,8 @@ class DistributedConfig:
     """Elastic actors: when CPUs join the cluster during the run, start actors on them up to this
     many in all. None: --distributed.num-actors when that is given (a fixed pool), else no cap."""
     num_shards: int = 1
-    """Replay shards."""
+    """Replay shards, each holding --replay.capacity transitions; the learner samples them in
+    proportion to their total priority."""
     prefetch: int = 4
     """Sample requests the learner keeps in flight."""
     weights_poll_frames: int = 400
@@ -239,6 +240,22 @@ class TrainConfig:
             raise ValueError(
                 f"replay.capacity ({self.replay.capacity}) must hold one chunk "
                 f"(actor.chunk_length {self.actor.chunk_length})"
+            )
+        # A chunk of L transitions carries L + stack − 1 + n frames (one more at an episode's
+        # end): beyond capacity × frames_per_transition frames, transitions are evicted for their
+        # frames, and the table settles below capacity. Sampling must start below that level.
+        replay, length = self.replay, self.actor.chunk_length
+        frames_per_chunk = length + self.env.frame_stack + self.actor.n_step
+        reachable = min(replay.capacity,
+                        int(replay.capacity * replay.frames_per_transition * length
+                            / frames_per_chunk))  # fmt: skip
+        if replay.min_size_to_sample > 0.9 * reachable:
+            raise ValueError(
+                f"replay.min_size_to_sample ({replay.min_size_to_sample}) must be at most 90% of "
+                f"the {reachable:,} transitions the replay settles at (replay.capacity "
+                f"{replay.capacity}, frames_per_transition {replay.frames_per_transition}, "
+                f"chunks of {length} transitions with {frames_per_chunk} frames), or sampling "
+                "never starts"
             )
         if self.serial:
             _refuse_ray_only_options(self)

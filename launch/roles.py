@@ -87,10 +87,14 @@ class RoleSpecs:
         )
 
     def replay(self, shard_id: int) -> ReplaySpec:
+        """Shard `shard_id`: a replay of its own --replay.capacity; β anneals over the run's
+        samples, of which each of S shards serves about 1/S."""
         config = self.config
+        shards = config.distributed.num_shards
+        anneal = max(1, config.replay.beta_anneal_samples // shards)
         return ReplaySpec(
             shard_id=shard_id,
-            replay=config.replay,
+            replay=dataclasses.replace(config.replay, beta_anneal_samples=anneal),
             stack=config.env.frame_stack,
             num_actions=config.env.num_actions,
             seed=config.seed,

@@ -11,7 +11,10 @@ class RateLimiter:
 
     Sampling waits for `min_size_to_sample` items. After that, with
     `diff = samples_per_insert · (inserts − min_size_to_sample) − samples`, a sample of n
-    items is allowed while diff − n >= −error_buffer, and an insert while diff <= error_buffer.
+    items is allowed while diff − n >= −error_buffer, and an insert while diff <= error_buffer
+    or while the table holds fewer than `min_size_to_sample` items (as Reverb's: a table that
+    evicted items below it, e.g. for their overwritten frames, fills up again rather than
+    hold both sides for ever).
     A learner that outpaces the actors is held back (no overfitting a starved buffer); actors
     that outpace the learner are held back (it never falls hopelessly behind).
     """
@@ -39,9 +42,9 @@ class RateLimiter:
             return False
         return self._diff() - n >= -self.error_buffer
 
-    def can_insert(self, n: int = 1) -> bool:
-        """Whether n more items may be inserted now."""
-        if self.inserts + n <= self.min_size_to_sample:
+    def can_insert(self, n: int, size: int) -> bool:
+        """Whether n more items may be inserted now into a table holding `size` valid items."""
+        if size + n <= self.min_size_to_sample:
             return True
         return self._diff() <= self.error_buffer
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import pathlib
+import zipfile
 
 import numpy as np
 
@@ -48,7 +49,8 @@ class ReplayConfig:
     beta_end: float = 1.0
     """Importance-sampling exponent β at the end of the annealing."""
     beta_anneal_samples: int = 10_000_000
-    """Sampled transitions over which β goes from beta_start to beta_end."""
+    """Sampled transitions over which β goes from beta_start to beta_end (the run's, over all
+    shards)."""
     min_size_to_sample: int = 5_000
     """Transitions needed before the first sample."""
     samples_per_insert: float = 8.0
@@ -222,7 +224,7 @@ class PrioritizedReplay:
 
     def can_insert(self, count: int = 1) -> bool:
         """Whether the rate limiter allows `count` more transitions now."""
-        return self.limiter.can_insert(count)
+        return self.limiter.can_insert(count, self.size)
 
     def sample(self, batch_size: int, force: bool = False) -> Sample:
         """Samples a batch in proportion to priority^α (stratified over the total mass).
@@ -360,21 +362,26 @@ class PrioritizedReplay:
         try:
             with np.load(path, allow_pickle=False) as data:
                 arrays = {name: data[name] for name in data.files}
-        except (OSError, ValueError, KeyError) as error:
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
             raise SnapshotError(f"cannot read replay snapshot {path}: {error}") from error
         missing = {"counters", "leaves", *self._SNAPSHOT_ARRAYS} - set(arrays)
         if missing:
             raise SnapshotError(f"replay snapshot {path} lacks {sorted(missing)}")
         counters = arrays["counters"]
+        if counters.shape != (3 + len(self._SNAPSHOT_COUNTERS),):
+            raise SnapshotError(f"replay snapshot {path}: counters has the wrong shape")
         expected = (self.config.capacity, self.frame_capacity, self.stack)
         if tuple(int(v) for v in counters[:3]) != expected:
             raise SnapshotError(
                 f"replay snapshot {path} has (capacity, frame slots, stack) "
                 f"{tuple(int(v) for v in counters[:3])}, this replay {expected}"
             )
-        for name in self._SNAPSHOT_ARRAYS:
-            if arrays[name].shape != getattr(self, name).shape:
+        shapes = {name: getattr(self, name).shape for name in self._SNAPSHOT_ARRAYS}
+        shapes["leaves"] = (self.config.capacity,)
+        for name, shape in shapes.items():  # all checked before anything is overwritten
+            if arrays[name].shape != shape:
                 raise SnapshotError(f"replay snapshot {path}: {name} has the wrong shape")
+        for name in self._SNAPSHOT_ARRAYS:
             getattr(self, name)[...] = arrays[name]
         for name, value in zip(self._SNAPSHOT_COUNTERS, counters[3:], strict=True):
             self._set_counter(name, int(value))

@@ -97,18 +97,27 @@ def test_temporally_extended_exploration_repeats_a_random_action(repeat_max, eps
     actor.close()
 
 
-def test_actor_emits_valid_chunks_with_its_own_priorities():
-    env_config = EnvConfig(max_episode_steps=25)  # truncations happen too
+@pytest.mark.parametrize("noop_max", [0, 12])
+def test_actor_emits_valid_chunks_with_its_own_priorities(noop_max):
+    # With no-op starts a reset's stack holds several distinct frames: the chunks must hold
+    # each stack the actor acted on, frame for frame.
+    env_config = EnvConfig(max_episode_steps=25, noop_max=noop_max)  # truncations happen too
     actor_config = ActorConfig(envs_per_actor=2, chunk_length=20)
     epsilons = slot_epsilons(actor_config, band=1, bands=2)
     actor = ActorCore(env_config, actor_config, NetworkConfig(), epsilons=epsilons, actor_id=1)
     assert actor.epsilons == pytest.approx([apex_epsilon(2, 4), apex_epsilon(3, 4)])
-    episodes, chunks = [], []
+    episodes, chunks, acted_on = [], [], {0: [], 1: []}
     for _ in range(150):
+        for index, slot in enumerate(actor.slots):
+            acted_on[index].append(slot.obs.copy())
         episodes += actor.step()
         chunks += actor.take_chunks()
     chunks += actor.take_chunks(flush=True)
     assert actor.env_steps == 300
+    for index in (0, 1):  # a slot's transitions are its steps, in order
+        stored = [c.frames[c.obs_index] for c in chunks if c.env_slot == index]
+        stored = np.concatenate(stored)
+        np.testing.assert_array_equal(stored, np.stack(acted_on[index][: len(stored)]))
     assert any(e.truncated for e in episodes)
     assert {c.env_slot for c in chunks} == {0, 1}
     total = 0

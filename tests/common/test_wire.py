@@ -74,6 +74,15 @@ def reseal(header: bytes, body: bytes) -> bytes:
         (lambda m: _header_swap(m, actor_id=-1), "actor_id"),
         (lambda m: _header_swap(m, arrays=[["frames", "<f8", [1, 84, 84]]]), "not allowed"),
         (lambda m: _header_swap(m, arrays="x"), "arrays"),
+        # shapes whose product wraps to -1 in int64: total -2 once lifted the decompression cap
+        (
+            lambda m: _header_swap(
+                m,
+                arrays=[["frames", "|u1", [1722007169, 16711935, 641]]] * 2,
+                body=lz4.frame.compress(bytes(20_000_000)),
+            ),
+            "larger than allowed",
+        ),
     ],
 )
 def test_corrupt_chunks_raise_wire_error(mutate, error):

@@ -7,10 +7,12 @@ import socket
 import pytest
 import redis
 
+from actors.actor import ActorConfig
 from common.config import config_to_dict
 from launch.cli import main
 from launch.config import DistributedConfig, TrainConfig, _saved_config, given_fields
 from launch.trainer import RUN_LOCK, lock_run_dir
+from replay_server.replay import ReplayConfig
 
 
 @pytest.mark.parametrize(
@@ -38,6 +40,31 @@ from launch.trainer import RUN_LOCK, lock_run_dir
 )
 def test_bad_deploy_settings_name_the_value(kwargs, message):
     with pytest.raises(ValueError, match=message):
+        TrainConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("capacity", "min_size", "chunk_length", "refused"),
+    [
+        # chunks of 100 carry 107 frames: the table reaches its capacity (1.08 frames each)
+        (1000, 900, 100, False),
+        (1000, 901, 100, True),
+        # chunks of 10 carry 17 frames: it settles at 1000 · 1.08 · 10 / 17 = 635 transitions
+        (1000, 571, 10, False),
+        (1000, 572, 10, True),
+    ],
+)
+def test_a_min_size_to_sample_the_replay_cannot_reach_is_refused(
+    capacity, min_size, chunk_length, refused
+):
+    kwargs = {
+        "replay": ReplayConfig(capacity=capacity, min_size_to_sample=min_size),
+        "actor": ActorConfig(chunk_length=chunk_length),
+    }
+    if not refused:
+        TrainConfig(**kwargs)
+        return
+    with pytest.raises(ValueError, match=rf"min_size_to_sample \({min_size}\) must be at most"):
         TrainConfig(**kwargs)
 
 

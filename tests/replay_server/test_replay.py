@@ -135,11 +135,24 @@ def test_rate_limiter_by_hand():
     assert limiter.can_sample(4, size=10)  # diff 0 − 4 = −4 >= −4
     assert not limiter.can_sample(5, size=10)
     limiter.record_insert(3)  # diff = 2·3 = 6 > 4: inserts are held back
-    assert not limiter.can_insert()
+    assert not limiter.can_insert(1, size=13)
+    assert limiter.can_insert(1, size=9)  # the table lost items below min_size: it fills up
     limiter.record_sample(2)  # diff 4
-    assert limiter.can_insert()
+    assert limiter.can_insert(1, size=13)
     with pytest.raises(ValueError, match=r"samples_per_insert \(0\)"):
         RateLimiter(0, 1, 1)
+
+
+def test_a_full_min_size_that_evictions_keep_out_of_reach_does_not_hold_both_sides():
+    # min_size_to_sample = capacity, and short chunks (more frames per transition than the
+    # frame ring was sized for) evict transitions for their overwritten frames: the table stays
+    # below min_size (TrainConfig refuses such settings; the limiter must not hang on them).
+    # Inserts must not be held while sampling cannot start.
+    replay = PrioritizedReplay(small_config(capacity=200, min_size_to_sample=200))
+    for inserted in range(0, 2_000, 5):
+        assert replay.can_insert(5) or replay.can_sample(4), (replay.size, inserted)
+        replay.insert(make_chunk(5, first_value=inserted))
+    assert replay.evicted_by_frames > 0 and replay.size < 200
 
 
 def test_sample_respects_the_rate_limiter():
@@ -184,6 +197,37 @@ def test_snapshot_round_trip(tmp_path):
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     with pytest.raises(SnapshotError, match=r"junk\.npz"):
         restored.restore(tmp_path / "junk.npz")
+
+
+def _rewritten(path, **changes):
+    with np.load(path) as data:
+        arrays = {name: data[name] for name in data.files}
+    arrays.update(changes)
+    np.savez(path, **arrays)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), "cannot read"),
+        (lambda p: _rewritten(p, leaves=np.ones(31, np.float64)), "leaves has the wrong shape"),
+        (lambda p: _rewritten(p, counters=np.array([32, 98, 4], np.int64)), "counters has the"),
+        (lambda p: _rewritten(p, keys=np.zeros(8, np.int64)), "keys has the wrong shape"),
+    ],
+)
+def test_a_damaged_snapshot_is_a_snapshot_error_and_changes_nothing(tmp_path, damage, message):
+    replay = PrioritizedReplay(small_config(capacity=32), seed=3)
+    replay.insert(make_chunk(20, np.linspace(0.1, 2, 20).astype(np.float32)))
+    path = tmp_path / "replay.npz"
+    replay.snapshot(path)
+    damage(path)
+    target = PrioritizedReplay(small_config(capacity=32), seed=3)
+    target.insert(make_chunk(5, tag=7))
+    before = target.snapshot_arrays()
+    with pytest.raises(SnapshotError, match=message):
+        target.restore(path)
+    for name, array in target.snapshot_arrays().items():
+        np.testing.assert_array_equal(array, before[name], err_msg=name)
 
 
 def test_bytes_per_transition_at_capacity_below_8kb():
