@@ -95,7 +95,7 @@ class DistributedConfig:
 # own defaults, which stay the tutorial's and Ape-X's. The two actions [right], [right, A] with
 # a jump that always jumps (release_jump), the downsample graphics (gym-super-mario-bros 7.x's
 # SuperMarioBros-v1 ROM: the ablation's row `downsample` had 51 training flags by 300k env
-# steps, 44 of them in the last 100k, against 9–24 for every other row, and the highest mean
+# steps, 44 of them in the last 100k, against 2–38 for the rest on its recipe, and the highest mean
 # max x over its greedy evaluation rounds; one run), a stuck episode ended as a death after 100
 # steps without progress, +50 at the flag, rewards ÷ 10, γ 0.99, ε decaying from 1 over ~100k
 # env steps toward a 0.1…0.01 ladder (plain ε-greedy: temporally-extended ε, a default from

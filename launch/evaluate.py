@@ -43,9 +43,9 @@ class TrainEvalConfig:
     noop_max: int = 30
     """Random number of no-op steps (0..noop_max) at the start of each episode."""
     keep_weights: bool = True
-    """Keep each round's weights as eval/round-<env steps>.pt (3.3 MB at the default network):
-    a round can be evaluated with more episodes afterwards and exported (`mario export
-    --round`); ten episodes rank the rounds only roughly."""
+    """Keep each round's weights as eval/round-<env steps, 9 digits>.pt (round-001500072.pt;
+    3.3 MB at the default network): a round can be evaluated with more episodes afterwards and
+    exported (`mario export --round`); ten episodes rank the rounds only roughly."""
 
     def __post_init__(self) -> None:
         if self.every_env_steps < 0:

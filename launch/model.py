@@ -156,8 +156,8 @@ class ExportConfig:
     last: bool = False
     """Export the run's last checkpoint instead of its best evaluation's weights."""
     round: int | None = None
-    """Export the weights of the evaluation round at these env steps (eval/round-<env
-    steps>.pt; the rounds are in `mario plot RUN --table`) instead of the best evaluation's."""
+    """Export the weights of the evaluation round at these env steps (eval/round-<env steps,
+    9 digits>.pt; the rounds are in `mario plot RUN --table`) instead of the best evaluation's."""
     eval_episodes: int = 20
     """Greedy episodes of the final evaluation recorded in the card (sticky 0.25, 0–30 no-ops;
     0: none)."""
