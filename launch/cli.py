@@ -54,6 +54,31 @@ def _export(module, config, args: list[str]) -> None:
     console.print(f"written: {config.out} ({card['training']['env_steps']:,} env steps)")
 
 
+def _pick(module, config, args: list[str]) -> None:
+    result = module.pick(config)
+    seeds = result["seeds"]
+    table = Table(title=f"rounds of {config.run_dir}, {config.episodes} episodes per seed set")
+    for column in (
+        "env steps",
+        "in training",
+        *(f"seeds {s}…" for s in seeds),
+        "flags",
+        "mean max x",
+    ):
+        table.add_column(column, justify="right")
+    for row in result["ranked"]:
+        table.add_row(
+            f"{row['env_steps']:,}",
+            f"{row['train_flag_rate']:.0%}, x {row['train_x_pos_mean']:.0f}",
+            *(str(row["per_seed"][str(s)]["flags"]) for s in seeds),
+            f"{row['flags']} / {row['episodes']}",
+            f"{row['x_pos_mean']:.0f}",
+        )
+    console.print(table)
+    console.print(f"best: {result['export']} --out models/NAME", soft_wrap=True)
+    console.print(f"written: {result['out']}", soft_wrap=True)
+
+
 def _play(module, config, args: list[str]) -> None:
     result = module.play(config)
     console.print(f"{'flag' if result['flag_get'] else 'no flag'}: max x {result['max_x_pos']}, "
@@ -203,6 +228,8 @@ COMMANDS: dict[tuple[str, ...], _Command] = {
                         "evaluate a checkpoint; stats and mp4"),
     ("export",): _Command("launch.model", "ExportConfig", _export,
                           "a run's best weights as a model folder with its card"),
+    ("pick",): _Command("launch.pick", "PickConfig", _pick,
+                        "which kept eval round to ship: the best few, more episodes"),
     ("play",): _Command("launch.model", "PlayConfig", _play,
                         "play one episode of a model; GIF or mp4"),
     ("status",): _Command("launch.status", "StatusConfig", _status,

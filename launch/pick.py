@@ -1,0 +1,132 @@
+"""`mario pick`: which of a run's evaluation rounds to ship, by more episodes than training gave.
+
+Training evaluates every round with a few greedy episodes (10 by default), which rank rounds
+only roughly: one run's rounds swing by several flags. `mario train` keeps each round's weights
+(eval/round-<env steps>.pt); this takes the best few by their training evaluation and plays each
+with more episodes on seed sets that training never used, then ranks them by flags (then mean
+max x) over all of those episodes. `mario export RUN --round N` ships the winner.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import pathlib
+
+import tyro
+
+from launch.evaluate import EvalConfig, eval_rank, evaluate
+from learner.checkpoint import CheckpointError, load_checkpoint
+
+PICK_FILE = "pick.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class PickConfig:
+    """Evaluates a run's best kept rounds with more episodes and ranks them."""
+
+    run_dir: tyro.conf.Positional[pathlib.Path]
+    """A run directory whose `eval/` holds round weights (round-<env steps>.pt)."""
+    top: int = 3
+    """Rounds to evaluate: the best by their evaluation during training (flag rate, then mean
+    max x; the later round first on a tie)."""
+    episodes: int = 20
+    """Greedy episodes per round and seed set (sticky actions 0.25, 0–30 no-ops)."""
+    seeds: tuple[int, ...] = (1000, 2000)
+    """First seed of each seed set (episode i of a set plays seed + i); training's evaluation
+    rounds use seeds from 1,000,000,000 on, its actors' envs small ones (the run's --seed)."""
+    out: pathlib.Path | None = None
+    """The JSON of the result (default: <run dir>/eval/pick.json); each evaluation's eval.json
+    and best episode go beside it, in pick/round-<env steps>-seed-<seed>/."""
+
+    def __post_init__(self) -> None:
+        if self.top < 1:
+            raise ValueError(f"top ({self.top}) must be >= 1")
+        if self.episodes < 1:
+            raise ValueError(f"episodes ({self.episodes}) must be >= 1")
+        if not self.seeds:
+            raise ValueError("seeds () must name at least one seed set")
+        ordered = sorted(self.seeds)
+        for first, second in itertools.pairwise(ordered):
+            if second - first < self.episodes:
+                raise ValueError(f"seeds {self.seeds}: the sets of {self.episodes} episodes "
+                                 f"from {first} and {second} overlap")  # fmt: skip
+
+
+def kept_rounds(run_dir: pathlib.Path) -> list[dict]:
+    """The rounds whose weights the run kept: path, env steps and the training evaluation's
+    flag rate and mean max x, oldest first.
+
+    Raises:
+        ValueError: the run kept no round weights (naming the folder).
+        CheckpointError: a round file that cannot be read (naming it).
+    """
+    if not run_dir.is_dir():
+        raise ValueError(f"run_dir {run_dir} is not a directory")
+    paths = sorted((run_dir / "eval").glob("round-*.pt"))
+    if not paths:
+        raise ValueError(
+            f"{run_dir / 'eval'} holds no round weights (round-*.pt): the run was trained before "
+            "rounds were kept or with --eval.no-keep-weights; `mario eval` evaluates its best.pt"
+        )
+    rounds = []
+    for path in paths:
+        summary = load_checkpoint(path).get("eval")
+        if not isinstance(summary, dict) or not {"env_steps", "flag_rate", "x_pos_mean"} <= set(
+            summary
+        ):
+            raise CheckpointError(f"{path}: no evaluation summary (not a round's weights)")
+        rounds.append({
+            "path": str(path),
+            "env_steps": int(summary["env_steps"]),
+            "train_flag_rate": float(summary["flag_rate"]),
+            "train_x_pos_mean": float(summary["x_pos_mean"]),
+        })  # fmt: skip
+    return rounds
+
+
+def candidates(rounds: list[dict], top: int) -> list[dict]:
+    """The `top` rounds by their training evaluation; a later round first on a tie."""
+
+    def rank(entry: dict) -> tuple:
+        flags_x = eval_rank(entry["train_flag_rate"], entry["train_x_pos_mean"])
+        return (*flags_x, entry["env_steps"])
+
+    return sorted(rounds, key=rank, reverse=True)[:top]
+
+
+def pick(config: PickConfig) -> dict:
+    """Evaluates the candidates on every seed set; returns (and writes) them ranked by flags,
+    then mean max x, over all their episodes."""
+    chosen = candidates(kept_rounds(config.run_dir), config.top)
+    out = config.out or config.run_dir / "eval" / PICK_FILE
+    results = []
+    for entry in chosen:
+        per_seed, flags, x_sum = {}, 0, 0.0
+        for seed in config.seeds:
+            folder = out.parent / "pick" / f"round-{entry['env_steps']:09d}-seed-{seed}"
+            round_config = EvalConfig(
+                checkpoint=pathlib.Path(entry["path"]), episodes=config.episodes, seed=seed,
+                out=folder,
+            )  # fmt: skip
+            summary = evaluate(round_config)
+            won = sum(int(episode["flag_get"]) for episode in summary["per_episode"])
+            per_seed[str(seed)] = {"flags": won, "x_pos_mean": summary["max_x_pos_mean"]}
+            flags += won
+            x_sum += summary["max_x_pos_mean"] * config.episodes
+        played = config.episodes * len(config.seeds)
+        results.append({**entry, "flags": flags, "episodes": played,
+                        "x_pos_mean": x_sum / played, "per_seed": per_seed})  # fmt: skip
+    results.sort(key=lambda r: (r["flags"], r["x_pos_mean"], r["env_steps"]), reverse=True)
+    result = {
+        "run_dir": str(config.run_dir),
+        "episodes_per_seed": config.episodes,
+        "seeds": list(config.seeds),
+        "ranked": results,
+        "export": f"mario export {config.run_dir} --round {results[0]['env_steps']}",
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    result["out"] = str(out)
+    return result

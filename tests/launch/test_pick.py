@@ -1,0 +1,85 @@
+"""`mario pick`: the best kept rounds, played with more episodes on new seeds, ranked."""
+
+import json
+
+import pytest
+import torch
+
+from common.config import config_to_dict
+from common.networks import build_network
+from launch.cli import main
+from launch.config import TrainConfig
+from launch.pick import PickConfig, candidates, kept_rounds, pick
+from learner.checkpoint import CheckpointError, round_name, save_checkpoint
+
+
+def _round(env_steps, flag_rate, x_pos_mean):
+    return {"path": f"r{env_steps}", "env_steps": env_steps, "train_flag_rate": flag_rate,
+            "train_x_pos_mean": x_pos_mean}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("rounds", "top", "chosen"),
+    [
+        # flag rate first, then mean max x
+        ([(100, 0.5, 900), (200, 0.9, 500), (300, 0.5, 950)], 2, [200, 300]),
+        # a tie: the later round first
+        ([(100, 1.0, 3161), (200, 1.0, 3161), (300, 0.9, 3200)], 2, [200, 100]),
+        # fewer rounds than asked for: all of them
+        ([(100, 0.0, 300)], 3, [100]),
+    ],
+)
+def test_candidates_are_the_best_rounds_of_training(rounds, top, chosen):
+    got = candidates([_round(*r) for r in rounds], top)
+    assert [r["env_steps"] for r in got] == chosen
+
+
+def _save_round(run_dir, env_steps, flag_rate, x_pos_mean, seed):
+    config = TrainConfig()
+    torch.manual_seed(seed)
+    network = build_network(config.network, config.env.num_actions, config.env.frame_stack)
+    config_dict = config_to_dict(config)
+    config_dict["env"]["max_episode_steps"] = 15  # short episodes: the test plays many
+    save_checkpoint(run_dir / "eval", {
+        "learner": {"online": network.state_dict(), "updates": env_steps // 8},
+        "config": config_dict,
+        "counters": {"env_steps": env_steps, "updates": env_steps // 8, "elapsed_s": 1.0},
+        "eval": {"env_steps": env_steps, "policy_version": env_steps // 8,
+                 "flag_rate": flag_rate, "x_pos_mean": x_pos_mean, "per_episode": []},
+    }, name=round_name(env_steps))  # fmt: skip
+
+
+def test_pick_plays_the_best_rounds_on_each_seed_set_and_ranks_them(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    for env_steps, flag_rate, x_pos_mean in ((50_000, 0.1, 900), (100_000, 0.3, 800),
+                                             (150_000, 0.2, 1200)):  # fmt: skip
+        _save_round(run_dir, env_steps, flag_rate, x_pos_mean, seed=env_steps)
+    main(["pick", str(run_dir), "--top", "2", "--episodes", "2", "--seeds", "7", "100"])
+    printed = capsys.readouterr().out
+    result = json.loads((run_dir / "eval" / "pick.json").read_text())
+    ranked = result["ranked"]
+    # the two best by training's evaluation (30 % and 20 %), not the 10 % round
+    assert sorted(r["env_steps"] for r in ranked) == [100_000, 150_000]
+    for row in ranked:
+        assert row["episodes"] == 4 and set(row["per_seed"]) == {"7", "100"}
+        assert row["flags"] == sum(s["flags"] for s in row["per_seed"].values())
+        folder = run_dir / "eval" / "pick" / f"round-{row['env_steps']:09d}-seed-7"
+        played = json.loads((folder / "eval.json").read_text())
+        assert [e["seed"] for e in played["per_episode"]] == [7, 8]
+        assert played["checkpoint"].endswith(round_name(row["env_steps"]))
+    keys = [(r["flags"], r["x_pos_mean"], r["env_steps"]) for r in ranked]
+    assert keys == sorted(keys, reverse=True)
+    assert result["export"] == f"mario export {run_dir} --round {ranked[0]['env_steps']}"
+    assert result["export"] in printed
+
+
+def test_a_file_in_eval_that_is_not_a_round_is_named(tmp_path):
+    _save_round(tmp_path, 5, 0.0, 100, seed=0)
+    path = tmp_path / "eval" / round_name(5)
+    payload = torch.load(path, weights_only=True)
+    del payload["eval"]  # a checkpoint, but not of a round
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match=r"round-000000005\.pt: no evaluation summary"):
+        kept_rounds(tmp_path)
+    with pytest.raises(CheckpointError, match="no evaluation summary"):
+        pick(PickConfig(tmp_path))
