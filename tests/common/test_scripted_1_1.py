@@ -53,3 +53,27 @@ def test_walking_up_to_the_first_pit_makes_its_jump_robust_to_sticky_actions(wal
         return RIGHT if walk_from is not None and walk_from <= x < 1046 else JUMP
 
     assert [play(policy, sticky=0.25, seed=seed) for seed in range(4)] == outcomes
+
+
+def test_the_flag_the_emulator_reports_ends_the_episode_with_the_bonus():
+    # The same deterministic run to the flag with and without the bonus: every reward is the
+    # same but the last, which carries flag_bonus × reward_scale more.
+    def rewards(flag_bonus: float) -> tuple[list[float], dict, bool, bool]:
+        config = dataclasses.replace(TrainConfig().env, flag_bonus=flag_bonus)
+        env = make_env(config, seed=0)
+        env.reset(seed=0)
+        got = []
+        while True:
+            _, reward, terminated, truncated, info = env.step(JUMP)
+            got.append(reward)
+            if terminated or truncated:
+                env.close()
+                return got, info, terminated, truncated
+
+    config = TrainConfig().env
+    with_bonus, info, terminated, truncated = rewards(config.flag_bonus)
+    without, _, _, _ = rewards(0.0)
+    assert info["flag_get"] and (terminated, truncated) == (True, False)
+    assert config.flag_bonus > 0 and len(with_bonus) == len(without)
+    assert with_bonus[:-1] == without[:-1]
+    assert with_bonus[-1] - without[-1] == pytest.approx(config.flag_bonus * config.reward_scale)

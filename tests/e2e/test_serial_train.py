@@ -152,17 +152,25 @@ def test_bad_checkpoint_is_a_clear_error(tmp_path):
         load_checkpoint(bad)
     with pytest.raises(CheckpointError, match="no checkpoint"):
         load_checkpoint(tmp_path / "missing")
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         main(["eval", str(bad)])
+    assert exit_info.value.code == 1
 
 
-def test_bad_train_arguments_name_the_value():
-    with pytest.raises(SystemExit):
-        main(["train", "--serial", "--env.level", "9-9"])
-    with pytest.raises(SystemExit):
-        main(["train", "--serial", "--learner.batch-size", "0"])
-    with pytest.raises(SystemExit):
-        main(["train", "--redis-url", "http://localhost:6379"])
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--serial", "--env.level", "9-9"], "'9-9'"),
+        (["--serial", "--learner.batch-size", "0"], "batch_size (0)"),
+        (["--redis-url", "http://localhost:6379"], "'http://localhost:6379'"),
+    ],
+)
+def test_bad_train_arguments_name_the_value(args, named, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", *args])
+    assert exit_info.value.code == 2
+    printed = capsys.readouterr()  # tyro's own box (stderr) for a nested config's error
+    assert named in " ".join((printed.out + printed.err).split())
 
 
 def test_existing_run_dir_needs_resume_and_resume_existing_continues(trained_run, capsys):

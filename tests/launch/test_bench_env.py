@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from launch.cli import main
 
 
@@ -22,8 +24,7 @@ def test_bench_env_writes_all_rates(tmp_path, capsys):
 
 
 def test_unknown_command_names_it(capsys):
-    try:
+    with pytest.raises(SystemExit) as exit_info:
         main(["fly"])
-    except SystemExit as exit_:
-        assert exit_.code == 2
+    assert exit_info.value.code == 2
     assert "'fly'" in capsys.readouterr().err

@@ -42,6 +42,37 @@ def test_target_syncs_every_t_updates():
         assert same_weights(learner.online, learner.target) == (update % 3 == 0)
 
 
+@pytest.mark.parametrize("double", [True, False])
+def test_one_update_values_the_online_choice_with_the_target_net_and_weights_each_sample(double):
+    # Online and target nets that disagree, rewards and importance weights that differ per
+    # sample: the update's |TD| and loss must be the ones computed here from the two nets
+    # (double DQN: the online net chooses a*, the target net values it; DQN: the target's max).
+    torch.manual_seed(0)
+    learner = Learner(LearnerConfig(device="cpu", double=double, huber_delta=1.0),
+                      NetworkConfig(), 5)  # fmt: skip
+    with torch.no_grad():
+        for parameter in learner.target.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.5)
+    sample = batch(size=16, seed=3)
+    sample = Sample(**{**sample.__dict__,
+                       "weights": np.linspace(0.1, 1.0, 16).astype(np.float32),
+                       "returns": np.linspace(-3, 3, 16).astype(np.float32),
+                       "discounts": np.tile(np.float32([0.729, 0.0]), 8)})  # fmt: skip
+    with torch.no_grad():
+        q = learner.online(torch.from_numpy(sample.obs)).numpy().astype(np.float64)
+        q_next_online = learner.online(torch.from_numpy(sample.next_obs)).numpy()
+        q_next_target = learner.target(torch.from_numpy(sample.next_obs)).numpy()
+    chosen = q_next_online.argmax(axis=1) if double else q_next_target.argmax(axis=1)
+    # the nets disagree on a* for some samples: the test tells double DQN from DQN
+    assert np.any(q_next_online.argmax(axis=1) != q_next_target.argmax(axis=1))
+    target = sample.returns + sample.discounts * q_next_target[np.arange(16), chosen]
+    td = target - q[np.arange(16), sample.actions]
+    huber = np.where(np.abs(td) <= 1.0, 0.5 * td**2, np.abs(td) - 0.5)
+    metrics, td_abs = learner.update(sample)
+    np.testing.assert_allclose(td_abs, np.abs(td), rtol=1e-4, atol=1e-5)
+    assert metrics["learner/loss"] == pytest.approx(np.mean(sample.weights * huber), rel=1e-4)
+
+
 @pytest.mark.parametrize("flags", [{"bf16": True}, {"channels_last": True}, {"dueling": True}])
 def test_optional_paths_update(flags):
     dueling = flags.pop("dueling", False)

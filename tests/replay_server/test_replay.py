@@ -169,15 +169,16 @@ def test_bad_chunks_are_rejected_and_nothing_is_stored():
     replay = PrioritizedReplay(small_config(capacity=16))
     good = make_chunk(4)
     bad_chunks = [
-        Chunk(**{**good.__dict__, "obs_index": good.obs_index + 50}),
-        Chunk(**{**good.__dict__, "frames": good.frames.astype(np.float32)}),
-        Chunk(**{**good.__dict__, "returns": np.array([np.nan, 0, 0, 0], np.float32)}),
-        Chunk(**{**good.__dict__, "discounts": np.full(4, 1.5, np.float32)}),
-        Chunk(**{**good.__dict__, "actions": np.zeros(3, np.uint8)}),
+        ({"obs_index": good.obs_index + 50}, "obs_index refers to frame 56 of 8"),
+        ({"frames": good.frames.astype(np.float32)}, "frames must be uint8"),
+        ({"returns": np.array([np.nan, 0, 0, 0], np.float32)}, "returns holds a non-finite"),
+        ({"discounts": np.full(4, 1.5, np.float32)}, r"discounts must lie in \[0, 1\]"),
+        ({"priorities": np.full(4, -1, np.float32)}, "priorities must be >= 0"),
+        ({"actions": np.zeros(3, np.uint8)}, r"obs_index must be \[3, stack\]"),
     ]
-    for chunk in bad_chunks:
-        with pytest.raises(ChunkError):
-            replay.insert(chunk)
+    for change, message in bad_chunks:
+        with pytest.raises(ChunkError, match=message):
+            replay.insert(Chunk(**{**good.__dict__, **change}))
     assert replay.size == 0 and replay.frames_inserted == 0
 
 

@@ -31,11 +31,11 @@ def test_killed_shard_loses_no_chunk_that_was_in_redis(redis_url, tmp_path):
         shard = ShardWorker.remote(spec, endpoint, str(tmp_path / "replay-0.npz"), str(tmp_path))
         rng = np.random.default_rng(0)
         message = encode_chunk(synthetic_chunk(rng, 20), "kill-test")
-        written = 0
+        written, stop = 0, threading.Event()
 
-        def write(count):
+        def write():
             nonlocal written
-            for _ in range(count):
+            while not stop.is_set():
                 pipe = client.pipeline(transaction=True)
                 pipe.xadd(keys.experience, {b"c": message})
                 pipe.hincrby(keys.counters, "chunks_written", 1)
@@ -43,11 +43,21 @@ def test_killed_shard_loses_no_chunk_that_was_in_redis(redis_url, tmp_path):
                 written += 1
                 time.sleep(0.002)
 
-        writer = threading.Thread(target=write, args=(400,))
+        def inserted() -> int:
+            return int(client.hget(keys.counters, "chunks_inserted") or 0)
+
+        writer = threading.Thread(target=write)
         writer.start()
-        time.sleep(0.3)
+        deadline = time.monotonic() + 60
+        while inserted() < 20 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert inserted() >= 20  # the shard is ingesting while chunks keep coming
         first_pid = ray.get(shard.pid.remote())
         os.kill(first_pid, signal.SIGKILL)  # a crash mid-ingest; Ray restarts the shard
+        at_kill = written
+        while written < at_kill + 100:  # chunks go on arriving while Ray restarts it
+            time.sleep(0.01)
+        stop.set()
         writer.join()
         assert ray.get(shard.pid.remote()) != first_pid
         client.xadd(keys.experience, {b"c": b"garbage"})  # one reject for the books
