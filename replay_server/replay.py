@@ -136,6 +136,7 @@ class PrioritizedReplay:
         self.oldest_key = 0  # eviction sweep position
         self.size = 0  # valid transitions
         self.evicted_by_frames = 0
+        self.priority_updates = 0  # keys given new priorities, since this replay was made
 
     # -- inserting ----------------------------------------------------------------------------
 
@@ -273,7 +274,9 @@ class PrioritizedReplay:
         slots = keys % self.config.capacity
         present = (keys >= 0) & (self.keys[slots] == keys)
         self.tree.set(slots[present], self._to_priority(td_abs[present]))
-        return int(present.sum())
+        updated = int(present.sum())
+        self.priority_updates += updated
+        return updated
 
     # -- accounting and snapshots ---------------------------------------------------------------
 
@@ -301,6 +304,7 @@ class PrioritizedReplay:
             "replay/sampled": self.limiter.samples,
             "replay/sample_to_insert_ratio": self.limiter.samples / inserts,
             "replay/evicted_by_frames": self.evicted_by_frames,
+            "replay/priority_updates": self.priority_updates,
             "replay/beta": self.beta,
             "replay/total_priority": self.tree.total,
         }

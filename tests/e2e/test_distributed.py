@@ -101,6 +101,8 @@ def test_experience_flows_learner_updates_actors_get_new_weights(distributed_run
     assert max(versions) > 0  # actors acted with weights the learner published
     system = [r for r in records if "actors/frames_per_s" in r]
     assert system and {"policy_lag", "stream_lag_chunks", "replay/size"} <= set(system[-1])
+    # the learner's |TD| came back to the shard as priorities (fire and forget over Ray)
+    assert system[-1]["replay/priority_updates"] > 0
     assert (distributed_run / "replay-0.npz").exists()
     evals = [r for r in records if "eval/flag_rate" in r]  # the evaluator worker's rounds
     assert evals and all(r["step"] >= 600 for r in evals)

@@ -86,7 +86,7 @@ def test_stale_key_updates_are_ignored():
     updated = replay.update_priorities(old_keys[:2], np.array([100.0, 100.0]))
     assert updated == 0 and replay.tree.total == total_before
     updated = replay.update_priorities(new_keys, np.array([3.0, 3.0]))
-    assert updated == 2
+    assert updated == 2 and replay.stats()["replay/priority_updates"] == 2  # stale ones not
     slots = new_keys % 4
     np.testing.assert_allclose(replay.tree.get(slots), (3.0 + 1e-9) ** 0.6)
 
