@@ -87,10 +87,14 @@ def test_outage_retry_retries_lost_connections_not_refusals(errors, calls, outco
 
 def test_a_wrong_password_fails_at_once_even_with_an_outage_window():
     with EmbeddedRedis(password="s3cret") as server:
+        admin = redis.Redis.from_url(server.url, password="s3cret")
+        before = admin.info("stats")["total_connections_received"]
         client = connect(server.url, outage_s=90)  # would retry a lost connection for ~90 s
         with pytest.raises(redis.AuthenticationError):
             client.ping()
         assert isinstance(client.get_retry(), OutageRetry)  # the window is there; refusals skip it
+        # one refused connection, not a retry loop (counted by the server, not timed)
+        assert admin.info("stats")["total_connections_received"] - before == 1
 
 
 def _stream_batch(index):
