@@ -241,22 +241,6 @@ class TrainConfig:
                 f"replay.capacity ({self.replay.capacity}) must hold one chunk "
                 f"(actor.chunk_length {self.actor.chunk_length})"
             )
-        # A chunk of L transitions carries L + stack − 1 + n frames (one more at an episode's
-        # end): beyond capacity × frames_per_transition frames, transitions are evicted for their
-        # frames, and the table settles below capacity. Sampling must start below that level.
-        replay, length = self.replay, self.actor.chunk_length
-        frames_per_chunk = length + self.env.frame_stack + self.actor.n_step
-        reachable = min(replay.capacity,
-                        int(replay.capacity * replay.frames_per_transition * length
-                            / frames_per_chunk))  # fmt: skip
-        if replay.min_size_to_sample > 0.9 * reachable:
-            raise ValueError(
-                f"replay.min_size_to_sample ({replay.min_size_to_sample}) must be at most 90% of "
-                f"the {reachable:,} transitions the replay settles at (replay.capacity "
-                f"{replay.capacity}, frames_per_transition {replay.frames_per_transition}, "
-                f"chunks of {length} transitions with {frames_per_chunk} frames), or sampling "
-                "never starts"
-            )
         if self.serial:
             _refuse_ray_only_options(self)
         head_only = [
@@ -373,6 +357,7 @@ def prepare_run(requested: TrainConfig, given: set[str] | None = None) -> Prepar
     if requested.resume is None and requested.branch_from is not None:
         return _branch(requested, given)
     if requested.resume is None:
+        check_min_size_reachable(requested)  # a new run's; a saved run keeps what it had
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         return PreparedRun(requested, requested.run_dir or pathlib.Path("runs") / stamp)
     run_dir = pathlib.Path(requested.resume)
@@ -384,6 +369,32 @@ def prepare_run(requested: TrainConfig, given: set[str] | None = None) -> Prepar
     steps = checkpoint["counters"]["env_steps"]
     logger.info("resuming run %s (%s backend) at %s env steps", run_dir, mode, steps)
     return PreparedRun(config, run_dir, checkpoint)
+
+
+def check_min_size_reachable(config: TrainConfig) -> None:
+    """Refuses a --replay.min-size-to-sample too close to the size the replay settles at.
+
+    A chunk of L transitions carries L + stack − 1 + n frames (one more at an episode's end, up
+    to `stack` more after no-ops): beyond capacity × frames_per_transition frames, transitions
+    are evicted for their frames, and the table settles below its capacity; sampling waits
+    whenever the table is below min_size_to_sample.
+
+    Raises:
+        ValueError: naming the value and the size it must leave a margin below.
+    """
+    replay, length, stack = config.replay, config.actor.chunk_length, config.env.frame_stack
+    frames_per_chunk = length + stack + config.actor.n_step + (stack if config.env.noop_max else 0)
+    reachable = min(replay.capacity,
+                    int(replay.capacity * replay.frames_per_transition * length
+                        / frames_per_chunk))  # fmt: skip
+    if replay.min_size_to_sample > 0.9 * reachable:
+        raise ValueError(
+            f"replay.min_size_to_sample ({replay.min_size_to_sample}) must be at most 90% of the "
+            f"{reachable:,} transitions the replay settles at (replay.capacity {replay.capacity}, "
+            f"frames_per_transition {replay.frames_per_transition}, chunks of {length} "
+            f"transitions with up to {frames_per_chunk} frames), or sampling stalls whenever "
+            "evictions take the table below it"
+        )
 
 
 # What a branch cannot change: the weights' shapes, the mode, the replay's layout and its rate

@@ -13,10 +13,11 @@ import dataclasses
 import itertools
 import json
 import pathlib
+import shlex
 
 import tyro
 
-from launch.evaluate import EvalConfig, eval_rank, evaluate
+from launch.evaluate import EVAL_SEED_BASE, EvalConfig, eval_rank, evaluate
 from learner.checkpoint import CheckpointError, load_checkpoint
 
 PICK_FILE = "pick.json"
@@ -47,6 +48,13 @@ class PickConfig:
             raise ValueError(f"episodes ({self.episodes}) must be >= 1")
         if not self.seeds:
             raise ValueError("seeds () must name at least one seed set")
+        for seed in self.seeds:
+            if not 0 <= seed <= EVAL_SEED_BASE - self.episodes:
+                raise ValueError(f"seeds: {seed} must be in [0, {EVAL_SEED_BASE - self.episodes}]:"
+                                 f" from {EVAL_SEED_BASE} on, the seeds are training's own "
+                                 "evaluation rounds'")  # fmt: skip
+        if self.out is not None and self.out.is_dir():
+            raise ValueError(f"out {self.out} is a directory: give the path of the JSON")
         ordered = sorted(self.seeds)
         for first, second in itertools.pairwise(ordered):
             if second - first < self.episodes:
@@ -124,7 +132,8 @@ def pick(config: PickConfig) -> dict:
         "episodes_per_seed": config.episodes,
         "seeds": list(config.seeds),
         "ranked": results,
-        "export": f"mario export {config.run_dir} --round {results[0]['env_steps']}",
+        "export": f"mario export {shlex.quote(str(config.run_dir))} "
+        f"--round {results[0]['env_steps']}",
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

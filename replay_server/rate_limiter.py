@@ -44,7 +44,7 @@ class RateLimiter:
 
     def can_insert(self, n: int, size: int) -> bool:
         """Whether n more items may be inserted now into a table holding `size` valid items."""
-        if size + n <= self.min_size_to_sample:
+        if size < self.min_size_to_sample:
             return True
         return self._diff() <= self.error_buffer
 

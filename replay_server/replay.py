@@ -372,19 +372,23 @@ class PrioritizedReplay:
         if missing:
             raise SnapshotError(f"replay snapshot {path} lacks {sorted(missing)}")
         counters = arrays["counters"]
-        if counters.shape != (3 + len(self._SNAPSHOT_COUNTERS),):
-            raise SnapshotError(f"replay snapshot {path}: counters has the wrong shape")
+        if counters.shape != (3 + len(self._SNAPSHOT_COUNTERS),) or counters.dtype != np.int64:
+            raise SnapshotError(f"replay snapshot {path}: counters has the wrong shape or type")
         expected = (self.config.capacity, self.frame_capacity, self.stack)
         if tuple(int(v) for v in counters[:3]) != expected:
             raise SnapshotError(
                 f"replay snapshot {path} has (capacity, frame slots, stack) "
                 f"{tuple(int(v) for v in counters[:3])}, this replay {expected}"
             )
-        shapes = {name: getattr(self, name).shape for name in self._SNAPSHOT_ARRAYS}
-        shapes["leaves"] = (self.config.capacity,)
-        for name, shape in shapes.items():  # all checked before anything is overwritten
+        layouts = {name: (getattr(self, name).shape, getattr(self, name).dtype)
+                   for name in self._SNAPSHOT_ARRAYS}  # fmt: skip
+        layouts["leaves"] = ((self.config.capacity,), self.tree.nodes.dtype)
+        for name, (shape, dtype) in layouts.items():  # all checked before anything is overwritten
             if arrays[name].shape != shape:
                 raise SnapshotError(f"replay snapshot {path}: {name} has the wrong shape")
+            if arrays[name].dtype != dtype:
+                raise SnapshotError(f"replay snapshot {path}: {name} is {arrays[name].dtype}, "
+                                    f"not {dtype}")  # fmt: skip
         for name in self._SNAPSHOT_ARRAYS:
             getattr(self, name)[...] = arrays[name]
         for name, value in zip(self._SNAPSHOT_COUNTERS, counters[3:], strict=True):

@@ -10,7 +10,14 @@ import redis
 from actors.actor import ActorConfig
 from common.config import config_to_dict
 from launch.cli import main
-from launch.config import DistributedConfig, TrainConfig, _saved_config, given_fields
+from launch.config import (
+    DistributedConfig,
+    TrainConfig,
+    _saved_config,
+    check_min_size_reachable,
+    given_fields,
+    prepare_run,
+)
 from launch.trainer import RUN_LOCK, lock_run_dir
 from replay_server.replay import ReplayConfig
 
@@ -57,15 +64,17 @@ def test_bad_deploy_settings_name_the_value(kwargs, message):
 def test_a_min_size_to_sample_the_replay_cannot_reach_is_refused(
     capacity, min_size, chunk_length, refused
 ):
-    kwargs = {
-        "replay": ReplayConfig(capacity=capacity, min_size_to_sample=min_size),
-        "actor": ActorConfig(chunk_length=chunk_length),
-    }
+    config = TrainConfig(
+        replay=ReplayConfig(capacity=capacity, min_size_to_sample=min_size),
+        actor=ActorConfig(chunk_length=chunk_length),
+    )  # a saved run with such settings still loads; a new one is refused when prepared
     if not refused:
-        TrainConfig(**kwargs)
+        check_min_size_reachable(config)
         return
     with pytest.raises(ValueError, match=rf"min_size_to_sample \({min_size}\) must be at most"):
-        TrainConfig(**kwargs)
+        check_min_size_reachable(config)
+    with pytest.raises(ValueError, match=rf"min_size_to_sample \({min_size}\)"):
+        prepare_run(config)
 
 
 @pytest.mark.parametrize(

@@ -137,6 +137,7 @@ def test_rate_limiter_by_hand():
     limiter.record_insert(3)  # diff = 2·3 = 6 > 4: inserts are held back
     assert not limiter.can_insert(1, size=13)
     assert limiter.can_insert(1, size=9)  # the table lost items below min_size: it fills up
+    assert limiter.can_insert(5, size=9)  # a batch too, whatever it takes the table to
     limiter.record_sample(2)  # diff 4
     assert limiter.can_insert(1, size=13)
     with pytest.raises(ValueError, match=r"samples_per_insert \(0\)"):
@@ -214,6 +215,8 @@ def _rewritten(path, **changes):
         (lambda p: _rewritten(p, leaves=np.ones(31, np.float64)), "leaves has the wrong shape"),
         (lambda p: _rewritten(p, counters=np.array([32, 98, 4], np.int64)), "counters has the"),
         (lambda p: _rewritten(p, keys=np.zeros(8, np.int64)), "keys has the wrong shape"),
+        (lambda p: _rewritten(p, keys=np.zeros(32, "<U3")), "keys is <U3, not int64"),
+        (lambda p: _rewritten(p, counters=np.zeros(10, np.float32)), "wrong shape or type"),
     ],
 )
 def test_a_damaged_snapshot_is_a_snapshot_error_and_changes_nothing(tmp_path, damage, message):

@@ -55,8 +55,10 @@ def test_killed_shard_loses_no_chunk_that_was_in_redis(redis_url, tmp_path):
         first_pid = ray.get(shard.pid.remote())
         os.kill(first_pid, signal.SIGKILL)  # a crash mid-ingest; Ray restarts the shard
         at_kill = written
-        while written < at_kill + 100:  # chunks go on arriving while Ray restarts it
-            time.sleep(0.01)
+        deadline = time.monotonic() + 60
+        while written < at_kill + 100 and writer.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)  # chunks go on arriving while Ray restarts it
+        assert written >= at_kill + 100, "the writer stopped"
         stop.set()
         writer.join()
         assert ray.get(shard.pid.remote()) != first_pid
