@@ -242,6 +242,17 @@ def test_a_new_run_on_a_redis_that_holds_its_name_is_refused_or_starts_from_zero
     assert 400 <= counters["env_steps"] < 1_000_000 and counters["updates"] < 50_000
     assert counters["chunks_rejected"] == 0
     assert client.get(keys.driver) is None  # released at the end
+    # A branch's first start is a new run too: what this Redis holds under the branch's name
+    # (an earlier start of it that died before its first checkpoint) is dropped, not read.
+    branch, branch_keys = tmp_path / "branch", RedisKeys("branch")
+    client.xadd(branch_keys.experience, {"m": b"not a chunk of this run"})
+    client.hset(branch_keys.counters, mapping={"episodes_stale": 7})
+    main([*TINY, "--total-env-steps", str(counters["env_steps"] + 200), "--redis-url", redis_url,
+          "--run-dir", str(branch), "--branch-from", str(run_dir)])  # fmt: skip
+    branched = load_checkpoint(branch)["counters"]
+    assert branched["env_steps"] >= counters["env_steps"] + 200
+    assert branched["chunks_rejected"] == counters["chunks_rejected"] == 0  # the stale entry
+    assert "episodes_stale" not in branched and client.get(branch_keys.driver) is None
 
 
 def test_redis_restarted_then_killed_driver_leaves_no_process_and_resume_says_what_was_lost(
