@@ -5,16 +5,38 @@ from __future__ import annotations
 import contextlib
 import os
 import pathlib
+import random
 import signal
+import socket
 import subprocess
 import sys
 import time
 
-from common.redis_io import find_redis_server, free_port
+from common.redis_io import find_redis_server
 
 BIN = pathlib.Path(sys.executable).parent
 
 __all__ = ["BIN", "Process", "free_port", "local_program", "wait_for"]
+
+# Ports a process started later will listen on come from neither the kernel's ephemeral range
+# (32768–60999 here: any outgoing connection of the other test worker may take one meanwhile)
+# nor Ray's worker ports (10002–19999): a port picked by binding to 0 was once taken by the
+# other worker's Ray before `ray start --head` bound it as its dashboard's.
+_LISTEN_PORTS = range(20_000, 32_000)
+_random = random.Random(os.getpid())
+
+
+def free_port() -> int:
+    """A loopback port free now, outside the ephemeral and Ray worker port ranges."""
+    for _ in range(1000):
+        port = _random.choice(_LISTEN_PORTS)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {_LISTEN_PORTS}")
 
 
 def local_program(name: str) -> str:
