@@ -32,6 +32,7 @@ from learner.checkpoint import (
     CHECKPOINT_NAME,
     SET_DIR_KEY,
     CheckpointError,
+    kept_rounds,
     load_checkpoint,
     round_name,
 )
@@ -194,7 +195,7 @@ def export(config: ExportConfig) -> dict:
     if config.round is not None:
         source = run_dir / "eval" / round_name(config.round)
         if not source.is_file():
-            kept = sorted(int(p.stem.split("-")[1]) for p in (run_dir / "eval").glob("round-*.pt"))
+            kept = list(kept_rounds(run_dir))
             raise ValueError(f"round ({config.round}): {run_dir} kept no weights of a round at "
                              f"{config.round} env steps; it kept {kept or 'none'}")  # fmt: skip
     policy = load_policy(source, config.last)

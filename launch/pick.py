@@ -18,7 +18,7 @@ import shlex
 import tyro
 
 from launch.evaluate import EVAL_SEED_BASE, EvalConfig, eval_rank, evaluate
-from learner.checkpoint import CheckpointError, load_checkpoint
+from learner.checkpoint import CheckpointError, kept_rounds, load_checkpoint
 
 PICK_FILE = "pick.json"
 
@@ -62,7 +62,7 @@ class PickConfig:
                                  f"from {first} and {second} overlap")  # fmt: skip
 
 
-def kept_rounds(run_dir: pathlib.Path) -> list[dict]:
+def round_summaries(run_dir: pathlib.Path) -> list[dict]:
     """The rounds whose weights the run kept: path, env steps and the training evaluation's
     flag rate and mean max x, oldest first.
 
@@ -72,7 +72,7 @@ def kept_rounds(run_dir: pathlib.Path) -> list[dict]:
     """
     if not run_dir.is_dir():
         raise ValueError(f"run_dir {run_dir} is not a directory")
-    paths = sorted((run_dir / "eval").glob("round-*.pt"))
+    paths = list(kept_rounds(run_dir).values())
     if not paths:
         raise ValueError(
             f"{run_dir / 'eval'} holds no round weights (round-*.pt): the run was trained before "
@@ -107,7 +107,7 @@ def candidates(rounds: list[dict], top: int) -> list[dict]:
 def pick(config: PickConfig) -> dict:
     """Evaluates the candidates on every seed set; returns (and writes) them ranked by flags,
     then mean max x, over all their episodes."""
-    chosen = candidates(kept_rounds(config.run_dir), config.top)
+    chosen = candidates(round_summaries(config.run_dir), config.top)
     out = config.out or config.run_dir / "eval" / PICK_FILE
     results = []
     for entry in chosen:

@@ -43,6 +43,12 @@ def round_name(env_steps: int) -> str:
     return f"round-{env_steps:09d}.pt"
 
 
+def kept_rounds(run_dir: pathlib.Path) -> dict[int, pathlib.Path]:
+    """The round weights a run kept in <run>/eval/: env steps → file, oldest first."""
+    paths = sorted(pathlib.Path(run_dir, "eval").glob("round-*.pt"))
+    return {int(path.stem.split("-")[1]): path for path in paths}
+
+
 def save_checkpoint(
     run_dir: pathlib.Path, payload: dict, name: str = CHECKPOINT_NAME
 ) -> pathlib.Path:

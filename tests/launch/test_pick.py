@@ -9,7 +9,7 @@ from common.config import config_to_dict
 from common.networks import build_network
 from launch.cli import main
 from launch.config import TrainConfig
-from launch.pick import PickConfig, candidates, kept_rounds, pick
+from launch.pick import PickConfig, candidates, pick, round_summaries
 from learner.checkpoint import CheckpointError, round_name, save_checkpoint
 
 
@@ -80,6 +80,6 @@ def test_a_file_in_eval_that_is_not_a_round_is_named(tmp_path):
     del payload["eval"]  # a checkpoint, but not of a round
     torch.save(payload, path)
     with pytest.raises(CheckpointError, match=r"round-000000005\.pt: no evaluation summary"):
-        kept_rounds(tmp_path)
+        round_summaries(tmp_path)
     with pytest.raises(CheckpointError, match="no evaluation summary"):
         pick(PickConfig(tmp_path))
