@@ -334,7 +334,7 @@ class Trainer:
         every, env_steps = self.config.eval.every_env_steps, self.counters["env_steps"]
         # A round also starts when the budget is reached: the run ends with an evaluation.
         due, total = self.next_eval_at, self.config.total_env_steps
-        if self.last_eval is None or self.last_eval["env_steps"] < total:
+        if owes_final_eval(self.last_eval, total):
             due = min(due, total)
         if every and self._eval_started_at is None and env_steps >= due:
             best = self.best_eval
@@ -503,6 +503,11 @@ class Trainer:
         for key, value in rows:
             table.add_row(key, value)
         return table
+
+
+def owes_final_eval(last_eval: dict | None, total_env_steps: int) -> bool:
+    """Whether a run still owes the evaluation it ends with: none yet, or none at its budget."""
+    return last_eval is None or last_eval["env_steps"] < total_env_steps
 
 
 def quietly(what: str, work: Callable[[], object]) -> None:
@@ -677,9 +682,7 @@ def _budget_spent(run: PreparedRun) -> bool:
     """A resumed run that reached its budget and has its final evaluation (if it evaluates)."""
     counters, total = run.checkpoint["counters"], run.config.total_env_steps
     last_eval = run.checkpoint.get("trainer", {}).get("last_eval")
-    evaluated = not run.config.eval.every_env_steps or (
-        last_eval is not None and last_eval["env_steps"] >= total
-    )
+    evaluated = not run.config.eval.every_env_steps or not owes_final_eval(last_eval, total)
     return run.branched_from is None and counters["env_steps"] >= total and evaluated
 
 
