@@ -58,14 +58,47 @@ CASES = {
         [],
     ),
     "the package itself not installed": ([], [("a", "a is not installed (the package itself)")]),
+    "names that differ in case, dots and underscores are one distribution": (
+        [("a", ["Zope.Interface_X"], [], []), ("zope_interface_x", [], [], [])],
+        [],
+    ),
+    "extras two levels down": (
+        [
+            ("a", ["b[x]"], [], []),
+            ("b", ["c[y]; extra == 'x'"], [], []),
+            ("c", ["d; extra == 'y'"], [], []),
+        ],
+        [("d", "d is not installed (required by c)")],
+    ),
+    "a damaged distribution reached twice is named once": (
+        [("a", ["b", "c"], [], []), ("b", ["c[x]"], [], []), ("c", [], [], ["c/x.py"])],
+        [("c", "c: its file c/x.py is missing")],
+    ),
+    "a script put down outside site-packages (../bin), present": (
+        [("a", [], ["../bin/a-cli"], [])],
+        [],
+    ),
+    "a script put down outside site-packages (../bin), gone": (
+        [("a", [], [], ["../bin/a-cli"])],
+        [("a", "a: its file ../bin/a-cli is missing")],
+    ),
 }
 
 
 @pytest.mark.parametrize("dists, expected", CASES.values(), ids=CASES.keys())
 def test_problems_of_a_hand_made_install(tmp_path, dists, expected):
+    site = tmp_path / "lib" / "site-packages"  # ../bin stays inside tmp_path
     for name, requires, files, lost in dists:
-        install(tmp_path, name, requires, files, lost)
-    assert check_install.problems("a", path=[str(tmp_path)]) == expected
+        install(site, name, requires, files, lost)
+    assert check_install.problems("a", path=[str(site)]) == expected
+
+
+def test_a_distribution_without_record_has_only_its_requirements_checked(tmp_path):
+    install(tmp_path, "a", ["b"])
+    (tmp_path / "a-1.0.dist-info" / "RECORD").unlink()
+    assert check_install.problems("a", path=[str(tmp_path)]) == [
+        ("b", "b is not installed (required by a)")
+    ]
 
 
 def test_the_package_extras_are_followed(tmp_path):
@@ -83,3 +116,11 @@ def test_this_venv_is_complete_and_a_missing_distribution_fails_the_script():
     assert bad.returncode == 1
     assert bad.stdout == "no-such-dist-x\n"
     assert "setup: no-such-dist-x is not installed (the package itself)" in bad.stderr
+
+
+def test_a_check_that_cannot_be_made_exits_2_naming_the_error(tmp_path):
+    install(tmp_path, "a", ["b >= = 1"])  # not a requirement
+    env = {"PYTHONPATH": str(tmp_path)}  # first on the path: this `a` is the one found
+    run = subprocess.run([sys.executable, SCRIPT, "a"], capture_output=True, text=True, env=env)
+    assert (run.returncode, run.stdout) == (2, "")
+    assert "setup: cannot check the install of a: InvalidRequirement(" in run.stderr
