@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import tyro
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from launch.errors import RoleFailed
@@ -57,7 +58,8 @@ def _export(module, config, args: list[str]) -> None:
 def _pick(module, config, args: list[str]) -> None:
     result = module.pick(config)
     seeds = result["seeds"]
-    table = Table(title=f"rounds of {config.run_dir}, {config.episodes} episodes per seed set")
+    title = f"rounds of {escape(str(config.run_dir))}, {config.episodes} episodes per seed set"
+    table = Table(title=title)
     for column in (
         "env steps",
         "in training",
@@ -75,8 +77,9 @@ def _pick(module, config, args: list[str]) -> None:
             f"{row['x_pos_mean']:.0f}",
         )
     console.print(table)
-    console.print(f"best: {result['export']} --out models/NAME", soft_wrap=True)
-    console.print(f"written: {result['out']}", soft_wrap=True)
+    # paths as given: [x] in a folder's name is not markup
+    console.print(f"best: {result['export']} --out models/NAME", soft_wrap=True, markup=False)
+    console.print(f"written: {result['out']}", soft_wrap=True, markup=False)
 
 
 def _play(module, config, args: list[str]) -> None:

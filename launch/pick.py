@@ -4,7 +4,8 @@ Training evaluates every round with a few greedy episodes (10 by default), which
 only roughly: one run's rounds swing by several flags. `mario train` keeps each round's weights
 (eval/round-<env steps>.pt); this takes the best few by their training evaluation and plays each
 with more episodes on seed sets that training never used, then ranks them by flags (then mean
-max x) over all of those episodes. `mario export RUN --round N` ships the winner.
+max x) over all of those episodes. `mario export RUN --round N --seed S` ships the winner, its
+final evaluation on a seed set other than those that chose it (they flatter the winner).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import shlex
 import tyro
 
 from launch.evaluate import EVAL_SEED_BASE, EvalConfig, eval_rank, evaluate
+from launch.model import ExportConfig
 from learner.checkpoint import CheckpointError, kept_rounds, load_checkpoint
 
 PICK_FILE = "pick.json"
@@ -39,7 +41,8 @@ class PickConfig:
     rounds use seeds from 1,000,000,000 on, its actors' envs small ones (the run's --seed)."""
     out: pathlib.Path | None = None
     """The JSON of the result (default: <run dir>/eval/pick.json); each evaluation's eval.json
-    and best episode go beside it, in pick/round-<env steps>-seed-<seed>/."""
+    and best episode go beside it, in a folder named as the JSON without .json
+    (pick/round-<env steps>-seed-<seed>/)."""
 
     def __post_init__(self) -> None:
         if self.top < 1:
@@ -55,6 +58,9 @@ class PickConfig:
                                  "evaluation rounds'")  # fmt: skip
         if self.out is not None and self.out.is_dir():
             raise ValueError(f"out {self.out} is a directory: give the path of the JSON")
+        if self.out is not None and self.out.suffix != ".json":
+            raise ValueError(f"out {self.out} does not end in .json: give the path of the JSON "
+                             "(the evaluations go in a folder of its name)")  # fmt: skip
         ordered = sorted(self.seeds)
         for first, second in itertools.pairwise(ordered):
             if second - first < self.episodes:
@@ -104,6 +110,39 @@ def candidates(rounds: list[dict], top: int) -> list[dict]:
     return sorted(rounds, key=rank, reverse=True)[:top]
 
 
+def combined(entry: dict, summaries: dict[int, dict], folders: dict[int, pathlib.Path]) -> dict:
+    """A candidate round with its evaluations (seed set → `evaluate`'s summary): flags and mean
+    max x over all their episodes, and each set's own."""
+    episodes = [episode for summary in summaries.values() for episode in summary["per_episode"]]
+    per_seed = {
+        str(seed): {
+            "flags": sum(int(episode["flag_get"]) for episode in summary["per_episode"]),
+            "x_pos_mean": summary["max_x_pos_mean"],
+            "out": str(folders[seed]),
+        }
+        for seed, summary in summaries.items()
+    }
+    return {**entry, "flags": sum(int(episode["flag_get"]) for episode in episodes),
+            "episodes": len(episodes),
+            "x_pos_mean": sum(episode["max_x_pos"] for episode in episodes) / len(episodes),
+            "per_seed": per_seed}  # fmt: skip
+
+
+def ranked(results: list[dict]) -> list[dict]:
+    """Most flags first, then the higher mean max x, then the later round."""
+    return sorted(results, key=lambda r: (r["flags"], r["x_pos_mean"], r["env_steps"]),
+                  reverse=True)  # fmt: skip
+
+
+def held_out_seed(seeds: tuple[int, ...], episodes: int, wanted: int) -> int:
+    """The first multiple of 1000 from which `wanted` episodes share no seed with the sets that
+    chose the round: the winner's final evaluation at export is not played on them."""
+    start = 1000
+    while any(start < seed + episodes and seed < start + wanted for seed in seeds):
+        start += 1000
+    return start
+
+
 def pick(config: PickConfig) -> dict:
     """Evaluates the candidates on every seed set; returns (and writes) them ranked by flags,
     then mean max x, over all their episodes."""
@@ -111,29 +150,23 @@ def pick(config: PickConfig) -> dict:
     out = config.out or config.run_dir / "eval" / PICK_FILE
     results = []
     for entry in chosen:
-        per_seed, flags, x_sum = {}, 0, 0.0
+        summaries, folders = {}, {}
         for seed in config.seeds:
-            folder = out.parent / "pick" / f"round-{entry['env_steps']:09d}-seed-{seed}"
-            round_config = EvalConfig(
+            folders[seed] = out.with_suffix("") / f"round-{entry['env_steps']:09d}-seed-{seed}"
+            summaries[seed] = evaluate(EvalConfig(
                 checkpoint=pathlib.Path(entry["path"]), episodes=config.episodes, seed=seed,
-                out=folder,
-            )  # fmt: skip
-            summary = evaluate(round_config)
-            won = sum(int(episode["flag_get"]) for episode in summary["per_episode"])
-            per_seed[str(seed)] = {"flags": won, "x_pos_mean": summary["max_x_pos_mean"]}
-            flags += won
-            x_sum += summary["max_x_pos_mean"] * config.episodes
-        played = config.episodes * len(config.seeds)
-        results.append({**entry, "flags": flags, "episodes": played,
-                        "x_pos_mean": x_sum / played, "per_seed": per_seed})  # fmt: skip
-    results.sort(key=lambda r: (r["flags"], r["x_pos_mean"], r["env_steps"]), reverse=True)
+                out=folders[seed],
+            ))  # fmt: skip
+        results.append(combined(entry, summaries, folders))
+    results = ranked(results)
+    export_seed = held_out_seed(config.seeds, config.episodes, ExportConfig.eval_episodes)
     result = {
         "run_dir": str(config.run_dir),
         "episodes_per_seed": config.episodes,
         "seeds": list(config.seeds),
         "ranked": results,
         "export": f"mario export {shlex.quote(str(config.run_dir))} "
-        f"--round {results[0]['env_steps']}",
+        f"--round {results[0]['env_steps']} --seed {export_seed}",
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -44,9 +44,10 @@ def round_name(env_steps: int) -> str:
 
 
 def kept_rounds(run_dir: pathlib.Path) -> dict[int, pathlib.Path]:
-    """The round weights a run kept in <run>/eval/: env steps → file, oldest first."""
+    """The round weights a run kept in <run>/eval/: env steps → file, oldest first. Files of
+    other names (round-copy.pt) are not rounds."""
     paths = sorted(pathlib.Path(run_dir, "eval").glob("round-*.pt"))
-    return {int(path.stem.split("-")[1]): path for path in paths}
+    return {int(path.stem[6:]): path for path in paths if path.stem[6:].isdecimal()}
 
 
 def save_checkpoint(

@@ -57,6 +57,7 @@ def _error(argv, capsys) -> tuple[int, str]:
         (["pick", "{tmp}", "--seeds", "1000000000"], 2,
          "the seeds are training's own evaluation rounds'"),
         (["pick", "{tmp}", "--out", "{tmp}"], 2, "is a directory: give the path of the JSON"),
+        (["pick", "{tmp}", "--out", "{tmp}/pick"], 2, "pick does not end in .json"),
         (["pick", "{tmp}"], 1, "holds no round weights (round-*.pt): the run was trained before"),
         (["status", "--run-id", "no-such-run"], 1,
          "no run directory runs/no-such-run for run_id 'no-such-run': pass --run-dir"),

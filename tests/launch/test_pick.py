@@ -9,7 +9,15 @@ from common.config import config_to_dict
 from common.networks import build_network
 from launch.cli import main
 from launch.config import TrainConfig
-from launch.pick import PickConfig, candidates, pick, round_summaries
+from launch.pick import (
+    PickConfig,
+    candidates,
+    combined,
+    held_out_seed,
+    pick,
+    ranked,
+    round_summaries,
+)
 from learner.checkpoint import CheckpointError, round_name, save_checkpoint
 
 
@@ -34,6 +42,55 @@ def test_candidates_are_the_best_rounds_of_training(rounds, top, chosen):
     assert [r["env_steps"] for r in got] == chosen
 
 
+def _summary(*episodes):
+    """`evaluate`'s summary of episodes given as (flag, max x)."""
+    per_episode = [{"flag_get": flag, "max_x_pos": x} for flag, x in episodes]
+    return {
+        "per_episode": per_episode,
+        "max_x_pos_mean": sum(x for _, x in episodes) / len(episodes),
+    }
+
+
+def test_rounds_are_ranked_by_their_new_episodes_not_by_training():
+    # (env steps, training flag rate): the training order is the reverse of the result's
+    evaluated = {
+        100: ({7: _summary((1, 3161), (0, 1000)), 100: _summary((1, 3161), (1, 3161))}, 0.9),
+        200: ({7: _summary((1, 3161), (1, 3161)), 100: _summary((0, 2000), (1, 3161))}, 0.8),
+        300: ({7: _summary((1, 3161), (1, 3161)), 100: _summary((0, 3000), (0, 3000))}, 0.7),
+        50: ({7: _summary((1, 3161), (0, 1000)), 100: _summary((1, 3161), (1, 3161))}, 0.6),
+    }
+    results = []
+    for env_steps, (summaries, flag_rate) in evaluated.items():
+        folders = {seed: f"f{env_steps}-{seed}" for seed in summaries}
+        results.append(combined(_round(env_steps, flag_rate, 1000), summaries, folders))
+    by_steps = {r["env_steps"]: r for r in results}
+    # hand-computed: flags over the 4 episodes, mean max x over the 4 (not a mean of means)
+    assert by_steps[100]["flags"] == 3 and by_steps[100]["x_pos_mean"] == 10483 / 4
+    assert by_steps[200]["flags"] == 3 and by_steps[200]["x_pos_mean"] == 11483 / 4
+    assert by_steps[300]["flags"] == 2 and by_steps[300]["x_pos_mean"] == 12322 / 4
+    assert by_steps[100]["per_seed"] == {
+        "7": {"flags": 1, "x_pos_mean": 2080.5, "out": "f100-7"},
+        "100": {"flags": 2, "x_pos_mean": 3161.0, "out": "f100-100"},
+    }
+    assert by_steps[100]["episodes"] == 4
+    # flags, then mean max x, then the later of two equal rounds (100 before 50)
+    assert [r["env_steps"] for r in ranked(results)] == [200, 100, 50, 300]
+
+
+@pytest.mark.parametrize(
+    ("seeds", "episodes", "wanted", "first"),
+    [
+        ((1000, 2000), 20, 20, 3000),  # pick's defaults: export plays 3000…3019
+        ((1000,), 20, 20, 2000),
+        ((7, 100), 2, 20, 1000),
+        ((990,), 20, 20, 2000),  # 990…1009 shares 1000…1009
+        ((1000, 2000, 3000), 1500, 20, 5000),  # 3000…4499 rules out 4000
+    ],
+)
+def test_the_export_seed_is_held_out_from_the_sets_that_chose(seeds, episodes, wanted, first):
+    assert held_out_seed(seeds, episodes, wanted) == first
+
+
 def _save_round(run_dir, env_steps, flag_rate, x_pos_mean, seed):
     config = TrainConfig()
     torch.manual_seed(seed)
@@ -50,7 +107,7 @@ def _save_round(run_dir, env_steps, flag_rate, x_pos_mean, seed):
 
 
 def test_pick_plays_the_best_rounds_on_each_seed_set_and_ranks_them(tmp_path, capsys):
-    run_dir = tmp_path / "run"
+    run_dir = tmp_path / "run[x]"  # [x] is printed as is, not taken for markup
     for env_steps, flag_rate, x_pos_mean in ((50_000, 0.1, 900), (100_000, 0.3, 800),
                                              (150_000, 0.2, 1200)):  # fmt: skip
         _save_round(run_dir, env_steps, flag_rate, x_pos_mean, seed=env_steps)
@@ -64,13 +121,22 @@ def test_pick_plays_the_best_rounds_on_each_seed_set_and_ranks_them(tmp_path, ca
         assert row["episodes"] == 4 and set(row["per_seed"]) == {"7", "100"}
         assert row["flags"] == sum(s["flags"] for s in row["per_seed"].values())
         folder = run_dir / "eval" / "pick" / f"round-{row['env_steps']:09d}-seed-7"
+        assert row["per_seed"]["7"]["out"] == str(folder)
         played = json.loads((folder / "eval.json").read_text())
         assert [e["seed"] for e in played["per_episode"]] == [7, 8]
         assert played["checkpoint"].endswith(round_name(row["env_steps"]))
     keys = [(r["flags"], r["x_pos_mean"], r["env_steps"]) for r in ranked]
     assert keys == sorted(keys, reverse=True)
-    assert result["export"] == f"mario export {run_dir} --round {ranked[0]['env_steps']}"
-    assert result["export"] in printed
+    assert result["export"] == (
+        f"mario export '{run_dir}' --round {ranked[0]['env_steps']} --seed 1000"
+    )
+    assert result["export"] in printed and f"written: {run_dir}/eval/pick.json" in printed
+
+
+def test_a_file_not_named_as_a_round_is_not_taken_for_one(tmp_path):
+    _save_round(tmp_path, 5, 0.0, 100, seed=0)
+    (tmp_path / "eval" / "round-copy.pt").write_bytes(b"")
+    assert [r["env_steps"] for r in round_summaries(tmp_path)] == [5]
 
 
 def test_a_file_in_eval_that_is_not_a_round_is_named(tmp_path):
