@@ -107,6 +107,14 @@ class EvalConfig:
             raise ValueError(f"max_episode_steps ({self.max_episode_steps}) must be >= 1")
 
 
+def play_on_one_thread() -> None:
+    """For the commands that only play (eval, pick, export's final evaluation, play): greedy play
+    is batch-1 inference of a small net, and torch's default of a thread per core slowed it
+    ~9x while a training run held the cores (2 episodes: 108 s against 12 s on one thread,
+    2026-11-27). The evaluator during training sets the same (ray_backend.EvalWorker)."""
+    torch.set_num_threads(1)
+
+
 def _writer(path: pathlib.Path):
     return imageio.get_writer(path, fps=VIDEO_FPS, codec="libx264", macro_block_size=16)
 
@@ -231,6 +239,7 @@ def evaluate(config: EvalConfig) -> dict:
     Returns:
         Summary statistics, per-episode results and video paths.
     """
+    play_on_one_thread()
     policy = load_policy(config.checkpoint, config.last)
     env_config, network_config = policy.env, policy.network
     env_config = dataclasses.replace(

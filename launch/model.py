@@ -392,8 +392,9 @@ class _EveryKth:
 
 def play(config: PlayConfig) -> dict:
     """Plays the episode into config.out; returns its result (flag, max x, length, return)."""
-    from launch.evaluate import Evaluator, _writer
+    from launch.evaluate import Evaluator, _writer, play_on_one_thread
 
+    play_on_one_thread()
     policy = load_policy(config.model, config.last)
     env = dataclasses.replace(
         policy.env,

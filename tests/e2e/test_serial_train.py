@@ -145,6 +145,18 @@ def test_eval_prints_stats_and_writes_video(trained_run, capsys):
     assert "flag_rate" in capsys.readouterr().out
 
 
+def test_the_commands_that_play_run_torch_on_one_thread(trained_run, tmp_path):
+    # batch-1 inference: a thread per core slowed `mario eval` ~9x beside a training run
+    for command in (
+        ["eval", str(trained_run), "--episodes", "1", "--max-episode-steps", "10",
+         "--out", str(tmp_path / "eval")],
+        ["play", str(trained_run), "--out", str(tmp_path / "p.gif"), "--max-episode-steps", "5"],
+    ):  # fmt: skip
+        torch.set_num_threads(2)
+        main(command)
+        assert torch.get_num_threads() == 1, command[0]
+
+
 def test_bad_checkpoint_is_a_clear_error(tmp_path):
     bad = tmp_path / "checkpoint.pt"
     torch.save({"something": 1}, bad)
