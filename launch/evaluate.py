@@ -88,6 +88,10 @@ class EvalConfig:
     """Random number of no-op steps (0..noop_max) at the start of each episode."""
     epsilon: float = 0.0
     """Probability of a random action per step."""
+    constant_action: int | None = None
+    """Play this action (an index into the checkpoint's action set) at every step instead of the
+    network's choice: the floor a learned policy has to beat. On 1-1 with right_jump, 1
+    (right+A, a jump whenever Mario lands) reaches the flag in some episodes by itself."""
     max_episode_steps: int | None = None
     """Step cap (default: the checkpoint's)."""
     seed: int = 1000
@@ -105,6 +109,8 @@ class EvalConfig:
             raise ValueError(f"epsilon ({self.epsilon}) must be in [0, 1]")
         if self.max_episode_steps is not None and self.max_episode_steps < 1:
             raise ValueError(f"max_episode_steps ({self.max_episode_steps}) must be >= 1")
+        if self.constant_action is not None and self.constant_action < 0:
+            raise ValueError(f"constant_action ({self.constant_action}) must be >= 0")
 
 
 def play_on_one_thread() -> None:
@@ -122,8 +128,15 @@ def _writer(path: pathlib.Path):
 class Evaluator:
     """Plays episodes of given weights on one env; summarises them; re-records the best."""
 
-    def __init__(self, env_config: EnvConfig, network_config: NetworkConfig):
+    def __init__(
+        self,
+        env_config: EnvConfig,
+        network_config: NetworkConfig,
+        constant_action: int | None = None,
+    ):
+        """`constant_action`: played at every step instead of the network's choice."""
         self.env_config = env_config
+        self.constant_action = constant_action
         self.env = make_env(env_config)
         self.network = build_network(
             network_config, env_config.num_actions, env_config.frame_stack
@@ -140,6 +153,8 @@ class Evaluator:
         while True:
             if epsilon and rng.random() < epsilon:
                 action = int(rng.integers(env.action_space.n))
+            elif self.constant_action is not None:
+                action = self.constant_action
             else:
                 with torch.inference_mode():
                     q = self.network(torch.from_numpy(np.ascontiguousarray(obs))[None])
@@ -254,7 +269,10 @@ def evaluate(config: EvalConfig) -> dict:
     if config.out is None and is_model_dir(model_path):
         out = pathlib.Path("runs") / "eval" / model_path.resolve().name
     out.mkdir(parents=True, exist_ok=True)
-    evaluator = Evaluator(env_config, network_config)
+    if config.constant_action is not None and config.constant_action >= env_config.num_actions:
+        raise ValueError(f"constant_action ({config.constant_action}) is not an action of "
+                         f"{env_config.action_set} (0..{env_config.num_actions - 1})")  # fmt: skip
+    evaluator = Evaluator(env_config, network_config, config.constant_action)
     weights = policy.weights
     seeds = [config.seed + index for index in range(config.episodes)]
     try:
@@ -276,6 +294,7 @@ def evaluate(config: EvalConfig) -> dict:
         "sticky_action_prob": config.sticky_action_prob,
         "noop_max": config.noop_max,
         "epsilon": config.epsilon,
+        "constant_action": config.constant_action,
         **summary,
         "videos": [str(video) for video in videos],
     }

@@ -46,6 +46,7 @@ def _error(argv, capsys) -> tuple[int, str]:
         (["status", "--redis-url", "notaurl"], 2,
          "redis_url 'notaurl' must start with redis://, rediss:// or unix://"),
         (["eval", "{tmp}", "--max-episode-steps", "0"], 2, "max_episode_steps (0) must be >= 1"),
+        (["eval", "{tmp}", "--constant-action", "-1"], 2, "constant_action (-1) must be >= 0"),
         (["play", "{tmp}", "--max-episode-steps", "0", "--out", "m.gif"], 2,
          "max_episode_steps (0) must be >= 1"),
         (["pick", "{tmp}", "--top", "0"], 2, "top (0) must be >= 1"),

@@ -1,8 +1,12 @@
-"""Evaluation settings: seeds per round, bad values named."""
+"""Evaluation settings: seeds per round, bad values named; the constant-action floor."""
+
+import dataclasses
 
 import pytest
 
-from launch.evaluate import EVAL_SEED_BASE, TrainEvalConfig, summarize
+from common.config import EnvConfig, NetworkConfig
+from common.mario_env import make_env
+from launch.evaluate import EVAL_SEED_BASE, Evaluator, TrainEvalConfig, summarize
 
 B = EVAL_SEED_BASE  # 10**9
 
@@ -40,3 +44,29 @@ def test_summary_picks_a_flag_first_then_the_furthest():
 def test_bad_eval_settings_name_the_value(kwargs, message):
     with pytest.raises(ValueError, match=message):
         TrainEvalConfig(**kwargs)
+
+
+@pytest.mark.parametrize("action", [0, 1])
+def test_a_constant_action_policy_plays_that_action_at_every_step(action):
+    # The real emulator: the evaluator's episode is the one stepped by hand with `action` (no
+    # sticky actions, no no-ops), whatever its network would choose; 0 and 1 differ, which one
+    # network could not both match.
+    env_config = EnvConfig(action_set="right_jump", max_episode_steps=80)
+    env_config = dataclasses.replace(env_config, sticky_action_prob=0.0, noop_max=0)
+    evaluator = Evaluator(env_config, NetworkConfig(), constant_action=action)
+    try:
+        played = evaluator.play(seed=3)
+    finally:
+        evaluator.close()
+    env = make_env(env_config)
+    try:
+        _, info = env.reset(seed=3)
+        max_x, length, total = info["x_pos"], 0, 0.0
+        while True:
+            _, reward, terminated, truncated, info = env.step(action)
+            max_x, length, total = max(max_x, info["x_pos"]), length + 1, total + reward
+            if terminated or truncated:
+                break
+    finally:
+        env.close()
+    assert (played["max_x_pos"], played["length"], played["return"]) == (max_x, length, total)
