@@ -264,14 +264,14 @@ def evaluate(config: EvalConfig) -> dict:
         noop_max=config.noop_max,
         max_episode_steps=config.max_episode_steps or env_config.max_episode_steps,
     )
+    if config.constant_action is not None and config.constant_action >= env_config.num_actions:
+        raise ValueError(f"constant_action ({config.constant_action}) is not an action of "
+                         f"{env_config.action_set} (0..{env_config.num_actions - 1})")  # fmt: skip
     model_path = pathlib.Path(config.checkpoint)
     out = config.out or (model_path if model_path.is_dir() else model_path.parent) / "eval"
     if config.out is None and is_model_dir(model_path):
         out = pathlib.Path("runs") / "eval" / model_path.resolve().name
     out.mkdir(parents=True, exist_ok=True)
-    if config.constant_action is not None and config.constant_action >= env_config.num_actions:
-        raise ValueError(f"constant_action ({config.constant_action}) is not an action of "
-                         f"{env_config.action_set} (0..{env_config.num_actions - 1})")  # fmt: skip
     evaluator = Evaluator(env_config, network_config, config.constant_action)
     weights = policy.weights
     seeds = [config.seed + index for index in range(config.episodes)]
@@ -294,6 +294,7 @@ def evaluate(config: EvalConfig) -> dict:
         "sticky_action_prob": config.sticky_action_prob,
         "noop_max": config.noop_max,
         "epsilon": config.epsilon,
+        "action_set": env_config.action_set,
         "constant_action": config.constant_action,
         **summary,
         "videos": [str(video) for video in videos],

@@ -159,12 +159,13 @@ def test_the_commands_that_play_run_torch_on_one_thread(trained_run, tmp_path):
 
 def test_a_constant_action_outside_the_action_set_is_named(trained_run, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["eval", str(trained_run), "--constant-action", "2", "--out", str(tmp_path)])
+        main(["eval", str(trained_run), "--constant-action", "2", "--out", str(tmp_path / "e")])
     printed = capsys.readouterr()
     assert exit_info.value.code == 1
     assert "constant_action (2) is not an action of right_jump (0..1)" in " ".join(
         (printed.out + printed.err).split()
     )
+    assert not (tmp_path / "e").exists()  # refused before anything was written
 
 
 def test_bad_checkpoint_is_a_clear_error(tmp_path):
