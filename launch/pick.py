@@ -122,7 +122,7 @@ def combined(entry: dict, summaries: dict[int, dict], folders: dict[int, pathlib
         }
         for seed, summary in summaries.items()
     }
-    return {**entry, "flags": sum(int(episode["flag_get"]) for episode in episodes),
+    return {**entry, "flags": sum(one["flags"] for one in per_seed.values()),
             "episodes": len(episodes),
             "x_pos_mean": sum(episode["max_x_pos"] for episode in episodes) / len(episodes),
             "per_seed": per_seed}  # fmt: skip
