@@ -1,5 +1,5 @@
-"""`mario ablation run|report|archive`: the recipe search on 1-1, one lever per row, at one
-env-step budget.
+"""`mario ablation run|report|archive|floor`: the recipe search on 1-1, one lever per row, at
+one env-step budget.
 
 Every row is a recipe (BASE, or REFERENCE: `mario train`'s defaults until commit d99c29f) plus
 the flags of its lever, trained by `mario train` into ROOT/<row> (continued with
@@ -8,7 +8,10 @@ each row's metrics.jsonl (or its archive, whichever reached more env steps): the
 evaluation that ended the row at the budget, the best one before it, the training episodes, the
 wall time; it writes a markdown table and one PNG of the evaluation curves. `archive` keeps
 what the report reads of each row in the repository (ARCHIVE_DIR, a few hundred KB), so a row
-outlives the machine that trained it.
+outlives the machine that trained it. `floor` plays each action of a row's set held at every
+step on the row's evaluation (its env, the seeds of its rounds up to the budget): the score a
+learned policy has to beat (on 1-1, holding right+A reaches the flag in about one episode in
+five); the report prints the best held action beside each row.
 """
 
 from __future__ import annotations
@@ -145,6 +148,13 @@ ARCHIVED_KEYS = ("step", "elapsed_s", "counters/env_steps", "counters/updates", 
                  "episode/flag_get")  # fmt: skip
 
 
+FLOOR_FILE = ARCHIVE_DIR / "floor.json"
+# Env fields that change only rewards, how an episode's end is labelled, or what the evaluation
+# env overrides: a held action's episodes (x, flag) are the same whatever they are, so rows
+# that differ only there share a floor.
+FLOOR_IGNORED_FIELDS = ("flag_bonus", "reward_scale", "stuck_is_death", "reward")
+
+
 def _check_rows(rows: tuple[str, ...]) -> None:
     unknown = [row for row in rows if row not in ROWS]
     if unknown:
@@ -251,6 +261,8 @@ class AblationReportConfig:
     """Also write the markdown table there."""
     pair_out: pathlib.Path = pathlib.Path("docs/dqn-vs-ddqn.png")
     """PNG of the tutorial's comparison (rows `dqn` and `reference`), when both are reported."""
+    floor: pathlib.Path | None = FLOOR_FILE
+    """The held-action floors `mario ablation floor` measured: a row's is printed beside it."""
 
     def __post_init__(self) -> None:
         _check_rows(self.rows)
@@ -306,13 +318,26 @@ def _cell(value, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
-def table(results: dict[str, dict | None], env_steps: int) -> str:
-    """The markdown table of the rows."""
+def floor_cell(floor: tuple[str, int, int, float] | None) -> str:
+    """A row's floor (floor_of) as the table prints it; "–" when not measured."""
+    if floor is None:
+        return "–"
+    name, flags, episodes, x_mean = floor
+    return f"{flags / episodes:.0%} / {x_mean:.0f} ({name})"
+
+
+def table(
+    results: dict[str, dict | None],
+    env_steps: int,
+    floors: dict[str, tuple[str, int, int, float] | None] | None = None,
+) -> str:
+    """The markdown table of the rows; `floors`: each row's floor_of (absent: "–")."""
+    floors = floors or {}
     lines = [
         f"| row | lever | against | eval flags at {env_steps:,} | eval max x mean / median | "
-        "best eval up to it (env steps) | all rounds to it: flags / max x | training flags | "
-        "training max x, last 100 | updates | minutes |",
-        "|---|---|---|---:|---|---|---|---:|---:|---:|---:|",
+        "best eval up to it (env steps) | all rounds to it: flags / max x | held-action floor "
+        "on those rounds | training flags | training max x, last 100 | updates | minutes |",
+        "|---|---|---|---:|---|---|---|---|---:|---:|---:|---:|",
     ]
     for row, result in results.items():
         against = (
@@ -321,13 +346,14 @@ def table(results: dict[str, dict | None], env_steps: int) -> str:
             else (ROWS[row].against)
         )
         lever = f"{ROWS[row].lever} | {against}"
+        floor = floor_cell(floors.get(row))
         if result is None:
-            lines.append(f"| {row} | {lever} | not run | | | | | | | |")
+            lines.append(f"| {row} | {lever} | not run | | | | {floor} | | | | |")
             continue
         final, best = result["final"], result["best"]
         if final is None:
             lines.append(f"| {row} | {lever} | not finished: at {result['env_steps_reached']:,} "
-                         "env steps | | | | | | | |")  # fmt: skip
+                         f"env steps | | | | {floor} | | | | |")  # fmt: skip
             continue
         best_cell = (f"{best['eval/flag_rate']:.0%}, x {best['eval/x_pos_mean']:.0f} "
                      f"({best['eval/env_steps']:,})")  # fmt: skip
@@ -335,7 +361,7 @@ def table(results: dict[str, dict | None], env_steps: int) -> str:
         lines.append(
             f"| {row} | {lever} | {final['eval/flag_rate']:.0%} | "
             f"{final['eval/x_pos_mean']:.0f} / {final['eval/x_pos_median']:.0f} | {best_cell} | "
-            f"{flags_mean:.0%} / {x_mean:.0f} ({len(result['evals_within'])} rounds) | "
+            f"{flags_mean:.0%} / {x_mean:.0f} ({len(result['evals_within'])} rounds) | {floor} | "
             f"{result['train_flags']} of {result['train_episodes']} | "
             f"{_cell(result['train_x_mean_last_100'], '.0f')} | {_cell(result['updates'], ',')} | "
             f"{_cell(result['minutes'], '.0f')} |"
@@ -468,7 +494,12 @@ def report(config: AblationReportConfig) -> tuple[str, pathlib.Path]:
         if sources:
             records[row] = max(sources, key=_reached)
         results[row] = row_result(records[row], config.env_steps) if row in records else None
-    markdown = table(results, config.env_steps)
+    entries = read_floors(config.floor) if config.floor else []
+    floors = {}
+    for row in config.rows:
+        entry = find_floor(entries, row_evaluation(row, config.env_steps)[1]) if entries else None
+        floors[row] = floor_of(entry) if entry else None
+    markdown = table(results, config.env_steps, floors)
     markdown += (
         "\n\nTraining episodes (flags / episodes, mean max x) per sixth of the budget:\n\n"
         + training_table(records, config.env_steps)
@@ -493,6 +524,137 @@ def plot_evals(results: dict[str, dict | None], env_steps: int, out: pathlib.Pat
     for row, result in results.items():
         _plot_evals_on(axes[0], axes[1], (result or {}).get("evals", []), env_steps, row)
     return _save(figure, axes, axes[0], axes[1], out)
+
+
+def row_config(row: str, env_steps: int):
+    """The TrainConfig a row's `mario train` runs with (its command line, parsed as `mario
+    train` parses it)."""
+    from launch.config import TrainConfig
+
+    args = command(row, pathlib.Path("row"), env_steps, 10.0)[1:]
+    return tyro.cli(TrainConfig, args=args)
+
+
+def row_evaluation(row: str, env_steps: int):
+    """A row's evaluation env, and what a held action's score on it depends on (the floor's
+    key): that env less FLOOR_IGNORED_FIELDS, and the rounds' seeds up to the budget."""
+    from common.config import config_to_dict
+
+    config = row_config(row, env_steps)
+    every = config.eval.every_env_steps
+    if every < 1:
+        raise ValueError(f"row {row}: evaluation is off (every_env_steps {every}); no floor")
+    env_config = config.eval.env(config.env)
+    env = config_to_dict(env_config)
+    for field in FLOOR_IGNORED_FIELDS:
+        env.pop(field)
+    rounds = -(-env_steps // every)  # the rounds at every, 2·every, …, and at the budget
+    return env_config, {"env": env, "seeds": [config.eval.seeds(i) for i in range(rounds)]}
+
+
+def find_floor(entries: list[dict], key: dict) -> dict | None:
+    """The entry measured on `key`'s evaluation, if any."""
+    return next((e for e in entries if (e["env"], e["seeds"]) == (key["env"], key["seeds"])), None)
+
+
+@dataclasses.dataclass(frozen=True)
+class AblationFloorConfig:
+    """Plays every action of each row's set held at every step, on the row's evaluation (its
+    env, sticky actions and no-ops; the seeds of its rounds up to the budget): the floor the
+    row's greedy policy has to beat. Kept in `out` (one entry per distinct evaluation, shared by
+    the rows that have it) and printed by `mario ablation report`."""
+
+    rows: tuple[str, ...] = tuple(ROWS)
+    """Rows whose floor to measure (rows sharing an evaluation share one entry)."""
+    env_steps: int = 300_000
+    """The budget: the rounds up to it are played (6 of 10 episodes at the defaults)."""
+    out: pathlib.Path = FLOOR_FILE
+    """The JSON file of the entries; an entry already there is not played again."""
+
+    def __post_init__(self) -> None:
+        _check_rows(self.rows)
+        if self.env_steps < 1:
+            raise ValueError(f"env_steps ({self.env_steps}) must be >= 1")
+        if self.out.suffix != ".json":
+            raise ValueError(f"out ({self.out}) must be a .json file")
+
+
+def read_floors(path: pathlib.Path) -> list[dict]:
+    """The entries `floor` kept ([] without the file).
+
+    Raises:
+        ValueError: if the file is not a floor file (names it).
+    """
+    if not path.is_file():
+        return []
+    try:
+        entries = json.loads(path.read_text())["entries"]
+        missing = [sorted({"env", "seeds", "actions", "rows"} - e.keys()) for e in entries]
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"{path} is not a floor file: {error!r}") from None
+    if any(missing):
+        raise ValueError(f"{path} is not a floor file: an entry lacks {max(missing)}")
+    return entries
+
+
+def held_action(env_config, action: int, seeds: list[list[int]]) -> list[dict]:
+    """Per round: flags and mean max x of `action` held at every step on `seeds`."""
+    from common.config import NetworkConfig
+    from launch.evaluate import Evaluator, play_on_one_thread
+
+    play_on_one_thread()
+    evaluator = Evaluator(env_config, NetworkConfig(), constant_action=action)
+    try:
+        rounds = []
+        for round_seeds in seeds:
+            episodes = [evaluator.play(seed) for seed in round_seeds]
+            rounds.append({
+                "flags": sum(e["flag_get"] for e in episodes),
+                "x_pos_mean": float(np.mean([e["max_x_pos"] for e in episodes])),
+            })  # fmt: skip
+        return rounds
+    finally:
+        evaluator.close()
+
+
+def floor(config: AblationFloorConfig) -> list[dict]:
+    """Measures the rows' floors not yet in `out` and adds them (written after each entry, so
+    an interrupted run keeps what it played); returns the rows' entries, each once."""
+    from common.config import ACTION_SETS
+
+    entries = read_floors(config.out)
+    wanted = []
+    for row in config.rows:
+        env_config, key = row_evaluation(row, config.env_steps)
+        entry = find_floor(entries, key)
+        if entry is None:
+            names = ["+".join(buttons) for buttons in ACTION_SETS[env_config.action_set]]
+            actions = {}
+            for action, name in enumerate(names):
+                actions[name] = held_action(env_config, action, key["seeds"])
+                logger.info("row %s: %s held: %s", row, name, actions[name])
+            entry = {**key, "rows": [], "actions": actions}
+            entries.append(entry)
+        if row not in entry["rows"]:
+            entry["rows"].append(row)
+        config.out.parent.mkdir(parents=True, exist_ok=True)
+        config.out.write_text(json.dumps({"entries": entries}, indent=1) + "\n")
+        if entry not in wanted:
+            wanted.append(entry)
+    return wanted
+
+
+def floor_of(entry: dict) -> tuple[str, int, int, float]:
+    """The best held action of an entry, by flags then mean max x over its rounds: (its name,
+    flags, episodes, mean max x)."""
+
+    def score(item):
+        rounds = item[1]
+        return (sum(r["flags"] for r in rounds), float(np.mean([r["x_pos_mean"] for r in rounds])))
+
+    name, rounds = max(entry["actions"].items(), key=score)
+    flags, x_mean = score((name, rounds))
+    return name, flags, sum(len(seeds) for seeds in entry["seeds"]), x_mean
 
 
 @dataclasses.dataclass(frozen=True)

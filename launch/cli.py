@@ -119,6 +119,17 @@ def _ablation_archive(module, config, args: list[str]) -> None:
     console.print("archived: " + (", ".join(str(path) for path in written) or "no row has a run"))
 
 
+def _ablation_floor(module, config, args: list[str]) -> None:
+    table = Table("rows", "held action", "flags per round", "all rounds: flags / max x")
+    for entry in module.floor(config):
+        name, flags, episodes, x_mean = module.floor_of(entry)
+        rounds = entry["actions"][name]
+        table.add_row(", ".join(entry["rows"]), name, " ".join(str(r["flags"]) for r in rounds),
+                      f"{flags} of {episodes} / {x_mean:,.0f}")  # fmt: skip
+    console.print(table)
+    console.print(f"written: {config.out}", markup=False)
+
+
 def _chaos(module, config, args: list[str]) -> None:
     result = module.run(config)
     for name, ok in result["checks"].items():
@@ -244,6 +255,8 @@ COMMANDS: dict[tuple[str, ...], _Command] = {
                                      "the rows' eval results: table and PNG"),
     ("ablation", "archive"): _Command("launch.ablation", "AblationArchiveConfig",
                                       _ablation_archive, "keep the rows' results in the repo"),
+    ("ablation", "floor"): _Command("launch.ablation", "AblationFloorConfig", _ablation_floor,
+                                    "what holding one action scores on each row's eval"),
     ("chaos",): _Command("launch.chaos", "ChaosConfig", _chaos,
                          "train while killing random roles; check the books"),
     ("grid",): _Command("launch.grid_world", "GridConfig", _grid,

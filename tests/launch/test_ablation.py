@@ -97,7 +97,7 @@ def test_report_writes_the_table_and_the_curves(tmp_path):
     markdown = table_out.read_text()
     assert (
         "| base | run r1's recipe with the narrow net |  | 50% | 2000 / 1999 | "
-        "50%, x 2000 (100) | 25% / 1200 (2 rounds) | 1 of 3 |"
+        "50%, x 2000 (100) | 25% / 1200 (2 rounds) | – | 1 of 3 |"
     ) in markdown
     assert (
         "| dqn | DQN: no double-Q (the tutorial's comparison) | reference | not run |" in markdown
@@ -264,6 +264,102 @@ def test_a_row_whose_run_is_gone_is_reported_from_its_archive(tmp_path):
     assert path.read_bytes() == first
     assert report(kept) == before
     (root / "base" / "metrics.jsonl").unlink()
-    assert "| 50% | 2000 / 1999 | 50%, x 2000 (100) | 25% / 1200 (2 rounds) | 1 of 3 |" in before
+    assert (
+        "| 50% | 2000 / 1999 | 50%, x 2000 (100) | 25% / 1200 (2 rounds) | – | 1 of 3 |" in before
+    )
     assert report(kept) == before
     assert "| base | run r1's recipe with the narrow net |  | not run |" in report(None)
+
+
+@pytest.mark.parametrize(
+    ("row", "same_as_reference"),
+    [
+        # rewards, a stuck end's label and training's sticky actions leave a held action's
+        # episodes as they are; the jump's release, the graphics and the stuck rule do not
+        ("stuck-truncate", True), ("no-flag-scale", True), ("sticky-train", True),
+        ("gamma-0.9", True), ("explore-repeat", True),
+        ("base", False), ("downsample", False), ("stuck-40", False), ("stuck-off", False),
+        ("right-only", False), ("tutorial", False),
+    ],
+)  # fmt: skip
+def test_rows_share_a_floor_when_their_evaluations_play_alike(row, same_as_reference):
+    _, reference = ablation.row_evaluation("reference", 300_000)
+    _, key = ablation.row_evaluation(row, 300_000)
+    assert (key == reference) is same_as_reference
+
+
+@pytest.mark.parametrize(
+    ("env_steps", "rounds", "last_first_seed"),
+    # rounds at 50k, 100k, … and one at the budget; 10 seeds each from 1,000,000,000
+    [(300_000, 6, 1_000_000_050), (50_000, 1, 1_000_000_000), (50_001, 2, 1_000_000_010)],
+)
+def test_a_floor_plays_the_seeds_of_the_rounds_up_to_the_budget(env_steps, rounds, last_first_seed):
+    env_config, key = ablation.row_evaluation("reference", env_steps)
+    assert len(key["seeds"]) == rounds and key["seeds"][-1][0] == last_first_seed
+    assert [len(seeds) for seeds in key["seeds"]] == [10] * rounds
+    assert (env_config.sticky_action_prob, env_config.noop_max) == (0.25, 30)  # the evaluation's
+    assert "flag_bonus" not in key["env"] and key["env"]["release_jump"] is True
+
+
+def _entry(actions):
+    return {"env": {}, "seeds": [[1, 2], [3, 4]], "rows": ["reference"], "actions": actions}
+
+
+@pytest.mark.parametrize(
+    ("actions", "expected", "cell"),
+    [
+        # by flags over the rounds, then by mean max x: (1746 + 1886) / 2 = 1816
+        ({"right": [{"flags": 0, "x_pos_mean": 296.0}] * 2,
+          "right+A": [{"flags": 2, "x_pos_mean": 1746.0}, {"flags": 1, "x_pos_mean": 1886.0}]},
+         ("right+A", 3, 4, 1816.0), "75% / 1816 (right+A)"),
+        ({"right": [{"flags": 0, "x_pos_mean": 300.0}, {"flags": 0, "x_pos_mean": 500.0}],
+          "right+A": [{"flags": 0, "x_pos_mean": 296.0}] * 2},
+         ("right", 0, 4, 400.0), "0% / 400 (right)"),
+    ],
+)  # fmt: skip
+def test_the_floor_is_the_best_held_action(actions, expected, cell):
+    assert ablation.floor_of(_entry(actions)) == expected
+    assert ablation.floor_cell(expected) == cell
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("[1, 2]", "is not a floor file"), ("{torn", "is not a floor file"),
+     ('{"entries": [{"env": {}}]}', r"lacks \['actions', 'rows', 'seeds'\]")],
+)  # fmt: skip
+def test_a_bad_floor_file_is_named(tmp_path, text, message):
+    path = tmp_path / "floor.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message) as error:
+        ablation.read_floors(path)
+    assert str(path) in str(error.value)
+
+
+def test_floor_holds_each_action_on_the_real_game_and_the_report_prints_the_best(tmp_path):
+    """Round 0 of the reference's evaluation (seeds 1,000,000,000 …): right stands at the first
+    pipe; right+A jumps whenever Mario lands and reaches the flag in 2 of the 10 (measured in
+    session 17 with `mario eval --constant-action 1`)."""
+    out = tmp_path / "floor.json"
+    main(["ablation", "floor", "--rows", "reference", "stuck-truncate", "--env-steps", "50000",
+          "--out", str(out)])  # fmt: skip
+    (entry,) = ablation.read_floors(out)  # one entry for both rows: they play alike
+    assert entry["rows"] == ["reference", "stuck-truncate"]
+    assert entry["actions"]["right"] == [{"flags": 0, "x_pos_mean": pytest.approx(296.2)}]
+    assert entry["actions"]["right+A"] == [{"flags": 2, "x_pos_mean": pytest.approx(1745.7)}]
+    # measured once: a second call finds the entry (a changed number stays)
+    entry["actions"]["right"][0]["x_pos_mean"] = 1.0
+    out.write_text(json.dumps({"entries": [entry]}))
+    main(["ablation", "floor", "--rows", "stuck-truncate", "--env-steps", "50000", "--out",
+          str(out)])  # fmt: skip
+    assert ablation.read_floors(out)[0]["actions"]["right"][0]["x_pos_mean"] == 1.0
+    root = tmp_path / "runs"
+    (root / "reference").mkdir(parents=True)
+    records = [_eval(50_000, 0.1, 1200.0), _progress(50_000, 9, 60.0)]
+    (root / "reference" / "metrics.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in records)
+    )
+    markdown, _ = ablation.report(ablation.AblationReportConfig(
+        root=root, env_steps=50_000, rows=("reference", "base"), out=tmp_path / "c.png",
+        archive=None, floor=out))  # fmt: skip
+    assert "| 10% / 1200 (1 rounds) | 20% / 1746 (right+A) | 0 of 0 |" in markdown
+    assert "| base | run r1's recipe with the narrow net |  | not run | | | | – |" in markdown
