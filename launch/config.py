@@ -375,23 +375,22 @@ def check_min_size_reachable(config: TrainConfig) -> None:
     """Refuses a --replay.min-size-to-sample too close to the size the replay settles at.
 
     A chunk of L transitions carries L + stack − 1 + n frames (one more at an episode's end, up
-    to `stack` more after no-ops): beyond capacity × frames_per_transition frames, transitions
-    are evicted for their frames, and the table settles below its capacity; sampling waits
-    whenever the table is below min_size_to_sample.
+    to `stack` more after no-ops): beyond the replay's frame slots (capacity ×
+    frames_per_transition + 64), transitions are evicted for their frames, and the table settles
+    below its capacity; sampling waits whenever the table is below min_size_to_sample.
 
     Raises:
         ValueError: naming the value and the size it must leave a margin below.
     """
     replay, length, stack = config.replay, config.actor.chunk_length, config.env.frame_stack
     frames_per_chunk = length + stack + config.actor.n_step + (stack if config.env.noop_max else 0)
-    reachable = min(replay.capacity,
-                    int(replay.capacity * replay.frames_per_transition * length
-                        / frames_per_chunk))  # fmt: skip
+    reachable = min(replay.capacity, replay.frame_slots * length // frames_per_chunk)
     if replay.min_size_to_sample > 0.9 * reachable:
         raise ValueError(
             f"replay.min_size_to_sample ({replay.min_size_to_sample}) must be at most 90% of the "
             f"{reachable:,} transitions the replay settles at (replay.capacity {replay.capacity}, "
-            f"frames_per_transition {replay.frames_per_transition}, chunks of {length} "
+            f"frames_per_transition {replay.frames_per_transition}: {replay.frame_slots:,} "
+            f"frame slots, chunks of {length} "
             f"transitions with up to {frames_per_chunk} frames), or sampling stalls whenever "
             "evictions take the table below it"
         )

@@ -60,6 +60,12 @@ class ReplayConfig:
     priority_epsilon: float = 1e-6
     """Added to |TD| so that no transition gets probability 0."""
 
+    @property
+    def frame_slots(self) -> int:
+        """Frame slots the replay allocates: frames_per_transition per transition slot, plus 64
+        (room for the overlap frames of a last chunk even in tiny test replays)."""
+        return math.ceil(self.capacity * self.frames_per_transition) + 64
+
     def __post_init__(self) -> None:
         if self.capacity < 1:
             raise ValueError(f"capacity ({self.capacity}) must be >= 1")
@@ -116,8 +122,7 @@ class PrioritizedReplay:
         self.config = config
         self.stack = stack
         capacity = config.capacity
-        # +64: room for the overlap frames of a last chunk even in tiny test replays.
-        self.frame_capacity = math.ceil(capacity * config.frames_per_transition) + 64
+        self.frame_capacity = config.frame_slots
         self.frames = np.zeros((self.frame_capacity, *FRAME_SHAPE), dtype=np.uint8)
         self.obs_ids = np.zeros((capacity, stack), dtype=np.int64)
         self.next_ids = np.zeros((capacity, stack), dtype=np.int64)

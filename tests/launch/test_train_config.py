@@ -53,12 +53,13 @@ def test_bad_deploy_settings_name_the_value(kwargs, message):
 @pytest.mark.parametrize(
     ("capacity", "min_size", "chunk_length", "refused"),
     [
-        # chunks of 100 carry 107 frames: the table reaches its capacity (1.08 frames each)
+        # 1000 · 1.08 + 64 = 1144 frame slots; chunks of 100 carry 107 frames: the table
+        # reaches its capacity (1144 · 100 / 107 = 1069 > 1000)
         (1000, 900, 100, False),
         (1000, 901, 100, True),
-        # chunks of 10 carry 17 frames: it settles at 1000 · 1.08 · 10 / 17 = 635 transitions
-        (1000, 571, 10, False),
-        (1000, 572, 10, True),
+        # chunks of 10 carry 17 frames: it settles at 1144 · 10 // 17 = 672 transitions
+        (1000, 604, 10, False),
+        (1000, 605, 10, True),
     ],
 )
 def test_a_min_size_to_sample_the_replay_cannot_reach_is_refused(
