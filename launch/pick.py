@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import logging
 import pathlib
 import shlex
 
@@ -21,6 +22,8 @@ import tyro
 from launch.evaluate import EVAL_SEED_BASE, EvalConfig, eval_rank, evaluate
 from launch.model import ExportConfig
 from learner.checkpoint import CheckpointError, kept_rounds, load_checkpoint
+
+logger = logging.getLogger("pick")
 
 PICK_FILE = "pick.json"
 
@@ -68,13 +71,14 @@ class PickConfig:
                                  f"from {first} and {second} overlap")  # fmt: skip
 
 
-def round_summaries(run_dir: pathlib.Path) -> list[dict]:
+def round_summaries(run_dir: pathlib.Path) -> tuple[list[dict], dict[str, str]]:
     """The rounds whose weights the run kept: path, env steps and the training evaluation's
-    flag rate and mean max x, oldest first.
+    flag rate and mean max x, oldest first; and the round files that cannot be read (path →
+    why), which are left out: one damaged file does not cost the others.
 
     Raises:
         ValueError: the run kept no round weights (naming the folder).
-        CheckpointError: a round file that cannot be read (naming it).
+        CheckpointError: no round file can be read (naming the first and why).
     """
     if not run_dir.is_dir():
         raise ValueError(f"run_dir {run_dir} is not a directory")
@@ -84,20 +88,26 @@ def round_summaries(run_dir: pathlib.Path) -> list[dict]:
             f"{run_dir / 'eval'} holds no round weights (round-*.pt): the run was trained before "
             "rounds were kept or with --eval.no-keep-weights; `mario eval` evaluates its best.pt"
         )
-    rounds = []
+    rounds, unreadable = [], {}
     for path in paths:
-        summary = load_checkpoint(path).get("eval")
-        if not isinstance(summary, dict) or not {"env_steps", "flag_rate", "x_pos_mean"} <= set(
-            summary
-        ):
-            raise CheckpointError(f"{path}: no evaluation summary (not a round's weights)")
+        try:
+            summary = load_checkpoint(path).get("eval")
+            if not isinstance(summary, dict) or not {"env_steps", "flag_rate",
+                                                     "x_pos_mean"} <= set(summary):  # fmt: skip
+                raise CheckpointError(f"{path}: no evaluation summary (not a round's weights)")
+        except CheckpointError as error:
+            logger.warning("left out: %s", error)
+            unreadable[str(path)] = str(error)
+            continue
         rounds.append({
             "path": str(path),
             "env_steps": int(summary["env_steps"]),
             "train_flag_rate": float(summary["flag_rate"]),
             "train_x_pos_mean": float(summary["x_pos_mean"]),
         })  # fmt: skip
-    return rounds
+    if not rounds:
+        raise CheckpointError(f"no round file can be read: {next(iter(unreadable.values()))}")
+    return rounds, unreadable
 
 
 def candidates(rounds: list[dict], top: int) -> list[dict]:
@@ -146,7 +156,8 @@ def held_out_seed(seeds: tuple[int, ...], episodes: int, wanted: int) -> int:
 def pick(config: PickConfig) -> dict:
     """Evaluates the candidates on every seed set; returns (and writes) them ranked by flags,
     then mean max x, over all their episodes."""
-    chosen = candidates(round_summaries(config.run_dir), config.top)
+    rounds, unreadable = round_summaries(config.run_dir)
+    chosen = candidates(rounds, config.top)
     out = config.out or config.run_dir / "eval" / PICK_FILE
     results = []
     for entry in chosen:
@@ -165,6 +176,7 @@ def pick(config: PickConfig) -> dict:
         "episodes_per_seed": config.episodes,
         "seeds": list(config.seeds),
         "ranked": results,
+        "unreadable": unreadable,
         "export": f"mario export {shlex.quote(str(config.run_dir))} "
         f"--round {results[0]['env_steps']} --seed {export_seed}",
     }

@@ -136,7 +136,7 @@ def test_pick_plays_the_best_rounds_on_each_seed_set_and_ranks_them(tmp_path, ca
 def test_a_file_not_named_as_a_round_is_not_taken_for_one(tmp_path):
     _save_round(tmp_path, 5, 0.0, 100, seed=0)
     (tmp_path / "eval" / "round-copy.pt").write_bytes(b"")
-    assert [r["env_steps"] for r in round_summaries(tmp_path)] == [5]
+    assert [r["env_steps"] for r in round_summaries(tmp_path)[0]] == [5]
 
 
 def test_a_file_in_eval_that_is_not_a_round_is_named(tmp_path):
@@ -145,7 +145,21 @@ def test_a_file_in_eval_that_is_not_a_round_is_named(tmp_path):
     payload = torch.load(path, weights_only=True)
     del payload["eval"]  # a checkpoint, but not of a round
     torch.save(payload, path)
-    with pytest.raises(CheckpointError, match=r"round-000000005\.pt: no evaluation summary"):
+    with pytest.raises(CheckpointError, match=r"no round file can be read: .*round-000000005\.pt: "
+                       "no evaluation summary"):  # fmt: skip
         round_summaries(tmp_path)
     with pytest.raises(CheckpointError, match="no evaluation summary"):
         pick(PickConfig(tmp_path))
+
+
+def test_an_unreadable_round_is_left_out_and_named_and_the_others_are_picked(tmp_path, capsys):
+    for env_steps in (50_000, 100_000):
+        _save_round(tmp_path, env_steps, 0.5, 1000, seed=env_steps)
+    damaged = tmp_path / "eval" / round_name(100_000)
+    damaged.write_bytes(damaged.read_bytes()[:1000])  # cut short: a disk that filled up
+    main(["pick", str(tmp_path), "--top", "2", "--episodes", "1", "--seeds", "7"])
+    result = json.loads((tmp_path / "eval" / "pick.json").read_text())
+    assert [r["env_steps"] for r in result["ranked"]] == [50_000]
+    assert list(result["unreadable"]) == [str(damaged)]
+    printed = " ".join(capsys.readouterr().out.split())
+    assert f"left out (unreadable): cannot load checkpoint {damaged}: " in printed
