@@ -77,8 +77,8 @@ def _pick(module, config, args: list[str]) -> None:
             f"{row['x_pos_mean']:.0f}",
         )
     console.print(table)
-    for why in result["unreadable"].values():
-        console.print(f"left out (unreadable): {why}", soft_wrap=True, markup=False)
+    for why in result["left_out"].values():
+        console.print(f"left out: {why}", soft_wrap=True, markup=False)
     # paths as given: [x] in a folder's name is not markup
     console.print(f"best: {result['export']} --out models/NAME", soft_wrap=True, markup=False)
     console.print(f"written: {result['out']}", soft_wrap=True, markup=False)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import logging
 import pathlib
 import shlex
 
@@ -22,8 +21,6 @@ import tyro
 from launch.evaluate import EVAL_SEED_BASE, EvalConfig, eval_rank, evaluate
 from launch.model import ExportConfig
 from learner.checkpoint import CheckpointError, kept_rounds, load_checkpoint
-
-logger = logging.getLogger("pick")
 
 PICK_FILE = "pick.json"
 
@@ -73,12 +70,13 @@ class PickConfig:
 
 def round_summaries(run_dir: pathlib.Path) -> tuple[list[dict], dict[str, str]]:
     """The rounds whose weights the run kept: path, env steps and the training evaluation's
-    flag rate and mean max x, oldest first; and the round files that cannot be read (path →
-    why), which are left out: one damaged file does not cost the others.
+    flag rate and mean max x, oldest first; and the round files left out (path → why: one that
+    cannot be read, or that holds no evaluation summary): one damaged file does not cost the
+    others.
 
     Raises:
         ValueError: the run kept no round weights (naming the folder).
-        CheckpointError: no round file can be read (naming the first and why).
+        CheckpointError: no round file is usable (naming the first and why).
     """
     if not run_dir.is_dir():
         raise ValueError(f"run_dir {run_dir} is not a directory")
@@ -88,26 +86,26 @@ def round_summaries(run_dir: pathlib.Path) -> tuple[list[dict], dict[str, str]]:
             f"{run_dir / 'eval'} holds no round weights (round-*.pt): the run was trained before "
             "rounds were kept or with --eval.no-keep-weights; `mario eval` evaluates its best.pt"
         )
-    rounds, unreadable = [], {}
+    rounds, left_out = [], {}
     for path in paths:
         try:
             summary = load_checkpoint(path).get("eval")
-            if not isinstance(summary, dict) or not {"env_steps", "flag_rate",
-                                                     "x_pos_mean"} <= set(summary):  # fmt: skip
-                raise CheckpointError(f"{path}: no evaluation summary (not a round's weights)")
+            try:
+                rounds.append({
+                    "path": str(path),
+                    "env_steps": int(summary["env_steps"]),
+                    "train_flag_rate": float(summary["flag_rate"]),
+                    "train_x_pos_mean": float(summary["x_pos_mean"]),
+                })  # fmt: skip
+            except (KeyError, TypeError, ValueError) as error:
+                raise CheckpointError(
+                    f"{path}: no evaluation summary (not a round's weights): {error!r}"
+                ) from None
         except CheckpointError as error:
-            logger.warning("left out: %s", error)
-            unreadable[str(path)] = str(error)
-            continue
-        rounds.append({
-            "path": str(path),
-            "env_steps": int(summary["env_steps"]),
-            "train_flag_rate": float(summary["flag_rate"]),
-            "train_x_pos_mean": float(summary["x_pos_mean"]),
-        })  # fmt: skip
+            left_out[str(path)] = str(error)
     if not rounds:
-        raise CheckpointError(f"no round file can be read: {next(iter(unreadable.values()))}")
-    return rounds, unreadable
+        raise CheckpointError(f"no usable round file: {next(iter(left_out.values()))}")
+    return rounds, left_out
 
 
 def candidates(rounds: list[dict], top: int) -> list[dict]:
@@ -156,7 +154,7 @@ def held_out_seed(seeds: tuple[int, ...], episodes: int, wanted: int) -> int:
 def pick(config: PickConfig) -> dict:
     """Evaluates the candidates on every seed set; returns (and writes) them ranked by flags,
     then mean max x, over all their episodes."""
-    rounds, unreadable = round_summaries(config.run_dir)
+    rounds, left_out = round_summaries(config.run_dir)
     chosen = candidates(rounds, config.top)
     out = config.out or config.run_dir / "eval" / PICK_FILE
     results = []
@@ -176,7 +174,7 @@ def pick(config: PickConfig) -> dict:
         "episodes_per_seed": config.episodes,
         "seeds": list(config.seeds),
         "ranked": results,
-        "unreadable": unreadable,
+        "left_out": left_out,
         "export": f"mario export {shlex.quote(str(config.run_dir))} "
         f"--round {results[0]['env_steps']} --seed {export_seed}",
     }

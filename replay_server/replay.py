@@ -60,12 +60,6 @@ class ReplayConfig:
     priority_epsilon: float = 1e-6
     """Added to |TD| so that no transition gets probability 0."""
 
-    @property
-    def frame_slots(self) -> int:
-        """Frame slots the replay allocates: frames_per_transition per transition slot, plus 64
-        (room for the overlap frames of a last chunk even in tiny test replays)."""
-        return math.ceil(self.capacity * self.frames_per_transition) + 64
-
     def __post_init__(self) -> None:
         if self.capacity < 1:
             raise ValueError(f"capacity ({self.capacity}) must be >= 1")
@@ -86,6 +80,12 @@ class ReplayConfig:
             raise ValueError(f"samples_per_insert ({self.samples_per_insert}) must be > 0")
         if self.priority_epsilon <= 0:
             raise ValueError(f"priority_epsilon ({self.priority_epsilon}) must be > 0")
+
+    @property
+    def frame_slots(self) -> int:
+        """Frame slots the replay allocates: frames_per_transition per transition slot, plus 64
+        (room for the overlap frames of a last chunk even in tiny test replays)."""
+        return math.ceil(self.capacity * self.frames_per_transition) + 64
 
 
 @dataclasses.dataclass(frozen=True)

@@ -274,11 +274,12 @@ def test_a_row_whose_run_is_gone_is_reported_from_its_archive(tmp_path):
 @pytest.mark.parametrize(
     ("row", "same_as_reference"),
     [
-        # rewards, a stuck end's label and training's sticky actions leave a held action's
-        # episodes as they are; the jump's release, the graphics and the stuck rule do not
+        # rewards, a stuck end's label, the graphics and training's sticky actions leave a held
+        # action's episodes as they are (the downsample graphics: 13 of 60 and x 1,819 as the
+        # reference's, measured in session 17); the jump's release and the stuck rule do not
         ("stuck-truncate", True), ("no-flag-scale", True), ("sticky-train", True),
-        ("gamma-0.9", True), ("explore-repeat", True),
-        ("base", False), ("downsample", False), ("stuck-40", False), ("stuck-off", False),
+        ("gamma-0.9", True), ("explore-repeat", True), ("downsample", True),
+        ("base", False), ("stuck-40", False), ("stuck-off", False),
         ("right-only", False), ("tutorial", False),
     ],
 )  # fmt: skip
@@ -325,7 +326,13 @@ def test_the_floor_is_the_best_held_action(actions, expected, cell):
 @pytest.mark.parametrize(
     ("text", "message"),
     [("[1, 2]", "is not a floor file"), ("{torn", "is not a floor file"),
-     ('{"entries": [{"env": {}}]}', r"lacks \['actions', 'rows', 'seeds'\]")],
+     ('{"entries": {}}', "is not a floor file: entries is a dict"),
+     ('{"entries": [[]]}', "is not a floor file: entry 0 is not an object"),
+     ('{"entries": [{"env": {}}]}', r"entry 0 lacks \['actions', 'rows', 'seeds'\]"),
+     ('{"entries": [{"env": {}, "seeds": [], "rows": [], "actions": []}]}',
+      "entry 0's actions are not"),
+     ('{"entries": [{"env": {}, "seeds": [], "rows": [], "actions": {"right": [{"flags": 1}]}}]}',
+      "entry 0's actions are not")],
 )  # fmt: skip
 def test_a_bad_floor_file_is_named(tmp_path, text, message):
     path = tmp_path / "floor.json"

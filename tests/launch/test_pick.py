@@ -145,14 +145,14 @@ def test_a_file_in_eval_that_is_not_a_round_is_named(tmp_path):
     payload = torch.load(path, weights_only=True)
     del payload["eval"]  # a checkpoint, but not of a round
     torch.save(payload, path)
-    with pytest.raises(CheckpointError, match=r"no round file can be read: .*round-000000005\.pt: "
+    with pytest.raises(CheckpointError, match=r"no usable round file: .*round-000000005\.pt: "
                        "no evaluation summary"):  # fmt: skip
         round_summaries(tmp_path)
     with pytest.raises(CheckpointError, match="no evaluation summary"):
         pick(PickConfig(tmp_path))
 
 
-def test_an_unreadable_round_is_left_out_and_named_and_the_others_are_picked(tmp_path, capsys):
+def test_a_round_that_cannot_be_read_is_left_out_and_named_and_the_rest_picked(tmp_path, capsys):
     for env_steps in (50_000, 100_000):
         _save_round(tmp_path, env_steps, 0.5, 1000, seed=env_steps)
     damaged = tmp_path / "eval" / round_name(100_000)
@@ -160,6 +160,6 @@ def test_an_unreadable_round_is_left_out_and_named_and_the_others_are_picked(tmp
     main(["pick", str(tmp_path), "--top", "2", "--episodes", "1", "--seeds", "7"])
     result = json.loads((tmp_path / "eval" / "pick.json").read_text())
     assert [r["env_steps"] for r in result["ranked"]] == [50_000]
-    assert list(result["unreadable"]) == [str(damaged)]
+    assert list(result["left_out"]) == [str(damaged)]
     printed = " ".join(capsys.readouterr().out.split())
-    assert f"left out (unreadable): cannot load checkpoint {damaged}: " in printed
+    assert f"left out: cannot load checkpoint {damaged}: " in printed
