@@ -21,6 +21,7 @@ import gzip
 import json
 import logging
 import pathlib
+import re
 import shlex
 import signal
 import subprocess
@@ -500,10 +501,11 @@ def report(config: AblationReportConfig) -> tuple[str, pathlib.Path]:
     floors = {}
     for row in config.rows:
         entry = find_floor(entries, row_evaluation(row, config.env_steps)[1]) if entries else None
-        rounds = len((results[row] or {}).get("evals_within", []))
-        # a row whose rounds were not those of the schedule (a round lost or merged) is not
-        # compared with the floor of the schedule's rounds
-        if entry and rounds in (0, len(entry["seeds"])):
+        result = results[row] or {}
+        rounds = len(result.get("evals_within", []))
+        # a row that reached the budget with rounds other than the schedule's (one lost or
+        # merged) is not compared with the floor of the schedule's rounds
+        if entry and (not result.get("done") or rounds == len(entry["seeds"])):
             floors[row] = floor_of(entry)
         elif entry:
             floors[row] = None
@@ -660,10 +662,17 @@ def floor(config: AblationFloorConfig) -> list[dict]:
         if row not in entry["rows"]:
             entry["rows"].append(row)
         config.out.parent.mkdir(parents=True, exist_ok=True)
-        config.out.write_text(json.dumps({"entries": entries}, indent=1) + "\n")
+        config.out.write_text(floor_text(entries))
         if entry not in wanted:
             wanted.append(entry)
     return wanted
+
+
+def floor_text(entries: list[dict]) -> str:
+    """The floor file's text: indented JSON with each list of numbers (a round's seeds) on one
+    line."""
+    text = json.dumps({"entries": entries}, indent=1)
+    return re.sub(r"\[[\d\s,.-]+\]", lambda m: json.dumps(json.loads(m.group())), text) + "\n"
 
 
 def floor_of(entry: dict) -> tuple[str, int, int, float]:
