@@ -370,3 +370,29 @@ def test_floor_holds_each_action_on_the_real_game_and_the_report_prints_the_best
         archive=None, floor=out))  # fmt: skip
     assert "| 10% / 1200 (1 rounds) | 20% / 1746 (right+A) | 0 of 0 |" in markdown
     assert "| base | run r1's recipe with the narrow net |  | not run | | | | – |" in markdown
+
+
+@pytest.mark.parametrize(
+    ("eval_steps", "cell"),
+    [
+        # the schedule's two rounds (50k and the budget): compared with their floor
+        ((50_000, 100_000), "| 0% / 400 (right) |"),
+        # a round lost (one logged at the budget only): the floor of two rounds is not printed
+        ((100_000,), "| 0% / 1000 (1 rounds) | – |"),
+        # not finished: the floor of the budget's rounds is printed beside it
+        ((50_000,), "| not finished: at 50,000 env steps | | | | 0% / 400 (right) |"),
+    ],
+)
+def test_a_row_is_compared_with_the_floor_of_its_own_rounds(tmp_path, eval_steps, cell):
+    _, key = ablation.row_evaluation("base", 100_000)
+    rounds = [{"flags": 0, "x_pos_mean": 400.0}] * 2
+    entry = {**key, "rows": ["base"], "actions": {"right": rounds, "right+A": rounds}}
+    floor = tmp_path / "floor.json"
+    floor.write_text(ablation.floor_text([entry]))
+    (tmp_path / "base").mkdir()
+    records = [r for step in eval_steps for r in (_eval(step, 0.0, 1000.0), _progress(step, 9, 60))]
+    (tmp_path / "base" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    markdown, _ = ablation.report(ablation.AblationReportConfig(
+        root=tmp_path, env_steps=100_000, rows=("base",), out=tmp_path / "c.png", archive=None,
+        floor=floor))  # fmt: skip
+    assert cell in markdown
