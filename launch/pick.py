@@ -89,23 +89,32 @@ def round_summaries(run_dir: pathlib.Path) -> tuple[list[dict], dict[str, str]]:
     rounds, left_out = [], {}
     for path in paths:
         try:
-            summary = load_checkpoint(path).get("eval")
-            try:
-                rounds.append({
-                    "path": str(path),
-                    "env_steps": int(summary["env_steps"]),
-                    "train_flag_rate": float(summary["flag_rate"]),
-                    "train_x_pos_mean": float(summary["x_pos_mean"]),
-                })  # fmt: skip
-            except (KeyError, TypeError, ValueError) as error:
-                raise CheckpointError(
-                    f"{path}: no evaluation summary (not a round's weights): {error!r}"
-                ) from None
+            rounds.append(_round_summary(path))
         except CheckpointError as error:
             left_out[str(path)] = str(error)
     if not rounds:
         raise CheckpointError(f"no usable round file: {next(iter(left_out.values()))}")
     return rounds, left_out
+
+
+def _round_summary(path: pathlib.Path) -> dict:
+    """One round file's entry (round_summaries).
+
+    Raises:
+        CheckpointError: it cannot be read, or holds no evaluation summary (naming it).
+    """
+    summary = load_checkpoint(path).get("eval")
+    try:
+        return {
+            "path": str(path),
+            "env_steps": int(summary["env_steps"]),
+            "train_flag_rate": float(summary["flag_rate"]),
+            "train_x_pos_mean": float(summary["x_pos_mean"]),
+        }
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(
+            f"{path}: no evaluation summary (not a round's weights): {error!r}"
+        ) from None
 
 
 def candidates(rounds: list[dict], top: int) -> list[dict]:
