@@ -293,8 +293,11 @@ class Trainer:
         step is tried whatever the one before did; after a failure of the run they are best
         effort, so the original error is what the user sees."""
         first_error = None
+        started = time.monotonic()
+        logger.info("stopping the roles (%s)", "after a failure" if failed else "the run ends")
         try:
             self.backend.stop_roles()
+            logger.info("roles stopped in %.1f s", time.monotonic() - started)
         except Exception as error:
             logger.error("stopping the roles failed: %s", error)
             first_error = error

@@ -74,8 +74,10 @@ class Cluster:
                     *common]  # fmt: skip
         else:
             argv = [RAY, "start", f"--address=127.0.0.1:{self.gcs_port}", *common]
-        # As deploy/ray-cluster.yaml: `ray job stop` waits for the final checkpoint.
-        env = {**self.env, "RAY_JOB_STOP_WAIT_TIME_S": "120"} if head else self.env
+        # As deploy/ray-cluster.yaml: `ray job stop` waits for the final checkpoint; here up to
+        # the test's own wait for the job's end (on 2 cores shared with the suite's other
+        # worker, a stop once took over 120 s and Ray's SIGKILL came before the checkpoint).
+        env = {**self.env, "RAY_JOB_STOP_WAIT_TIME_S": "280"} if head else self.env
         process = Process(argv, self.tmp / f"{name}.log", self.tmp, env)
         self.nodes[name] = process
         wait_for(lambda: name in self.node_ids(), 120, f"node {name}", process=process)
