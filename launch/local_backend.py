@@ -35,7 +35,6 @@ class LocalBackend:
         self.run_dir = run_dir
         self.specs = RoleSpecs(config)
         self._counters = dict.fromkeys(BACKEND_COUNTERS, 0)
-        self._steps_before = self._frames_before = 0
         self._episodes: list[dict] = []
         self._last_metrics: dict[str, float] = {}
         self._actor_rate_base: tuple[float, int, int] | None = None
@@ -55,7 +54,6 @@ class LocalBackend:
             saved = checkpoint["counters"]
             for name in self._counters:
                 self._counters[name] = int(saved.get(name, 0))
-            self._steps_before, self._frames_before = saved["env_steps"], saved.get("frames", 0)
             # the snapshot of the checkpoint's own set (previous/ after a fallback)
             snapshot = replay_snapshot_path(checkpoint.get(SET_DIR_KEY, self.run_dir), 0)
             if snapshot.exists():
@@ -69,7 +67,7 @@ class LocalBackend:
     def advance(self, seconds: float) -> None:
         actor, replay, learner = self.actor, self.replay, self.learner
         batch_size = self.config.learner.batch_size
-        actor.set_run_env_steps(self._steps_before + actor.env_steps)
+        actor.set_run_env_steps(self._counters["env_steps"] + actor.env_steps)
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             if replay.can_sample(batch_size):
@@ -91,8 +89,9 @@ class LocalBackend:
                 raise RoleFailed.of("actor 0", error) from error
             self._insert(actor.take_chunks())
             for episode in finished:
-                record = dataclasses.asdict(episode)
-                self._episodes.append(episode_record(record, "actor-0", actor.policy_version))
+                record = {**dataclasses.asdict(episode), "actor": "actor-0",
+                          "policy_version": actor.policy_version}  # fmt: skip
+                self._episodes.append(episode_record(record))
             self.meter.waited(time.monotonic() - acting_since)
 
     def _insert(self, chunks) -> None:
@@ -105,8 +104,9 @@ class LocalBackend:
     def counters(self) -> dict[str, int]:
         return {
             **self._counters,
-            "env_steps": self._steps_before + self.actor.env_steps,  # the actor counts from 0
-            "frames": self._frames_before + self.actor.frames,
+            # the actor counts from 0; _counters hold the checkpoint's counts
+            "env_steps": self._counters["env_steps"] + self.actor.env_steps,
+            "frames": self._counters["frames"] + self.actor.frames,
             "updates": self.learner.updates,
         }
 
@@ -151,10 +151,15 @@ class LocalBackend:
         return [path]
 
     def start_eval(self, seeds: list[int], best_rank, video_path: pathlib.Path) -> None:
-        if self._evaluator is None:
-            self._evaluator = build_evaluator(self.config)
         weights = self.learner.cpu_weights()
-        result = evaluate_round(self._evaluator, weights, seeds, best_rank, video_path)
+        try:
+            if self._evaluator is None:
+                self._evaluator = build_evaluator(self.config)
+            result = evaluate_round(self._evaluator, weights, seeds, best_rank, video_path)
+        except Exception as error:  # as in the Ray backend: the round is lost, not the run
+            logger.warning("evaluation failed: %s", error, exc_info=True)
+            self._eval_result = {}
+            return
         self._eval_result = {**result, "policy_version": self.learner.updates, "weights": weights}
 
     def eval_result(self) -> dict | None:

@@ -3,8 +3,9 @@
 All process wiring is here, in one place. Redis carries experience (actors → shards), weights
 (learner → actors), counters, stats and episode telemetry; Ray places and restarts the
 processes and carries sample batches (shards → learner) through its object store. Each Ray
-actor below is a thin wrapper that builds its role from a spec (launch/roles.py); the role
-classes know nothing of Ray.
+actor below builds its role from a spec (launch/roles.py; the evaluator from the run's config)
+and adds only what running it in a process of its own needs (the shard: an ingest thread and
+a lock); the role classes know nothing of Ray.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ return 0
 """
 
 
-# -- Ray wrappers: thin, one per role ------------------------------------------------------------
+# -- Ray wrappers, one per role --------------------------------------------------------------------
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1, max_concurrency=4)
@@ -158,8 +159,6 @@ class LearnerWorker:
         self, spec: LearnerSpec, endpoint: RedisEndpoint, shards: list, prefetch: int,
         state: dict | None, updates_floor: int = 0,
     ):  # fmt: skip
-        """`updates_floor`: a learner restarted from an older state counts on from the updates
-        its predecessor reached, so the counter and the weights' version never go back."""
         replay = RayReplayClient(shards, prefetch, spec.seed)
         self.runner = build_learner_runner(spec, endpoint, replay, state, updates_floor)
 
@@ -297,14 +296,6 @@ class ActorPool:
         handle = self._make(index, index % self.initial, self.initial)
         self.members[index] = _PoolMember(handle, handle.run.remote(), handle.node.remote())
 
-    @property
-    def handles(self) -> list:
-        return [member.handle for member in self.members.values()]
-
-    @property
-    def run_refs(self) -> list:
-        return [member.run_ref for member in self.members.values()]
-
     def tick(self) -> None:
         self._placed()
         self._reap()
@@ -369,14 +360,14 @@ class ActorPool:
             )
 
     def stop(self, timeout: float = 60) -> None:
-        for handle in self.handles:
-            handle.stop.remote()
-        refs = self.run_refs
+        for member in self.members.values():
+            member.handle.stop.remote()
+        refs = [member.run_ref for member in self.members.values()]
         ray.wait(refs, num_returns=len(refs), timeout=timeout)
 
     def kill(self) -> None:
-        for handle in self.handles:
-            ray.kill(handle, no_restart=True)
+        for member in self.members.values():
+            ray.kill(member.handle, no_restart=True)
 
 
 # -- the backend ---------------------------------------------------------------------------------
@@ -675,10 +666,7 @@ class RayBackend:
             for entry_id, fields in entries:
                 self._last_telemetry = entry_id
                 try:
-                    record = decode_record(fields.get(b"m", b""))
-                    episodes.append(
-                        episode_record(record, record["actor"], record["policy_version"])
-                    )
+                    episodes.append(episode_record(decode_record(fields.get(b"m", b""))))
                 except (WireError, KeyError) as error:
                     self.malformed_records += 1
                     logger.warning("dropped telemetry entry %s: %s", entry_id, error)

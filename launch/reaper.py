@@ -4,7 +4,7 @@
 session of its own) and the local Ray head (gcs_server, raylet, dashboard, agents, workers).
 A normal stop, Ctrl-C, SIGTERM or an error releases them through the Trainer's ExitStack; a
 `kill -9` or the OOM killer cannot. So the Trainer starts this watchdog (`python -m
-launch.reaper DRIVER_PID SINCE`) with a pipe on its stdin. Every second the watchdog notes the
+launch.reaper DRIVER_PID SINCE TOKEN`) with a pipe on its stdin. Every second the watchdog notes the
 driver's descendants started since the Trainer started it (pid and start time, from /proc).
 When the pipe closes without the word "done" (the driver died: the kernel closes its end), it
 sends SIGTERM to each noted process that still runs with the same start time, then SIGKILL to

@@ -2,8 +2,9 @@
 
 The Trainer owns what every run has, whatever runs the roles: the budget (env steps, minutes),
 stop signals, the periodic work (metrics, live display, status file, checkpoints), the final
-checkpoint, the summary, and one shutdown path. It asks its backend only to start the roles,
-let them work, report, hand over their state, and stop. Two backends implement that:
+checkpoint, evaluation during training, the summary, and one shutdown path. It asks its backend
+only to start the roles, let them work, report, hand over their state and replay snapshots,
+evaluate the latest weights, and stop. Two backends implement that:
 `LocalBackend` (every role in this process: `--serial`, the debugging mode) and `RayBackend`
 (Ray processes meeting in Redis). Models: Sample Factory's Runner over SerialRunner and
 ParallelRunner; Acme's one builder for local and distributed agents.
@@ -76,9 +77,9 @@ def newest_snapshot(run_dir: pathlib.Path, shard_id: int) -> pathlib.Path | None
     return newest_set_file(run_dir, replay_snapshot_path(run_dir, shard_id).name)
 
 
-def episode_record(episode: dict, actor: str, policy_version: int) -> dict:
-    """An actor's finished episode (EpisodeResult as a dict) as the `episode/*` metrics that
-    both backends log."""
+def episode_record(episode: dict) -> dict:
+    """An actor's finished episode (EpisodeResult as a dict, with the "actor" that played it
+    and the "policy_version" it played) as the `episode/*` metrics that both backends log."""
     return {
         "episode/return": episode["episode_return"],
         "episode/length": episode["length"],
@@ -86,8 +87,8 @@ def episode_record(episode: dict, actor: str, policy_version: int) -> dict:
         "episode/flag_get": int(episode["flag_get"]),
         "episode/level": episode["level"],
         "episode/epsilon": episode["epsilon"],
-        "episode/policy_version": policy_version,
-        "episode/actor": actor,
+        "episode/policy_version": episode["policy_version"],
+        "episode/actor": episode["actor"],
     }
 
 
@@ -129,14 +130,16 @@ class Backend(Protocol):
         self, seeds: list[int], best_rank: tuple[float, float] | None, video_path: pathlib.Path
     ) -> None:
         """Starts evaluate_round on the latest weights, one greedy episode per seed (in-process:
-        runs it now; Ray: in the evaluator worker while training goes on)."""
+        runs it now; Ray: in the evaluator worker while training goes on). A failed round is
+        logged and skipped in both: the run goes on and the next round is played."""
 
     def eval_result(self) -> dict | None:
         """The finished evaluation, once: Evaluator.run's summary plus "policy_version" and the
         "weights" it evaluated; {} if it failed; None while none is finished."""
 
     def stop_roles(self) -> None:
-        """Stops the roles in order: actors (they flush partial chunks), replay, learner."""
+        """Stops the roles: the actors first (they flush their partial chunks into the replay),
+        then the learner, then the replay's intake."""
 
 
 class StopSignals:

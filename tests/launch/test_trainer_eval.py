@@ -2,6 +2,7 @@
 it while training goes on) is saved as not yet started, so a resumed run plays it again; and a
 resumed run is done (nothing is started) only once it has its final round."""
 
+import contextlib
 import pathlib
 
 import pytest
@@ -56,3 +57,30 @@ def test_a_run_has_spent_its_budget_once_it_has_its_final_evaluation(
     run = PreparedRun(config, pathlib.Path("runs/x"), checkpoint,
                       pathlib.Path("runs/parent") if branched else None)  # fmt: skip
     assert _budget_spent(run) == spent
+
+
+def test_a_failed_evaluation_round_is_skipped_in_serial_mode_as_in_ray(
+    tmp_path, monkeypatch, caplog
+):
+    """A round whose evaluation raises is logged and lost, not the run: eval_result() gives {}
+    (what the Ray backend gives when its evaluator fails), and the next round plays."""
+    from launch import local_backend
+    from launch.evaluate import EVAL_SEED_BASE
+
+    config = TrainConfig(serial=True)
+    backend = LocalBackend(config, tmp_path)
+    with contextlib.ExitStack() as resources:
+        backend.start(resources, None)
+
+        def emulator_gone(*args):
+            raise OSError("the emulator is gone")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(local_backend, "evaluate_round", emulator_gone)
+            backend.start_eval([EVAL_SEED_BASE], None, tmp_path / "best.mp4")
+        assert backend.eval_result() == {}
+        assert "evaluation failed: the emulator is gone" in caplog.text
+        assert backend.eval_result() is None  # once
+        backend.start_eval([EVAL_SEED_BASE], None, tmp_path / "best.mp4")  # the next round
+        result = backend.eval_result()
+        assert result["episodes"] == 1 and result["policy_version"] == 0
