@@ -39,7 +39,7 @@ import time
 import redis
 
 from common.redis_io import EmbeddedRedis, RedisKeys, connect
-from launch.reaper import _processes, descendants
+from launch.reaper import descendants, process_table
 from launch.trainer import BACKEND_COUNTERS
 
 logger = logging.getLogger("chaos")
@@ -89,7 +89,7 @@ class ChaosConfig:
 def _role_pids(driver: int, title: str) -> list[int]:
     """The driver's descendants whose command line starts with `title`."""
     pids = []
-    for pid in descendants(driver, _processes()):
+    for pid in descendants(driver, process_table()):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as file:
                 command = file.read().split(b"\0")[0].decode(errors="replace")
@@ -155,7 +155,7 @@ def _run_under_fire(config: ChaosConfig, server: EmbeddedRedis) -> dict:
             time.sleep(1.0)
             if driver.poll() is not None:
                 break
-            noted.update(descendants(driver.pid, _processes()))
+            noted.update(descendants(driver.pid, process_table()))
             if redis_back_at is not None and time.monotonic() >= redis_back_at:
                 server.restart_if_dead()
                 redis_back_at = None
@@ -315,7 +315,7 @@ def losses(kills: list[dict], final: dict[str, int]) -> list[dict]:
 
 def _leftovers(noted: dict[int, int]) -> list[str]:
     """The noted processes (pid → start time) that still run as themselves."""
-    current = _processes()
+    current = process_table()
     left = []
     for pid, start_time in noted.items():
         if current.get(pid, (0, None))[1] != start_time:

@@ -30,7 +30,7 @@ TOKEN_VARIABLE = "MARIO_RUN_TOKEN"
 POLL_S = 1.0
 
 
-def _processes() -> dict[int, tuple[int, int]]:
+def process_table() -> dict[int, tuple[int, int]]:
     """pid → (parent pid, start time in clock ticks), for every process in /proc."""
     table = {}
     for name in os.listdir("/proc"):
@@ -81,7 +81,7 @@ def carrying(token: str, since: int, table: dict[int, tuple[int, int]]) -> dict[
 def reap(noted: dict[int, int], grace_s: float = GRACE_S) -> list[int]:
     """SIGTERM, then SIGKILL after `grace_s`, to each noted process still running as itself.
     Returns the pids signalled."""
-    current = _processes()
+    current = process_table()
     alive = [pid for pid, start in noted.items() if current.get(pid, (0, None))[1] == start]
     signalled = list(alive)
     for pid in alive:
@@ -90,7 +90,7 @@ def reap(noted: dict[int, int], grace_s: float = GRACE_S) -> list[int]:
     deadline = time.monotonic() + grace_s
     while alive and time.monotonic() < deadline:
         time.sleep(0.2)
-        current = _processes()
+        current = process_table()
         alive = [pid for pid in alive if current.get(pid, (0, None))[1] == noted[pid]]
     for pid in alive:
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -118,13 +118,13 @@ def watch(driver: int, since: int, token: str = "", stdin_fd: int = 0) -> int:
             received += data
             if not data:  # the pipe closed
                 break
-        found = descendants(driver, _processes())
+        found = descendants(driver, process_table())
         noted.update({pid: start for pid, start in found.items()
                       if start >= since and pid != own})  # fmt: skip
     if b"done" in received:
         return 0
     if token:
-        noted.update(carrying(token, since, _processes()))
+        noted.update(carrying(token, since, process_table()))
     reaped = reap(noted)
     print(f"reaper: driver {driver} died; signalled {len(reaped)} processes", file=sys.stderr)
     return 0

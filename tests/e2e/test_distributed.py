@@ -15,6 +15,7 @@ import redis
 
 from common.redis_io import RedisKeys
 from launch.cli import main
+from launch.reaper import descendants, process_table
 from learner.checkpoint import load_checkpoint
 
 TINY = [
@@ -44,30 +45,9 @@ def processes(pattern: str, under: int | None = None) -> list[str]:
     that already ran on the machine (a training run beside the tests) is not theirs; with
     `under`, only that process's descendants (other tests' clusters may run beside)."""
     result = subprocess.run(["pgrep", "-af", pattern], capture_output=True, text=True)
-    mine = descendants(under) if under is not None else None
+    mine = set(descendants(under, process_table())) if under is not None else None
     lines = [line for line in result.stdout.splitlines() if line.split()[0] not in PREEXISTING]
     return [line for line in lines if mine is None or int(line.split()[0]) in mine]
-
-
-def descendants(root: int) -> set[int]:
-    """The pids of root's descendants (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as stat:
-                parent = int(stat.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(parent, []).append(int(entry))
-    found, stack = set(), [root]
-    while stack:
-        for child in children.get(stack.pop(), ()):
-            if child not in found:
-                found.add(child)
-                stack.append(child)
-    return found
 
 
 PREEXISTING = set()
