@@ -159,6 +159,7 @@ class LocalBackend:
         except Exception as error:  # as in the Ray backend: the round is lost, not the run
             logger.warning("evaluation failed: %s", error, exc_info=True)
             self._eval_result = {}
+            self._close_evaluator()  # the next round builds a new one (Ray: a new process)
             return
         self._eval_result = {**result, "policy_version": self.learner.updates, "weights": weights}
 
@@ -167,8 +168,10 @@ class LocalBackend:
         return result
 
     def _close_evaluator(self) -> None:
-        if self._evaluator is not None:
-            self._evaluator.close()
+        evaluator, self._evaluator = self._evaluator, None
+        if evaluator is not None:
+            with contextlib.suppress(Exception):  # a broken one may fail to close
+                evaluator.close()
 
     def stop_roles(self) -> None:
         # Partial chunks: keep the experience (only the ≤ n transitions per env that wait for a

@@ -4,8 +4,9 @@ All process wiring is here, in one place. Redis carries experience (actors → s
 (learner → actors), counters, stats and episode telemetry; Ray places and restarts the
 processes and carries sample batches (shards → learner) through its object store. Each Ray
 actor below builds its role from a spec (launch/roles.py; the evaluator from the run's config)
-and adds only what running it in a process of its own needs (the shard: an ingest thread and
-a lock); the role classes know nothing of Ray.
+and adds what running it in a process of its own needs (the shard: an ingest thread, a lock,
+the snapshot a restarted shard restores, a drain on stop; the evaluator: the weights, read from
+Redis); the role classes know nothing of Ray.
 """
 
 from __future__ import annotations
@@ -667,7 +668,7 @@ class RayBackend:
                 self._last_telemetry = entry_id
                 try:
                     episodes.append(episode_record(decode_record(fields.get(b"m", b""))))
-                except (WireError, KeyError) as error:
+                except (WireError, KeyError, ValueError, TypeError) as error:
                     self.malformed_records += 1
                     logger.warning("dropped telemetry entry %s: %s", entry_id, error)
         return episodes

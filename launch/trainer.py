@@ -79,17 +79,28 @@ def newest_snapshot(run_dir: pathlib.Path, shard_id: int) -> pathlib.Path | None
 
 def episode_record(episode: dict) -> dict:
     """An actor's finished episode (EpisodeResult as a dict, with the "actor" that played it
-    and the "policy_version" it played) as the `episode/*` metrics that both backends log."""
+    and the "policy_version" it played) as the `episode/*` metrics that both backends log.
+
+    Raises:
+        KeyError, ValueError, TypeError: a field is missing or not of its type (a record that
+            came over the network: the caller counts and drops it).
+    """
     return {
-        "episode/return": episode["episode_return"],
-        "episode/length": episode["length"],
-        "episode/x_pos": episode["max_x_pos"],
-        "episode/flag_get": int(episode["flag_get"]),
-        "episode/level": episode["level"],
-        "episode/epsilon": episode["epsilon"],
-        "episode/policy_version": episode["policy_version"],
-        "episode/actor": episode["actor"],
+        "episode/return": float(episode["episode_return"]),
+        "episode/length": int(episode["length"]),
+        "episode/x_pos": int(episode["max_x_pos"]),
+        "episode/flag_get": int(bool(episode["flag_get"])),
+        "episode/level": _text(episode["level"]),
+        "episode/epsilon": float(episode["epsilon"]),
+        "episode/policy_version": int(episode["policy_version"]),
+        "episode/actor": _text(episode["actor"]),
     }
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected text, got {value!r}")
+    return value
 
 
 class Backend(Protocol):

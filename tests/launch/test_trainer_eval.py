@@ -1,12 +1,14 @@
 """The evaluation schedule a checkpoint saves: a round still in flight (the Ray evaluator plays
 it while training goes on) is saved as not yet started, so a resumed run plays it again; and a
-resumed run is done (nothing is started) only once it has its final round."""
+resumed run is done (nothing is started) only once it has its final round; a round that fails is
+skipped in serial mode as in the Ray backend."""
 
 import contextlib
 import pathlib
 
 import pytest
 
+from actors.actor import ActorConfig
 from launch.config import PreparedRun, TrainConfig, TrainEvalConfig
 from launch.local_backend import LocalBackend
 from launch.trainer import Trainer, _budget_spent
@@ -67,20 +69,25 @@ def test_a_failed_evaluation_round_is_skipped_in_serial_mode_as_in_ray(
     from launch import local_backend
     from launch.evaluate import EVAL_SEED_BASE
 
-    config = TrainConfig(serial=True)
+    config = TrainConfig(serial=True, actor=ActorConfig(envs_per_actor=1))
     backend = LocalBackend(config, tmp_path)
-    with contextlib.ExitStack() as resources:
+    unbeatable = (2.0, 0.0)  # no round beats it: no video is recorded
+    with contextlib.ExitStack() as resources, caplog.at_level("WARNING", logger="serial"):
         backend.start(resources, None)
+        backend.start_eval([EVAL_SEED_BASE], unbeatable, tmp_path / "best.mp4")
+        assert backend.eval_result()["episodes"] == 1
+        broken = backend._evaluator
 
         def emulator_gone(*args):
             raise OSError("the emulator is gone")
 
         with monkeypatch.context() as patch:
             patch.setattr(local_backend, "evaluate_round", emulator_gone)
-            backend.start_eval([EVAL_SEED_BASE], None, tmp_path / "best.mp4")
+            backend.start_eval([EVAL_SEED_BASE], unbeatable, tmp_path / "best.mp4")
         assert backend.eval_result() == {}
         assert "evaluation failed: the emulator is gone" in caplog.text
         assert backend.eval_result() is None  # once
-        backend.start_eval([EVAL_SEED_BASE], None, tmp_path / "best.mp4")  # the next round
+        backend.start_eval([EVAL_SEED_BASE], unbeatable, tmp_path / "best.mp4")  # the next round
         result = backend.eval_result()
         assert result["episodes"] == 1 and result["policy_version"] == 0
+        assert backend._evaluator is not broken  # a failed round's evaluator is not reused
