@@ -56,6 +56,7 @@ from replay_server.replay import SnapshotError, write_snapshot
 logger = logging.getLogger("ray_backend")
 KEEP_LEARNER_STATE_S = 60.0  # at most this much learning is lost when the learner dies
 MAX_LEARNER_RESTARTS = 10
+ACTOR_STATS = ("env_steps_per_s", "frames_per_s", "policy_version")  # what the driver reads
 DRIVER_LEASE_S = 30  # a run's hold on its run id in Redis, renewed every DRIVER_LEASE_S / 6
 # Sets KEYS[1] to ARGV[1] for ARGV[2] seconds unless another value holds it; returns that value.
 _CLAIM_SCRIPT = """
@@ -395,6 +396,7 @@ class RayBackend:
         self.evaluator = None
         self._eval_ref = None
         self.malformed_records = 0
+        self._bad_stats: dict[str, bytes] = {}  # role → its stats record last dropped
         self.learner_restarts = 0
         self._kept = KeptState(None)
         self.embedded: EmbeddedRedis | None = None
@@ -680,18 +682,32 @@ class RayBackend:
             self._redis_down("stats", error)
         return self._stats
 
-    def _read_stats(self) -> dict[str, float]:
-        roles = {}
-        for name, blob in self.client.hgetall(self.redis_keys.stats).items():
+    def role_stats(self) -> tuple[dict[str, float], dict[str, dict]]:
+        """The learner's numeric stats and each actor's ACTOR_STATS, from the stats hash in Redis.
+        A record that does not decode, or an actor's that lacks a field or holds a non-number,
+        is dropped and counted once (it stays in the hash until its role writes again)."""
+        learner, actors = {}, {}
+        for raw_name, blob in self.client.hgetall(self.redis_keys.stats).items():
+            name = raw_name.decode(errors="replace")
             try:
-                roles[name.decode()] = decode_record(blob)
-            except WireError as error:
-                self.malformed_records += 1
-                logger.warning("dropped stats of %s: %s", name, error)
-        stats = {k: v for k, v in roles.get("learner", {}).items() if isinstance(v, int | float)}
+                record = decode_record(blob)
+                if name.startswith("actor-"):
+                    actors[name] = {key: _number(record[key]) for key in ACTOR_STATS}
+                elif name == "learner":
+                    learner = {k: v for k, v in record.items() if isinstance(v, int | float)}
+            except (WireError, KeyError, TypeError) as error:
+                if self._bad_stats.get(name) != blob:
+                    self._bad_stats[name] = blob
+                    self.malformed_records += 1
+                    logger.warning("dropped stats of %s: %s", name, error)
+                continue
+            self._bad_stats.pop(name, None)
+        return learner, actors
+
+    def _read_stats(self) -> dict[str, float]:
+        stats, actors = self.role_stats()
         shard_stats = ray.get([shard.stats.remote() for shard in self.shards], timeout=60)
         stats.update(_merge_shard_stats(shard_stats))
-        actors = {name: s for name, s in roles.items() if name.startswith("actor-")}
         stats["actors/running"] = len(self.actors.members)
         stats["actors/lost"] = self.actors.lost
         stats["actors/env_steps_per_s"] = sum(s["env_steps_per_s"] for s in actors.values())
@@ -794,6 +810,12 @@ class KeptState:
                     self.take(ray.get(ref))
         elif self.age_s() >= KEEP_LEARNER_STATE_S:
             self._pending = learner.state_dict.remote()
+
+
+def _number(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"expected a number, got {value!r}")
+    return value
 
 
 def _finished(ref) -> bool:

@@ -1,6 +1,6 @@
-"""The Ray backend's driver reads episode telemetry from a real redis-server: a malformed entry
-(undecodable, a field missing or not of its type) is counted and dropped, the entries around it
-are read, and the stream keeps every entry."""
+"""The Ray backend's driver reads episode telemetry and the roles' stats from a real
+redis-server: a malformed entry (undecodable, a field missing or not of its type) is counted and
+dropped, the entries around it are read, and Redis keeps every entry."""
 
 import dataclasses
 
@@ -50,5 +50,35 @@ def test_the_driver_counts_and_drops_malformed_telemetry(redis_url, tmp_path):
     assert client.xlen(stream) == 11  # nothing stored is lost
     client.xadd(stream, {"m": _episode(1500)})
     assert [e["episode/x_pos"] for e in backend.new_episodes()] == [1500]
+    backend.client.close()
+    client.close()
+
+
+def test_the_driver_counts_and_drops_malformed_stats_once(redis_url, tmp_path):
+    backend = RayBackend(TrainConfig(), tmp_path)
+    endpoint = RedisEndpoint(redis_url, "run-s")
+    backend.client, backend.redis_keys = endpoint.connect(outage_s=0), endpoint.keys
+    client = redis.Redis.from_url(redis_url)
+    good = {"env_steps_per_s": 150.0, "frames_per_s": 600.0, "policy_version": 40, "frames": 9}
+    client.hset(endpoint.keys.stats, mapping={
+        "learner": encode_record({"learner/loss": 0.5, "learner/device": "cpu"}),
+        "actor-0": encode_record(good),
+        "actor-1": encode_record({**good, "frames_per_s": None}),  # not a number
+        "actor-2": encode_record({"env_steps_per_s": 1.0, "policy_version": 3}),  # a field short
+        "actor-3": encode_record({**good, "policy_version": True}),  # a bool is no number here
+        "actor-4": b"\xc1 not msgpack",
+    })  # fmt: skip
+    for _ in range(2):  # each bad record is counted once, however often it is read
+        learner, actors = backend.role_stats()
+        assert learner == {"learner/loss": 0.5}
+        assert actors == {"actor-0": {"env_steps_per_s": 150.0, "frames_per_s": 600.0,
+                                      "policy_version": 40}}  # fmt: skip
+        assert backend.malformed_records == 4
+    client.hset(endpoint.keys.stats, "actor-1", encode_record(good))  # its next heartbeat
+    assert set(backend.role_stats()[1]) == {"actor-0", "actor-1"}
+    client.hset(endpoint.keys.stats, "actor-1", encode_record({**good, "frames_per_s": "x"}))
+    backend.role_stats()
+    assert backend.malformed_records == 5
+    assert client.hlen(endpoint.keys.stats) == 6  # nothing stored is lost
     backend.client.close()
     client.close()
