@@ -396,7 +396,7 @@ class RayBackend:
         self.evaluator = None
         self._eval_ref = None
         self.malformed_records = 0
-        self._bad_stats: dict[str, bytes] = {}  # role → its stats record last dropped
+        self._bad: dict[str, bytes] = {}  # what → the value of it last dropped
         self.learner_restarts = 0
         self._kept = KeptState(None)
         self.embedded: EmbeddedRedis | None = None
@@ -638,11 +638,18 @@ class RayBackend:
         except redis.RedisError as error:
             self._redis_down("counters", error)
             return self._counters
-        counters = dict.fromkeys(BACKEND_COUNTERS, 0)
-        counters.update({name.decode(): int(value) for name, value in raw.items()})
+        counters, bad = dict.fromkeys(BACKEND_COUNTERS, 0), set()
+        for raw_name, value in raw.items():
+            name = raw_name.decode(errors="replace")
+            try:
+                counters[name] = int(value)
+            except ValueError as error:  # left out: the driver keeps what it last read
+                self._malformed(f"counter {name}", value, error)
+                bad.add(name)
         # Never backwards: an external Redis that restarted without its data (or lost its last
         # writes) gets back the counts the driver last read, and counts on from them.
-        behind = {k: v for k, v in self._counters.items() if counters.get(k, 0) < v}
+        behind = {k: v for k, v in self._counters.items()
+                  if counters.get(k, 0) < v and k not in bad}  # fmt: skip
         if behind:
             logger.warning(
                 "Redis lost counts (%s): writing back what the driver last read",
@@ -682,11 +689,12 @@ class RayBackend:
             self._redis_down("stats", error)
         return self._stats
 
-    def role_stats(self) -> tuple[dict[str, float], dict[str, dict]]:
-        """The learner's numeric stats and each actor's ACTOR_STATS, from the stats hash in Redis.
-        A record that does not decode, or an actor's that lacks a field or holds a non-number,
-        is dropped and counted once (it stays in the hash until its role writes again)."""
-        learner, actors = {}, {}
+    def role_stats(self) -> dict[str, float]:
+        """What the roles report through Redis: the learner's numeric stats, the actors' rates
+        and the policy lag. A record that does not decode, an actor's that lacks one of
+        ACTOR_STATS or holds a non-number there, or a weights version that is no integer, is
+        dropped and counted once (it stays in Redis until its role writes again)."""
+        stats, actors = {}, {}
         for raw_name, blob in self.client.hgetall(self.redis_keys.stats).items():
             name = raw_name.decode(errors="replace")
             try:
@@ -694,29 +702,39 @@ class RayBackend:
                 if name.startswith("actor-"):
                     actors[name] = {key: _number(record[key]) for key in ACTOR_STATS}
                 elif name == "learner":
-                    learner = {k: v for k, v in record.items() if isinstance(v, int | float)}
+                    stats = {k: v for k, v in record.items() if isinstance(v, int | float)}
             except (WireError, KeyError, TypeError) as error:
-                if self._bad_stats.get(name) != blob:
-                    self._bad_stats[name] = blob
-                    self.malformed_records += 1
-                    logger.warning("dropped stats of %s: %s", name, error)
+                self._malformed(f"stats of {name}", blob, error)
                 continue
-            self._bad_stats.pop(name, None)
-        return learner, actors
-
-    def _read_stats(self) -> dict[str, float]:
-        stats, actors = self.role_stats()
-        shard_stats = ray.get([shard.stats.remote() for shard in self.shards], timeout=60)
-        stats.update(_merge_shard_stats(shard_stats))
-        stats["actors/running"] = len(self.actors.members)
-        stats["actors/lost"] = self.actors.lost
+            self._bad.pop(f"stats of {name}", None)
         stats["actors/env_steps_per_s"] = sum(s["env_steps_per_s"] for s in actors.values())
         stats["actors/frames_per_s"] = sum(s["frames_per_s"] for s in actors.values())
         for name, s in actors.items():
             stats[f"actors/{name}/frames_per_s"] = s["frames_per_s"]
-        version = int(self.client.get(self.redis_keys.weights_version) or 0)
+        version = self.client.get(self.redis_keys.weights_version) or b"0"
+        try:
+            version = int(version)
+        except ValueError as error:
+            self._malformed("weights version", version, error)
+            return stats
         if actors:
             stats["policy_lag"] = version - min(s["policy_version"] for s in actors.values())
+        return stats
+
+    def _malformed(self, what: str, value: bytes, error: Exception) -> None:
+        """Counts a value read from Redis that is not what its writer writes, once while it
+        stays the same (the driver reads it again every second)."""
+        if self._bad.get(what) != value:
+            self._bad[what] = value
+            self.malformed_records += 1
+            logger.warning("dropped %s: %s", what, error)
+
+    def _read_stats(self) -> dict[str, float]:
+        stats = self.role_stats()
+        shard_stats = ray.get([shard.stats.remote() for shard in self.shards], timeout=60)
+        stats.update(_merge_shard_stats(shard_stats))
+        stats["actors/running"] = len(self.actors.members)
+        stats["actors/lost"] = self.actors.lost
         stats["stream_lag_chunks"] = self.client.xlen(self.redis_keys.experience)
         stats["driver/malformed_records"] = self.malformed_records  # dropped telemetry and stats
         return stats

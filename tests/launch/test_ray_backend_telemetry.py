@@ -68,17 +68,42 @@ def test_the_driver_counts_and_drops_malformed_stats_once(redis_url, tmp_path):
         "actor-3": encode_record({**good, "policy_version": True}),  # a bool is no number here
         "actor-4": b"\xc1 not msgpack",
     })  # fmt: skip
+    client.set(endpoint.keys.weights_version, 52)
     for _ in range(2):  # each bad record is counted once, however often it is read
-        learner, actors = backend.role_stats()
-        assert learner == {"learner/loss": 0.5}
-        assert actors == {"actor-0": {"env_steps_per_s": 150.0, "frames_per_s": 600.0,
-                                      "policy_version": 40}}  # fmt: skip
+        stats = backend.role_stats()
+        assert stats == {"learner/loss": 0.5, "actors/env_steps_per_s": 150.0,
+                         "actors/frames_per_s": 600.0, "actors/actor-0/frames_per_s": 600.0,
+                         "policy_lag": 12}  # fmt: skip
         assert backend.malformed_records == 4
     client.hset(endpoint.keys.stats, "actor-1", encode_record(good))  # its next heartbeat
-    assert set(backend.role_stats()[1]) == {"actor-0", "actor-1"}
+    assert backend.role_stats()["actors/frames_per_s"] == 1200.0
     client.hset(endpoint.keys.stats, "actor-1", encode_record({**good, "frames_per_s": "x"}))
     backend.role_stats()
     assert backend.malformed_records == 5
+    client.set(endpoint.keys.weights_version, b"v52")  # not what the learner writes
+    assert "policy_lag" not in backend.role_stats()
+    assert backend.malformed_records == 6
     assert client.hlen(endpoint.keys.stats) == 6  # nothing stored is lost
+    backend.client.close()
+    client.close()
+
+
+def test_a_counter_that_is_not_an_integer_is_dropped_and_the_last_count_kept(redis_url, tmp_path):
+    backend = RayBackend(TrainConfig(), tmp_path)
+    endpoint = RedisEndpoint(redis_url, "run-c")
+    backend.client, backend.redis_keys = endpoint.connect(outage_s=0), endpoint.keys
+    client = redis.Redis.from_url(redis_url)
+    counters = endpoint.keys.counters
+    client.hset(counters, mapping={"env_steps": 5000, "frames": 20000, "updates": 600})
+    assert backend.counters()["env_steps"] == 5000
+    client.hset(counters, "env_steps", "5k")  # not what HINCRBY writes
+    client.hincrby(counters, "updates", 10)
+    for _ in range(2):
+        read = backend.counters()
+        assert (read["env_steps"], read["frames"], read["updates"]) == (5000, 20000, 610)
+    assert backend.malformed_records == 1  # once, however often it is read
+    assert client.hget(counters, "env_steps") == b"5k"  # not written over: it is not ours
+    client.hset(counters, "env_steps", 5200)
+    assert backend.counters()["env_steps"] == 5200
     backend.client.close()
     client.close()
