@@ -5,6 +5,7 @@ dropped, the entries around it are read, and Redis keeps every entry."""
 import dataclasses
 
 import msgpack
+import pytest
 import redis
 
 from actors.actor import EpisodeResult
@@ -23,12 +24,19 @@ def _episode(x_pos, **changed) -> bytes:
     return encode_record(record)
 
 
-def test_the_driver_counts_and_drops_malformed_telemetry(redis_url, tmp_path):
+@pytest.fixture
+def reader(redis_url, tmp_path):
+    """A RayBackend's driver side on a real redis-server (no Ray), and a client of its own."""
     backend = RayBackend(TrainConfig(), tmp_path)
-    endpoint = RedisEndpoint(redis_url, "run-t")
+    endpoint = RedisEndpoint(redis_url, tmp_path.name)
     backend.client, backend.redis_keys = endpoint.connect(outage_s=0), endpoint.keys
     client = redis.Redis.from_url(redis_url)
-    stream = endpoint.keys.telemetry
+    yield backend, endpoint.keys, client
+
+
+def test_the_driver_counts_and_drops_malformed_telemetry(reader):
+    backend, keys, client = reader
+    stream = keys.telemetry
     for fields in ({"m": _episode(700)},
                    {"m": b"\xc1 not msgpack"},  # undecodable
                    {"m": msgpack.packb({"kind": "episode", "nested": {"a": 1}})},  # not flat
@@ -50,17 +58,12 @@ def test_the_driver_counts_and_drops_malformed_telemetry(redis_url, tmp_path):
     assert client.xlen(stream) == 11  # nothing stored is lost
     client.xadd(stream, {"m": _episode(1500)})
     assert [e["episode/x_pos"] for e in backend.new_episodes()] == [1500]
-    backend.client.close()
-    client.close()
 
 
-def test_the_driver_counts_and_drops_malformed_stats_once(redis_url, tmp_path):
-    backend = RayBackend(TrainConfig(), tmp_path)
-    endpoint = RedisEndpoint(redis_url, "run-s")
-    backend.client, backend.redis_keys = endpoint.connect(outage_s=0), endpoint.keys
-    client = redis.Redis.from_url(redis_url)
+def test_the_driver_counts_and_drops_malformed_stats_once(reader):
+    backend, keys, client = reader
     good = {"env_steps_per_s": 150.0, "frames_per_s": 600.0, "policy_version": 40, "frames": 9}
-    client.hset(endpoint.keys.stats, mapping={
+    client.hset(keys.stats, mapping={
         "learner": encode_record({"learner/loss": 0.5, "learner/device": "cpu"}),
         "actor-0": encode_record(good),
         "actor-1": encode_record({**good, "frames_per_s": None}),  # not a number
@@ -68,32 +71,27 @@ def test_the_driver_counts_and_drops_malformed_stats_once(redis_url, tmp_path):
         "actor-3": encode_record({**good, "policy_version": True}),  # a bool is no number here
         "actor-4": b"\xc1 not msgpack",
     })  # fmt: skip
-    client.set(endpoint.keys.weights_version, 52)
+    client.set(keys.weights_version, 52)
     for _ in range(2):  # each bad record is counted once, however often it is read
         stats = backend.role_stats()
         assert stats == {"learner/loss": 0.5, "actors/env_steps_per_s": 150.0,
                          "actors/frames_per_s": 600.0, "actors/actor-0/frames_per_s": 600.0,
                          "policy_lag": 12}  # fmt: skip
         assert backend.malformed_records == 4
-    client.hset(endpoint.keys.stats, "actor-1", encode_record(good))  # its next heartbeat
+    client.hset(keys.stats, "actor-1", encode_record(good))  # its next heartbeat
     assert backend.role_stats()["actors/frames_per_s"] == 1200.0
-    client.hset(endpoint.keys.stats, "actor-1", encode_record({**good, "frames_per_s": "x"}))
+    client.hset(keys.stats, "actor-1", encode_record({**good, "frames_per_s": "x"}))
     backend.role_stats()
     assert backend.malformed_records == 5
-    client.set(endpoint.keys.weights_version, b"v52")  # not what the learner writes
+    client.set(keys.weights_version, b"v52")  # not what the learner writes
     assert "policy_lag" not in backend.role_stats()
     assert backend.malformed_records == 6
-    assert client.hlen(endpoint.keys.stats) == 6  # nothing stored is lost
-    backend.client.close()
-    client.close()
+    assert client.hlen(keys.stats) == 6  # nothing stored is lost
 
 
-def test_a_counter_that_is_not_an_integer_is_dropped_and_the_last_count_kept(redis_url, tmp_path):
-    backend = RayBackend(TrainConfig(), tmp_path)
-    endpoint = RedisEndpoint(redis_url, "run-c")
-    backend.client, backend.redis_keys = endpoint.connect(outage_s=0), endpoint.keys
-    client = redis.Redis.from_url(redis_url)
-    counters = endpoint.keys.counters
+def test_a_counter_that_is_not_an_integer_is_dropped_and_the_last_count_kept(reader):
+    backend, keys, client = reader
+    counters = keys.counters
     client.hset(counters, mapping={"env_steps": 5000, "frames": 20000, "updates": 600})
     assert backend.counters()["env_steps"] == 5000
     client.hset(counters, "env_steps", "5k")  # not what HINCRBY writes
@@ -105,5 +103,3 @@ def test_a_counter_that_is_not_an_integer_is_dropped_and_the_last_count_kept(red
     assert client.hget(counters, "env_steps") == b"5k"  # not written over: it is not ours
     client.hset(counters, "env_steps", 5200)
     assert backend.counters()["env_steps"] == 5200
-    backend.client.close()
-    client.close()
