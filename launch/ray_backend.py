@@ -641,11 +641,11 @@ class RayBackend:
         counters, bad = dict.fromkeys(BACKEND_COUNTERS, 0), set()
         for raw_name, value in raw.items():
             name = raw_name.decode(errors="replace")
-            try:
-                counters[name] = int(value)
-            except ValueError as error:  # left out: the driver keeps what it last read
-                self._malformed(f"counter {name}", value, error)
+            count = self._checked(f"counter {name}", value, int)
+            if count is None:  # left out: the driver keeps what it last read
                 bad.add(name)
+            else:
+                counters[name] = count
         # Never backwards: an external Redis that restarted without its data (or lost its last
         # writes) gets back the counts the driver last read, and counts on from them.
         behind = {k: v for k, v in self._counters.items()
@@ -697,37 +697,37 @@ class RayBackend:
         stats, actors = {}, {}
         for raw_name, blob in self.client.hgetall(self.redis_keys.stats).items():
             name = raw_name.decode(errors="replace")
-            try:
-                record = decode_record(blob)
-                if name.startswith("actor-"):
-                    actors[name] = {key: _number(record[key]) for key in ACTOR_STATS}
-                elif name == "learner":
-                    stats = {k: v for k, v in record.items() if isinstance(v, int | float)}
-            except (WireError, KeyError, TypeError) as error:
-                self._malformed(f"stats of {name}", blob, error)
+            record = self._checked(f"stats of {name}", blob, _actor_stats if
+                                   name.startswith("actor-") else decode_record)  # fmt: skip
+            if record is None:
                 continue
-            self._bad.pop(f"stats of {name}", None)
+            if name == "learner":
+                stats = {k: v for k, v in record.items() if isinstance(v, int | float)}
+            elif name.startswith("actor-"):
+                actors[name] = record
         stats["actors/env_steps_per_s"] = sum(s["env_steps_per_s"] for s in actors.values())
         stats["actors/frames_per_s"] = sum(s["frames_per_s"] for s in actors.values())
         for name, s in actors.items():
             stats[f"actors/{name}/frames_per_s"] = s["frames_per_s"]
-        version = self.client.get(self.redis_keys.weights_version) or b"0"
-        try:
-            version = int(version)
-        except ValueError as error:
-            self._malformed("weights version", version, error)
-            return stats
-        if actors:
+        raw = self.client.get(self.redis_keys.weights_version) or b"0"
+        version = self._checked("weights version", raw, int)
+        if actors and version is not None:
             stats["policy_lag"] = version - min(s["policy_version"] for s in actors.values())
         return stats
 
-    def _malformed(self, what: str, value: bytes, error: Exception) -> None:
-        """Counts a value read from Redis that is not what its writer writes, once while it
-        stays the same (the driver reads it again every second)."""
-        if self._bad.get(what) != value:
-            self._bad[what] = value
-            self.malformed_records += 1
-            logger.warning("dropped %s: %s", what, error)
+    def _checked(self, what: str, value: bytes, parse):
+        """parse(value), or None for a value read from Redis that is not what its writer writes:
+        dropped and counted once while it stays the same (the driver reads it every second)."""
+        try:
+            parsed = parse(value)
+        except (WireError, KeyError, TypeError, ValueError) as error:
+            if self._bad.get(what) != value:
+                self._bad[what] = value
+                self.malformed_records += 1
+                logger.warning("dropped %s: %s", what, error)
+            return None
+        self._bad.pop(what, None)
+        return parsed
 
     def _read_stats(self) -> dict[str, float]:
         stats = self.role_stats()
@@ -830,10 +830,13 @@ class KeptState:
             self._pending = learner.state_dict.remote()
 
 
-def _number(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"expected a number, got {value!r}")
-    return value
+def _actor_stats(blob: bytes) -> dict[str, float]:
+    """An actor's stats record: its ACTOR_STATS, each a number (TypeError, KeyError if not)."""
+    record = decode_record(blob)
+    for key in ACTOR_STATS:
+        if isinstance(record[key], bool) or not isinstance(record[key], int | float):
+            raise TypeError(f"{key}: expected a number, got {record[key]!r}")
+    return {key: record[key] for key in ACTOR_STATS}
 
 
 def _finished(ref) -> bool:
