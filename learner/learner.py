@@ -52,6 +52,9 @@ class LearnerConfig:
     """bf16 autocast for forward passes (None: on CUDA only)."""
     channels_last: bool | None = None
     """channels-last memory format for the convolutions (None: on CUDA only)."""
+    cuda_graph: bool | None = None
+    """Replay the whole update (forward, loss, backward, clip, Adam) as one captured CUDA graph:
+    one launch instead of ~130 (None: on CUDA unless compile; needs a CUDA device)."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -69,6 +72,8 @@ class LearnerConfig:
             raise ValueError(f"max_grad_norm ({self.max_grad_norm}) must be > 0")
         if self.device != "auto" and not self.device.startswith(("cpu", "cuda", "mps")):
             raise ValueError(f"device {self.device!r} is unknown; accepted: auto, cpu, cuda[:N]")
+        if self.cuda_graph and self.compile:
+            raise ValueError("cuda_graph (True) and compile (True) exclude each other; pick one")
 
     def learning_rate_at(self, updates: int) -> float:
         """The step size of the update after `updates` updates."""
@@ -91,45 +96,105 @@ class LearnerConfig:
 
 
 class Learner:
-    """Steps double-DQN updates on batches and exposes its variables (weights, counters)."""
+    """Steps double-DQN updates on batches and exposes its variables (weights, counters).
+
+    On CUDA the update is captured once as a CUDA graph (after WARM_UP_UPDATES eager updates on
+    a side stream, as torch's docs require) and replayed on static input tensors: the eager
+    update is bound by its ~130 kernel launches from Python, not by the GPU. The learning rate
+    lives in a device tensor there, so the schedule reaches the captured Adam step.
+    """
+
+    WARM_UP_UPDATES = 3
 
     def __init__(
         self, config: LearnerConfig, network_config: NetworkConfig, num_actions: int, stack: int = 4
     ):
         self.config = config
         self.device = config.torch_device
+        on_cuda = self.device.type == "cuda"
+        use_compile = on_cuda if config.compile is None else config.compile
+        self.graphed = (
+            (on_cuda and not use_compile) if config.cuda_graph is None else config.cuda_graph
+        )
+        if self.graphed and not on_cuda:
+            raise ValueError(f"cuda_graph (True) needs a CUDA device; device is {self.device}")
+        if self.graphed and use_compile:
+            raise ValueError("cuda_graph and compile exclude each other; pick one")
         self.online = build_network(network_config, num_actions, stack).to(self.device)
         self.target = build_network(network_config, num_actions, stack).to(self.device)
         self.target.load_state_dict(self.online.state_dict())
         self.target.requires_grad_(False)
+        learning_rate = config.learning_rate
+        if self.graphed:  # read by the captured step at each replay
+            learning_rate = torch.tensor(learning_rate, device=self.device)
         self.optimizer = torch.optim.Adam(  # fused on CUDA: one kernel, not one per tensor
-            self.online.parameters(), lr=config.learning_rate, eps=config.adam_epsilon,
-            fused=self.device.type == "cuda",
+            self.online.parameters(), lr=learning_rate, eps=config.adam_epsilon,
+            fused=on_cuda, capturable=self.graphed,
         )  # fmt: skip
         self.updates = 0
-        on_cuda = self.device.type == "cuda"
         self.use_bf16 = on_cuda if config.bf16 is None else config.bf16
         self.channels_last = on_cuda if config.channels_last is None else config.channels_last
         if self.channels_last:
             self.online.to(memory_format=torch.channels_last)
             self.target.to(memory_format=torch.channels_last)
-        use_compile = on_cuda if config.compile is None else config.compile
         # Compiled callables share parameters with the modules; state_dict()s stay plain.
         self._online_forward = torch.compile(self.online) if use_compile else self.online
         self._target_forward = torch.compile(self.target) if use_compile else self.target
         self._failure_at_update = int(os.environ.get(FAILURE_AT_UPDATE_ENV) or 0)
-
-    def _frames(self, array: np.ndarray) -> torch.Tensor:
-        frames = self._tensor(array)
-        if self.channels_last:
-            frames = frames.contiguous(memory_format=torch.channels_last)
-        return frames
+        self._graph: _CapturedUpdate | None = None
+        self._eager_updates = 0  # since the graph was last dropped: the warm-up before capture
 
     def _tensor(self, array: np.ndarray, dtype: torch.dtype | None = None) -> torch.Tensor:
-        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        tensor = _as_tensor(array)
         if self.device.type == "cuda":
             tensor = tensor.pin_memory()  # page-locked: the copy below runs asynchronously
         return tensor.to(self.device, dtype=dtype, non_blocking=True)
+
+    def _inputs(self, sample) -> dict[str, torch.Tensor]:
+        return {name: self._tensor(getattr(sample, name), dtype) for name, dtype in INPUTS.items()}
+
+    def _step(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The update on device tensors, with no host synchronisation (it is what the graph
+        captures). Returns [loss, mean Q(s, a), gradient norm, |TD| per sample...]."""
+        obs, next_obs = inputs["obs"], inputs["next_obs"]  # [B, S, 84, 84] uint8
+        if self.channels_last:
+            obs = obs.contiguous(memory_format=torch.channels_last)
+            next_obs = next_obs.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(
+            self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16,
+            cache_enabled=not self.graphed,  # a graph capture cannot use autocast's cache
+        ):  # fmt: skip
+            q_tm1 = self._online_forward(obs).float()  # [B, A]
+            with torch.no_grad():
+                q_t_target = self._target_forward(next_obs).float()  # [B, A]
+                q_t_selector = (
+                    self._online_forward(next_obs).float() if self.config.double else None
+                )  # [B, A]
+        loss, extra = double_dqn_loss(
+            q_tm1,
+            inputs["actions"],
+            inputs["returns"],
+            inputs["discounts"],
+            q_t_selector if q_t_selector is not None else q_t_target,
+            q_t_target,
+            importance_weights=inputs["weights"],
+            double=self.config.double,
+            huber_delta=self.config.huber_delta,
+        )
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.online.parameters(), self.config.max_grad_norm
+        )
+        self.optimizer.step()
+        scalars = torch.stack([loss.detach(), extra.q_taken.mean(), grad_norm])
+        return torch.cat([scalars, extra.td_abs])
+
+    def _set_learning_rate(self, learning_rate: float) -> None:
+        for group in self.optimizer.param_groups:
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(learning_rate)  # in place: the captured step reads it
+            else:
+                group["lr"] = learning_rate
 
     def update(self, sample) -> tuple[dict[str, float], np.ndarray]:
         """One gradient step on a replay Sample.
@@ -139,48 +204,34 @@ class Learner:
         """
         if self.updates + 1 == self._failure_at_update:
             raise RuntimeError(f"injected failure at update {self._failure_at_update}")
-        obs = self._frames(sample.obs)  # [B, S, 84, 84] uint8; scaled inside the net
-        next_obs = self._frames(sample.next_obs)
-        actions = self._tensor(sample.actions, torch.int64)
-        returns = self._tensor(sample.returns, torch.float32)
-        discounts = self._tensor(sample.discounts, torch.float32)
-        weights = self._tensor(sample.weights, torch.float32)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
-            q_tm1 = self._online_forward(obs).float()  # [B, A]
-            with torch.no_grad():
-                q_t_target = self._target_forward(next_obs).float()  # [B, A]
-                q_t_selector = (
-                    self._online_forward(next_obs).float() if self.config.double else None
-                )  # [B, A]
-        loss, extra = double_dqn_loss(
-            q_tm1,
-            actions,
-            returns,
-            discounts,
-            q_t_selector if q_t_selector is not None else q_t_target,
-            q_t_target,
-            importance_weights=weights,
-            double=self.config.double,
-            huber_delta=self.config.huber_delta,
-        )
         learning_rate = self.config.learning_rate_at(self.updates)
-        for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            self.online.parameters(), self.config.max_grad_norm
-        )
-        self.optimizer.step()
+        self._set_learning_rate(learning_rate)
+        if self._graph is not None and self._graph.fits(sample):
+            out = self._graph.replay(sample)
+        elif self.graphed and self._eager_updates >= self.WARM_UP_UPDATES:
+            self._graph = _CapturedUpdate(self, sample)  # again for a batch of another shape
+            out = self._graph.replay(sample)
+        elif self.graphed:  # warm-up: eager, on a side stream (torch.cuda.graphs' recipe)
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                self.optimizer.zero_grad(set_to_none=True)
+                out = self._step(self._inputs(sample))
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            self._eager_updates += 1
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            out = self._step(self._inputs(sample))
         self.updates += 1
         if self.updates % self.config.target_sync_updates == 0:
-            self.target.load_state_dict(self.online.state_dict())
-        td_abs = extra.td_abs.cpu().numpy()
+            self.target.load_state_dict(self.online.state_dict())  # in place: graph-safe
+        values = out.cpu().numpy()  # the one host synchronisation of an update
+        td_abs = values[3:]
         metrics = {
-            "learner/loss": float(loss.detach()),
-            "learner/mean_q": float(extra.q_taken.mean()),
+            "learner/loss": float(values[0]),
+            "learner/mean_q": float(values[1]),
             "learner/td_abs": float(td_abs.mean()),
-            "learner/grad_norm": float(grad_norm),
+            "learner/grad_norm": float(values[2]),
             "learner/learning_rate": learning_rate,
             "learner/updates": self.updates,
         }
@@ -200,23 +251,83 @@ class Learner:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Weights, Adam's moments and the update count from `state`; the step size, ε and the
-        fused kernel stay this learner's (torch would take the saved param groups' own: a
-        branch's new learning rate, or a CPU checkpoint resumed on CUDA, would be ignored)."""
+        """Weights, Adam's moments and the update count from `state`; the step size, ε, the
+        fused kernel and graph capture stay this learner's (torch would take the saved param
+        groups' own: a branch's new learning rate, or a CPU checkpoint resumed on CUDA, would be
+        ignored)."""
         self.online.load_state_dict(state["online"])
         self.target.load_state_dict(state["target"])
         ours = self.optimizer.param_groups[0]
         optimizer = {
             **state["optimizer"],
+            "state": {  # copies: torch keeps a tensor already on the right device as it is,
+                # and two learners would then step the same Adam moments
+                key: {name: _copied(value) for name, value in entry.items()}
+                for key, entry in state["optimizer"]["state"].items()
+            },
             "param_groups": [
-                {**group, **{key: ours[key] for key in ("lr", "eps", "fused")}}
+                {**group, **{key: ours[key] for key in ("lr", "eps", "fused", "capturable")}}
                 for group in state["optimizer"]["param_groups"]
             ],
         }
-        self.optimizer.load_state_dict(optimizer)
+        self.optimizer.load_state_dict(optimizer)  # new moment tensors: recapture the graph
+        self._graph, self._eager_updates = None, 0
         self.updates = int(state["updates"])
-        for group in self.optimizer.param_groups:  # the schedule's, at the loaded update
-            group["lr"] = self.config.learning_rate_at(self.updates)
+        self._set_learning_rate(self.config.learning_rate_at(self.updates))  # at the loaded update
+
+
+INPUTS = {  # a Sample's fields the update reads, with their dtype on the device
+    "obs": None,  # uint8 frames: scaled inside the net
+    "next_obs": None,
+    "actions": torch.int64,
+    "returns": torch.float32,
+    "discounts": torch.float32,
+    "weights": torch.float32,
+}
+
+
+def _copied(value):
+    return value.clone() if isinstance(value, torch.Tensor) else value
+
+
+def _as_tensor(array: np.ndarray, dtype: torch.dtype | None = None) -> torch.Tensor:
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    return tensor if dtype is None else tensor.to(dtype)
+
+
+class _CapturedUpdate:
+    """A learner's update captured as one CUDA graph, with the static tensors it reads: replay()
+    copies a sample into them (from page-locked staging buffers) and replays the graph."""
+
+    def __init__(self, learner: Learner, sample):
+        self.pinned = {  # the staging buffers, in the dtypes the update reads
+            name: _as_tensor(getattr(sample, name), dtype).pin_memory()
+            for name, dtype in INPUTS.items()
+        }
+        self.inputs = {
+            name: torch.empty_like(tensor, device=learner.device)
+            for name, tensor in self.pinned.items()
+        }
+        self.shapes = {name: tuple(tensor.shape) for name, tensor in self.pinned.items()}
+        learner.optimizer.zero_grad(set_to_none=True)  # backward writes, not adds, the grads
+        self.graph = torch.cuda.CUDAGraph()
+        # thread_local: a checkpoint or weights read in another thread may use CUDA meanwhile
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.out = learner._step(self.inputs)
+
+    def fits(self, sample) -> bool:
+        return all(getattr(sample, name).shape == shape for name, shape in self.shapes.items())
+
+    def _copy_in(self, sample) -> None:
+        # The last update's copies have finished: update() ends by reading its result.
+        for name, pinned in self.pinned.items():
+            pinned.numpy()[...] = getattr(sample, name)  # cast to the staging dtype
+            self.inputs[name].copy_(pinned, non_blocking=True)
+
+    def replay(self, sample) -> torch.Tensor:
+        self._copy_in(sample)
+        self.graph.replay()
+        return self.out
 
 
 def cpu_copy(state):

@@ -1,5 +1,5 @@
 """`mario bench learner`: double-DQN updates per second, alone, per batch size, threads, device
-and speed option (torch.compile, bf16 autocast, channels-last)."""
+and speed option (torch.compile, bf16 autocast, channels-last, CUDA graph)."""
 
 from __future__ import annotations
 
@@ -16,14 +16,17 @@ from launch.bench.checks import prepare_out
 from learner.learner import Learner, LearnerConfig
 from replay_server.replay import Sample
 
-VARIANTS = {
-    # name: (compile, bf16, channels_last)
-    "plain": (False, False, False),
-    "compile": (True, False, False),
-    "bf16": (False, True, False),
-    "channels-last": (False, False, True),
-    "all": (True, True, True),
+_PLAIN = {"compile": False, "bf16": False, "channels_last": False, "cuda_graph": False}
+VARIANTS = {  # name: LearnerConfig speed options
+    "defaults": {},  # the learner's own: on CUDA channels-last and a CUDA graph
+    "plain": _PLAIN,
+    "compile": {**_PLAIN, "compile": True},
+    "bf16": {**_PLAIN, "bf16": True},
+    "channels-last": {**_PLAIN, "channels_last": True},
+    "all": {**_PLAIN, "compile": True, "bf16": True, "channels_last": True},
+    "cuda-graph": {**_PLAIN, "cuda_graph": True},
 }
+CUDA_ONLY = {"cuda-graph"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +40,8 @@ class BenchLearnerConfig:
     devices: tuple[str, ...] = ("cpu", "cuda")
     """Devices to measure; cuda is skipped where there is none."""
     variants: tuple[str, ...] = tuple(VARIANTS)
-    """Speed options: plain, compile, bf16, channels-last, all (the three together)."""
+    """Speed options: defaults (the learner's), plain (none), compile, bf16, channels-last, all
+    (those three), cuda-graph (CUDA only: skipped on the CPU)."""
     seconds: float = 5.0
     """Seconds of measured updates per configuration (after warm-up)."""
     network: NetworkConfig = dataclasses.field(default_factory=recipe_network)
@@ -80,16 +84,14 @@ def measure(
     """Updates per second of one configuration."""
     torch.set_num_threads(threads)
     torch._dynamo.reset()  # each configuration compiles afresh, never past the recompile limit
-    compile_, bf16, channels_last = VARIANTS[variant]
     learner = Learner(
-        LearnerConfig(batch_size=batch_size, device=device, compile=compile_, bf16=bf16,
-                      channels_last=channels_last),
+        LearnerConfig(batch_size=batch_size, device=device, **VARIANTS[variant]),
         config.network, config.num_actions,
     )  # fmt: skip
     rng = np.random.default_rng(0)
     samples = [synthetic_sample(rng, batch_size, config.num_actions) for _ in range(4)]
     warm_start = time.perf_counter()
-    for index in range(3):  # the first updates compile and allocate
+    for index in range(Learner.WARM_UP_UPDATES + 2):  # compile, allocate, capture the graph
         learner.update(samples[index % 4])
     warm_up_s = time.perf_counter() - warm_start
     updates, start = 0, time.perf_counter()
@@ -102,6 +104,7 @@ def measure(
         "batch_size": batch_size,
         "threads": threads if device == "cpu" else None,
         "variant": variant,
+        "cuda_graph": learner.graphed,
         "updates_per_s": updates / elapsed,
         "samples_per_s": updates * batch_size / elapsed,
         "warm_up_s": warm_up_s,
@@ -116,6 +119,8 @@ def run(config: BenchLearnerConfig) -> dict:
         for threads in config.threads if device == "cpu" else (torch.get_num_threads(),):
             for batch_size in config.batch_sizes:
                 for variant in config.variants:
+                    if device == "cpu" and variant in CUDA_ONLY:
+                        continue
                     rows.append(measure(config, device, batch_size, threads, variant))
     result = {
         "seconds_each": config.seconds,

@@ -11,10 +11,13 @@ from launch.cli import main
 def test_bench_learner_writes_one_row_per_configuration(tmp_path, capsys):
     out = tmp_path / "learner.json"
     main(["bench", "learner", "--batch-sizes", "8", "16", "--threads", "1", "--variants",
-          "plain", "channels-last", "--seconds", "0.2", "--out", str(out)])  # fmt: skip
+          "plain", "channels-last", "cuda-graph", "--seconds", "0.2",
+          "--out", str(out)])  # fmt: skip
     rows = json.loads(out.read_text())["rows"]
     measured = {(r["batch_size"], r["variant"]) for r in rows if r["device"] == "cpu"}
+    # cuda-graph needs a CUDA device: left out on the CPU
     assert measured == {(8, "plain"), (8, "channels-last"), (16, "plain"), (16, "channels-last")}
+    assert not any(r["cuda_graph"] for r in rows if r["device"] == "cpu")
     for row in rows:
         assert row["updates_per_s"] > 0
         assert row["samples_per_s"] == pytest.approx(row["updates_per_s"] * row["batch_size"])

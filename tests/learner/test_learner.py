@@ -92,6 +92,18 @@ def test_state_dict_round_trip():
     assert other.updates == 1 and same_weights(learner.online, other.online)
 
 
+def test_a_loaded_state_shares_no_tensor_with_its_source():
+    source = Learner(LearnerConfig(device="cpu"), NetworkConfig(), 5)
+    source.update(batch())
+    loaded = Learner(LearnerConfig(device="cpu"), NetworkConfig(), 5)
+    loaded.load_state_dict(source.state_dict())
+    before = {name: t.clone() for name, t in loaded.state_dict()["optimizer"]["state"][0].items()}
+    source.update(batch(seed=1))  # moves the source's weights and Adam moments in place
+    for name, tensor in loaded.state_dict()["optimizer"]["state"][0].items():
+        assert torch.equal(tensor, before[name]), name
+    assert not same_weights(loaded.online, source.online)
+
+
 def test_a_loaded_state_keeps_this_learners_step_size_and_epsilon():
     # A branch (`mario train --branch-from`) may change the learning rate; torch's own
     # Optimizer.load_state_dict would put the saved one back.
@@ -156,3 +168,14 @@ def test_the_optimizer_takes_the_scheduled_step_size_and_reports_it():
 def test_a_bad_schedule_is_refused_by_name(flags, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         LearnerConfig(**flags)
+
+
+def test_a_cuda_graph_is_refused_where_it_cannot_run():
+    with pytest.raises(ValueError, match=re.escape("cuda_graph (True) and compile (True)")):
+        LearnerConfig(cuda_graph=True, compile=True)
+    with pytest.raises(
+        ValueError, match=re.escape("cuda_graph (True) needs a CUDA device; device is cpu")
+    ):
+        Learner(LearnerConfig(device="cpu", cuda_graph=True), NetworkConfig(), 5)
+    learner = Learner(LearnerConfig(device="cpu"), NetworkConfig(), 5)  # the default: off here
+    assert learner.graphed is False and learner.optimizer.param_groups[0]["capturable"] is False

@@ -1,5 +1,6 @@
-"""The learner's CUDA path (pinned copies, bf16 autocast, channels-last, torch.compile) against
-the CPU path on the same weights and batch. Skipped where there is no CUDA device: it runs on a
+"""The learner's CUDA path (pinned copies, bf16 autocast, channels-last, torch.compile, the update
+captured as a CUDA graph) against the CPU path, and the graph against the eager CUDA update, on
+the same weights and batches. Skipped where there is no CUDA device: it runs on a
 lent GPU machine (docs/learning.md says when it last did)."""
 
 import numpy as np
@@ -14,7 +15,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA d
 
 NETWORK = NetworkConfig()
 FAST = {"compile": True, "bf16": True, "channels_last": True}
-PLAIN = {"compile": False, "bf16": False, "channels_last": False}
+PLAIN = {"compile": False, "bf16": False, "channels_last": False, "cuda_graph": False}
 
 
 def pair(flags: dict, batch_size: int = 32) -> tuple[Learner, Learner]:
@@ -73,3 +74,55 @@ def test_a_state_trained_on_the_cuda_defaults_loads_and_trains_on_the_cpu():
     torch.testing.assert_close(on_cpu, on_gpu, atol=1e-3, rtol=1e-2)
     metrics, _ = cpu.update(sample)  # and goes on training there
     assert np.isfinite(metrics["learner/loss"]) and cpu.updates == 3
+
+
+def flat(net: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([t.detach().float().flatten().cpu() for t in net.state_dict().values()])
+
+
+def test_the_captured_update_replays_the_eager_one(monkeypatch):
+    # Past the warm-up (3 eager updates) the graph replays; the schedule's step size falls at
+    # every update (1e-3 to 1e-4) and the target syncs every 3rd: both must reach the captured
+    # step. A graph that kept its first step size, inputs or target would leave the weights a
+    # large part of their movement away from the eager ones; Adam moves the few weights whose
+    # gradient is near ε by up to a step on any rounding difference, hence norms, not weights.
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    schedule = {"learning_rate": 1e-3, "learning_rate_final": 1e-4,
+                "learning_rate_decay_updates": 8, "target_sync_updates": 3}  # fmt: skip
+    torch.manual_seed(0)
+    eager = Learner(LearnerConfig(device="cuda", cuda_graph=False, **schedule), NETWORK, 2)
+    graphed = Learner(LearnerConfig(device="cuda", **schedule), NETWORK, 2)  # the default
+    graphed.load_state_dict(eager.state_dict())
+    assert graphed.graphed and graphed.optimizer.param_groups[0]["capturable"]
+    rng = np.random.default_rng(3)
+    samples = [synthetic_sample(rng, 32, num_actions=2) for _ in range(4)]
+    start = flat(eager.online)
+
+    def step_both(sample):
+        eager_metrics, eager_td = eager.update(sample)
+        graphed_metrics, graphed_td = graphed.update(sample)
+        np.testing.assert_allclose(graphed_td, eager_td, rtol=1e-3, atol=1e-4)
+        for key in ("learner/loss", "learner/mean_q", "learner/grad_norm"):
+            assert graphed_metrics[key] == pytest.approx(eager_metrics[key], rel=1e-3, abs=1e-5)
+        assert graphed_metrics["learner/learning_rate"] == eager_metrics["learner/learning_rate"]
+
+    def assert_same_nets():
+        moved = (flat(eager.online) - start).norm()
+        for ours, theirs in ((graphed.online, eager.online), (graphed.target, eager.target)):
+            assert (flat(ours) - flat(theirs)).norm() < 0.01 * moved
+
+    for index in range(8):
+        step_both(samples[index % 4])
+    assert graphed._graph is not None  # it replayed the last five
+    assert_same_nets()
+    # A loaded state (other weights, other Adam moments) replaces the graph's: it is captured anew.
+    eager.update(samples[0])
+    graphed.load_state_dict(eager.state_dict())
+    assert graphed._graph is None and graphed.updates == eager.updates == 9
+    for index in range(5):
+        step_both(samples[(index + 1) % 4])
+    assert graphed._graph is not None
+    # A batch of another size is captured as its own graph.
+    step_both(synthetic_sample(rng, 16, num_actions=2))
+    assert graphed._graph.shapes["obs"][0] == 16
+    assert_same_nets()
