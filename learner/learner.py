@@ -42,10 +42,11 @@ class LearnerConfig:
     """Huber loss threshold."""
     device: str = "auto"
     """Torch device: auto (cuda when available, else cpu), cpu, cuda, cuda:1, …"""
-    # Defaults by measurement (`mario bench learner`, README): on an H100 the update is bound by
-    # the host (about 5 ms of kernel launches against 0.7 ms of GPU work at batch 32), so
-    # torch.compile and bf16 autocast cost more than they save there; channels-last is within
-    # the measurements' noise (kept). On this project's 2-core CPU bf16 is 9-10x slower.
+    # Defaults by measurement (`mario bench learner`, README): on an H100 the eager update is
+    # bound by the host (about 5 ms of kernel launches against 0.7 ms of GPU work at batch 32):
+    # replayed as one CUDA graph it runs 4-4.5x faster there; torch.compile and bf16 autocast
+    # cost more than they save; channels-last is within the measurements' noise (kept). On
+    # this project's 2-core CPU bf16 is 9-10x slower.
     compile: bool | None = False
     """torch.compile the networks (None: on CUDA only)."""
     bf16: bool | None = False
