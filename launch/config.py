@@ -266,7 +266,7 @@ INVOCATION_FIELDS = frozenset({
     "wandb", "log_every_s", "checkpoint_minutes", "redis_url", "ray_address", "ray_head_port",
     "ray_head_cpus", "ray_dashboard_port", "redis", "distributed.num_actors",
     "distributed.max_actors", "torch_threads", "learner.device", "learner.compile",
-    "learner.bf16", "learner.channels_last", "eval.keep_weights",
+    "learner.bf16", "learner.channels_last", "learner.cuda_graph", "eval.keep_weights",
 })  # fmt: skip
 
 # Options that only the Ray backend has: with --serial they are refused, not ignored.

@@ -44,7 +44,7 @@ class LearnerConfig:
     """Torch device: auto (cuda when available, else cpu), cpu, cuda, cuda:1, …"""
     # Defaults by measurement (`mario bench learner`, README): on an H100 the eager update is
     # bound by the host (about 5 ms of kernel launches against 0.7 ms of GPU work at batch 32):
-    # replayed as one CUDA graph it runs 4-4.5x faster there; torch.compile and bf16 autocast
+    # replayed as one CUDA graph it runs 4.0-4.6x faster there; torch.compile and bf16 autocast
     # cost more than they save; channels-last is within the measurements' noise (kept). On
     # this project's 2-core CPU bf16 is 9-10x slower.
     compile: bool | None = False
@@ -273,6 +273,10 @@ class Learner:
         }
         self.optimizer.load_state_dict(optimizer)  # new moment tensors: recapture the graph
         self._graph, self._eager_updates = None, 0
+        for parameter, moments in self.optimizer.state.items():  # in the weights' layout: a
+            for name, value in moments.items():  # CPU state is contiguous, CUDA's channels-last
+                if value.shape == parameter.shape and value.stride() != parameter.stride():
+                    moments[name] = torch.empty_like(parameter).copy_(value)
         self.updates = int(state["updates"])
         self._set_learning_rate(self.config.learning_rate_at(self.updates))  # at the loaded update
 
@@ -312,8 +316,13 @@ class _CapturedUpdate:
         self.shapes = {name: tuple(tensor.shape) for name, tensor in self.pinned.items()}
         learner.optimizer.zero_grad(set_to_none=True)  # backward writes, not adds, the grads
         self.graph = torch.cuda.CUDAGraph()
-        # thread_local: a checkpoint or weights read in another thread may use CUDA meanwhile
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+        # On the learner's device (cuda:1 too), on a stream of that device; thread_local: a
+        # checkpoint or weights read in another thread may use CUDA meanwhile.
+        stream = torch.cuda.Stream(learner.device)
+        with (
+            torch.cuda.device(learner.device),
+            torch.cuda.graph(self.graph, stream=stream, capture_error_mode="thread_local"),
+        ):
             self.out = learner._step(self.inputs)
 
     def fits(self, sample) -> bool:
@@ -327,7 +336,8 @@ class _CapturedUpdate:
 
     def replay(self, sample) -> torch.Tensor:
         self._copy_in(sample)
-        self.graph.replay()
+        with torch.cuda.device(self.out.device):
+            self.graph.replay()
         return self.out
 
 

@@ -26,7 +26,7 @@ VARIANTS = {  # name: LearnerConfig speed options
     "all": {**_PLAIN, "compile": True, "bf16": True, "channels_last": True},
     "cuda-graph": {**_PLAIN, "cuda_graph": True},
 }
-CUDA_ONLY = {"cuda-graph"}
+CUDA_ONLY = {"cuda-graph", "defaults"}  # on the CPU the defaults are plain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +41,7 @@ class BenchLearnerConfig:
     """Devices to measure; cuda is skipped where there is none."""
     variants: tuple[str, ...] = tuple(VARIANTS)
     """Speed options: defaults (the learner's), plain (none), compile, bf16, channels-last, all
-    (those three), cuda-graph (CUDA only: skipped on the CPU)."""
+    (those three), cuda-graph; defaults and cuda-graph are CUDA's only (skipped on the CPU)."""
     seconds: float = 5.0
     """Seconds of measured updates per configuration (after warm-up)."""
     network: NetworkConfig = dataclasses.field(default_factory=recipe_network)

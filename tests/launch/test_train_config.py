@@ -13,7 +13,9 @@ from launch.cli import main
 from launch.config import (
     DistributedConfig,
     TrainConfig,
+    _check_no_contradiction,
     _saved_config,
+    _with_invocation,
     check_min_size_reachable,
     given_fields,
     prepare_run,
@@ -213,3 +215,22 @@ def test_a_saved_run_is_read_without_the_settings_of_the_invocation_that_saved_i
     # a training setting it holds is still validated
     with pytest.raises(ValueError, match=r"n_step \(0\) must be >= 1"):
         _saved_config({"config": {**saved, "actor": {**saved["actor"], "n_step": 0}}})
+
+
+def test_a_resume_takes_the_learners_device_options_from_the_command_line(tmp_path):
+    # A run made on a GPU with --learner.cuda-graph True resumes on a CPU: the device and its
+    # speed options belong to the invocation, as --learner.device does
+    import dataclasses
+
+    saved = TrainConfig()
+    saved = dataclasses.replace(
+        saved, learner=dataclasses.replace(saved.learner, device="cuda", cuda_graph=True)
+    )
+    requested = TrainConfig()
+    requested = dataclasses.replace(
+        requested, learner=dataclasses.replace(requested.learner, device="cpu", cuda_graph=False)
+    )
+    given = {"learner.device", "learner.cuda_graph"}
+    _check_no_contradiction(requested, saved, tmp_path, given)  # no contradiction
+    resumed = _with_invocation(saved, requested)
+    assert (resumed.learner.device, resumed.learner.cuda_graph) == ("cpu", False)

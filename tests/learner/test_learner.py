@@ -1,5 +1,6 @@
 """Learner: target sync cadence, priorities out, optional bf16/channels-last paths (CPU)."""
 
+import copy
 import re
 
 import numpy as np
@@ -68,9 +69,20 @@ def test_one_update_values_the_online_choice_with_the_target_net_and_weights_eac
     target = sample.returns + sample.discounts * q_next_target[np.arange(16), chosen]
     td = target - q[np.arange(16), sample.actions]
     huber = np.where(np.abs(td) <= 1.0, 0.5 * td**2, np.abs(td) - 0.5)
+    # the gradient norm, from a copy of the online net and the targets computed here
+    twin = copy.deepcopy(learner.online)
+    q_twin = twin(torch.from_numpy(sample.obs))[torch.arange(16), torch.from_numpy(sample.actions)]
+    per_sample = torch.nn.functional.huber_loss(
+        q_twin, torch.from_numpy(target.astype(np.float32)), reduction="none"
+    )
+    (per_sample * torch.from_numpy(sample.weights)).mean().backward()
+    grad_norm = float(torch.cat([p.grad.flatten() for p in twin.parameters()]).norm())
     metrics, td_abs = learner.update(sample)
     np.testing.assert_allclose(td_abs, np.abs(td), rtol=1e-4, atol=1e-5)
     assert metrics["learner/loss"] == pytest.approx(np.mean(sample.weights * huber), rel=1e-4)
+    assert metrics["learner/mean_q"] == pytest.approx(q[np.arange(16), sample.actions].mean(),
+                                                      rel=1e-4, abs=1e-6)  # fmt: skip
+    assert metrics["learner/grad_norm"] == pytest.approx(grad_norm, rel=1e-4)
 
 
 @pytest.mark.parametrize("flags", [{"bf16": True}, {"channels_last": True}, {"dueling": True}])
@@ -102,6 +114,24 @@ def test_a_loaded_state_shares_no_tensor_with_its_source():
     for name, tensor in loaded.state_dict()["optimizer"]["state"][0].items():
         assert torch.equal(tensor, before[name]), name
     assert not same_weights(loaded.online, source.online)
+
+
+def test_loaded_adam_moments_take_the_layout_of_this_learners_weights():
+    # A CPU run resumed on CUDA (channels-last there): fused Adam refuses moments whose layout
+    # differs from the weights'
+    source = Learner(LearnerConfig(device="cpu"), NetworkConfig(), 5)
+    source.update(batch())
+    loaded = Learner(LearnerConfig(device="cpu", channels_last=True), NetworkConfig(), 5)
+    loaded.load_state_dict(source.state_dict())
+    convolutions = 0
+    theirs = source.optimizer.state_dict()["state"]
+    for index, parameter in enumerate(loaded.online.parameters()):
+        state = loaded.optimizer.state[parameter]
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert state[name].stride() == parameter.stride(), name
+            torch.testing.assert_close(state[name], theirs[index][name])
+        convolutions += parameter.dim() == 4
+    assert convolutions == 3
 
 
 def test_a_loaded_state_keeps_this_learners_step_size_and_epsilon():

@@ -3,13 +3,15 @@ captured as a CUDA graph) against the CPU path, and the graph against the eager 
 the same weights and batches. Skipped where there is no CUDA device: it runs on a
 lent GPU machine (docs/learning.md says when it last did)."""
 
+import io
+
 import numpy as np
 import pytest
 import torch
 
 from common.config import NetworkConfig
 from launch.bench.learner import synthetic_sample
-from learner.learner import Learner, LearnerConfig
+from learner.learner import Learner, LearnerConfig, cpu_copy
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -62,11 +64,18 @@ def test_a_cuda_update_matches_the_cpu_update(flags, atol):
 def test_a_state_trained_on_the_cuda_defaults_loads_and_trains_on_the_cpu():
     gpu = Learner(LearnerConfig(batch_size=64, device="cuda"), NETWORK, num_actions=2)
     sample = synthetic_sample(np.random.default_rng(2), 64, num_actions=2)
-    for _ in range(2):
+    for _ in range(6):  # past the warm-up: the last two replay the graph
         gpu.update(sample)
+    assert gpu._graph is not None
+    buffer = io.BytesIO()  # as a checkpoint is written and read: CPU copies, weights only
+    torch.save(cpu_copy(gpu.state_dict()), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
     cpu = Learner(LearnerConfig(batch_size=64, device="cpu"), NETWORK, num_actions=2)
-    cpu.load_state_dict(gpu.state_dict())  # a checkpoint written on the GPU resumes on a CPU
-    assert cpu.updates == 2 and cpu.optimizer.param_groups[0]["fused"] is False
+    cpu.load_state_dict(state)  # a checkpoint written on the GPU resumes on a CPU
+    group = cpu.optimizer.param_groups[0]
+    assert cpu.updates == 6 and group["fused"] is False and group["capturable"] is False
+    assert isinstance(group["lr"], float)
     frames = torch.from_numpy(sample.obs[:8])
     with torch.inference_mode():
         on_cpu = cpu.online(frames)
@@ -82,13 +91,14 @@ def flat(net: torch.nn.Module) -> torch.Tensor:
 
 def test_the_captured_update_replays_the_eager_one(monkeypatch):
     # Past the warm-up (3 eager updates) the graph replays; the schedule's step size falls at
-    # every update (1e-3 to 1e-4) and the target syncs every 3rd: both must reach the captured
-    # step. A graph that kept its first step size, inputs or target would leave the weights a
-    # large part of their movement away from the eager ones; Adam moves the few weights whose
-    # gradient is near ε by up to a step on any rounding difference, hence norms, not weights.
+    # every update (1e-3 to 1e-4 over 20, both before and after the load below) and the target
+    # syncs every 3rd: both must reach the captured step. A graph that kept its first step
+    # size, inputs or target would leave the weights a large part of their movement away from
+    # the eager ones; Adam moves the few weights whose gradient is near ε by up to a step on
+    # any rounding difference, hence norms, not weights.
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     schedule = {"learning_rate": 1e-3, "learning_rate_final": 1e-4,
-                "learning_rate_decay_updates": 8, "target_sync_updates": 3}  # fmt: skip
+                "learning_rate_decay_updates": 20, "target_sync_updates": 3}  # fmt: skip
     torch.manual_seed(0)
     eager = Learner(LearnerConfig(device="cuda", cuda_graph=False, **schedule), NETWORK, 2)
     graphed = Learner(LearnerConfig(device="cuda", **schedule), NETWORK, 2)  # the default
@@ -126,3 +136,19 @@ def test_the_captured_update_replays_the_eager_one(monkeypatch):
     step_both(synthetic_sample(rng, 16, num_actions=2))
     assert graphed._graph.shapes["obs"][0] == 16
     assert_same_nets()
+
+
+def test_a_state_trained_on_the_cpu_resumes_on_the_cuda_defaults():
+    # Adam moments saved on the CPU are contiguous; the CUDA learner's weights are channels-last
+    # and its fused Adam needs them alike. Past the warm-up the update replays the graph.
+    cpu = Learner(LearnerConfig(device="cpu"), NETWORK, num_actions=2)
+    rng = np.random.default_rng(4)
+    samples = [synthetic_sample(rng, 32, num_actions=2) for _ in range(3)]
+    cpu.update(samples[0])
+    gpu = Learner(LearnerConfig(device="cuda"), NETWORK, num_actions=2)
+    gpu.load_state_dict(cpu_copy(cpu.state_dict()))
+    assert gpu.graphed and gpu.channels_last
+    for index in range(6):
+        metrics, td_abs = gpu.update(samples[index % 3])
+        assert np.isfinite(metrics["learner/loss"]) and np.all(np.isfinite(td_abs))
+    assert gpu._graph is not None and gpu.updates == 7
