@@ -213,6 +213,19 @@ def _bench_learner(module, config, args: list[str]) -> None:
     console.print(f"written: {config.out}")
 
 
+def _bench_feed(module, config, args: list[str]) -> None:
+    result = module.run(config)
+    table = Table(title=f"replay → learner through Ray ({config.seconds:g} s each, "
+                        f"{result['cpus']} CPUs)")  # fmt: skip
+    for column in ("shards", "batch", "prefetch", "batches/s", "samples/s"):
+        table.add_column(column, justify="right")
+    for row in result["rows"]:
+        table.add_row(str(row["shards"]), str(row["batch_size"]), str(row["prefetch"]),
+                      f"{row['batches_per_s']:,.1f}", f"{row['samples_per_s']:,.0f}")  # fmt: skip
+    console.print(table)
+    console.print(f"written: {config.out}")
+
+
 def _bench_system(module, config, args: list[str]) -> None:
     result = module.run(config, console)
     modes = [mode for mode in ("distributed", "serial") if mode in result]
@@ -271,6 +284,8 @@ COMMANDS: dict[tuple[str, ...], _Command] = {
                                  "actor path speed vs raw emulator"),
     ("bench", "learner"): _Command("launch.bench.learner", "BenchLearnerConfig", _bench_learner,
                                    "learner updates/s: batch, threads, compile, bf16, ..."),
+    ("bench", "feed"): _Command("launch.bench.feed", "BenchFeedConfig", _bench_feed,
+                                "batches/s replay shards serve a learner via Ray"),
     ("bench", "system"): _Command("launch.bench.system", "BenchSystemConfig", _bench_system,
                                   "Ray vs serial trainer speed"),
 }  # fmt: skip

@@ -1,0 +1,37 @@
+"""`mario bench feed`: real replay shards (filled through Redis) serve a learner's client through
+Ray; one row per configuration, and bad settings are named."""
+
+import json
+
+import pytest
+
+from launch.bench.feed import BenchFeedConfig
+from launch.cli import main
+
+
+def test_bench_feed_measures_every_configuration(tmp_path, capsys):
+    out = tmp_path / "feed.json"
+    main(["bench", "feed", "--shards", "1", "2", "--batch-sizes", "8", "16", "--prefetch", "2",
+          "--transitions-per-shard", "500", "--seconds", "0.3", "--out", str(out)])  # fmt: skip
+    result = json.loads(out.read_text())
+    measured = {(row["shards"], row["batch_size"], row["prefetch"]) for row in result["rows"]}
+    assert measured == {(1, 8, 2), (1, 16, 2), (2, 8, 2), (2, 16, 2)}
+    for row in result["rows"]:
+        assert row["batches_per_s"] > 0
+        assert row["samples_per_s"] == pytest.approx(row["batches_per_s"] * row["batch_size"])
+    assert "batches/s" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"shards": ()}, "shards () must be one or more numbers >= 1"),
+        ({"prefetch": (0,)}, "prefetch (0,) must be one or more numbers >= 1"),
+        ({"batch_sizes": (256,), "transitions_per_shard": 200},
+         "transitions_per_shard (200) must be >= 256"),
+        ({"seconds": 0}, "seconds (0) must be > 0"),
+    ],
+)  # fmt: skip
+def test_bad_feed_settings_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        BenchFeedConfig(**kwargs)
