@@ -17,7 +17,6 @@ about one episode in five); the report prints the best held action beside each r
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import json
 import logging
 import pathlib
@@ -30,7 +29,7 @@ import sys
 import numpy as np
 import tyro
 
-from launch.plots import load_metrics, read_jsonl
+from launch.plots import archive_run, env_steps_reached, load_metrics, read_archive
 
 logger = logging.getLogger("ablation")
 
@@ -144,9 +143,6 @@ DEFAULTS_ROW = "downsample"
 DEFAULT_ROOT = pathlib.Path("~/mario-runs/ablation")
 DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs"  # the checkout's, wherever run from
 ARCHIVE_DIR = DOCS / "ablation-rows"
-# what the report reads of a training episode's or a progress record (evaluations: all eval/*)
-ARCHIVED_KEYS = ("step", "elapsed_s", "counters/env_steps", "counters/updates", "episode/x_pos",
-                 "episode/flag_get")  # fmt: skip
 
 
 FLOOR_FILE = ARCHIVE_DIR / "floor.json"
@@ -292,7 +288,7 @@ def row_result(records: list[dict], env_steps: int) -> dict:
     best = max(within, key=lambda r: (r["eval/flag_rate"], r["eval/x_pos_mean"]), default=None)
     episodes = training_episodes(records, env_steps)
     progress = [r for r in records if "counters/env_steps" in r]
-    reached = _reached(progress)
+    reached = env_steps_reached(progress)
     at_budget = [r for r in progress if r["counters/env_steps"] <= env_steps]
     last = at_budget[-1] if at_budget else {}
     last_100 = [r["episode/x_pos"] for r in episodes[-100:]]
@@ -495,7 +491,7 @@ def report(config: AblationReportConfig) -> tuple[str, pathlib.Path]:
         if kept is not None and kept.is_file():
             sources.append(read_archive(kept))
         if sources:
-            records[row] = max(sources, key=_reached)
+            records[row] = max(sources, key=env_steps_reached)
         results[row] = row_result(records[row], config.env_steps) if row in records else None
     entries = read_floors(config.floor) if config.floor else []
     floors = {}
@@ -707,56 +703,15 @@ def archive_path(directory: pathlib.Path, row: str) -> pathlib.Path:
     return directory / f"{row}.jsonl.gz"
 
 
-def archived(record: dict) -> dict | None:
-    """The part of a metric record the report reads: an evaluation whole (without its video's
-    path), a training episode's or a progress record's ARCHIVED_KEYS; None for any other."""
-    if "eval/flag_rate" in record:
-        return {
-            k: v
-            for k, v in record.items()
-            if k == "step" or (k.startswith("eval/") and not isinstance(v, str))
-        }
-    if "episode/x_pos" in record or "counters/env_steps" in record:
-        return {k: record[k] for k in ARCHIVED_KEYS if k in record}
-    return None
-
-
-def _reached(records: list[dict]) -> int:
-    return max((r["counters/env_steps"] for r in records if "counters/env_steps" in r), default=0)
-
-
 def archive(config: AblationArchiveConfig) -> list[pathlib.Path]:
-    """Writes ARCHIVE/<row>.jsonl.gz for every row that has a run, with the run's invocations
-    (commit and command: {"invocation": …} records); returns the paths. A row whose archive
-    reached more env steps than its run directory (a run begun again) is left as it is."""
+    """Writes ARCHIVE/<row>.jsonl.gz for every row that has a run (launch.plots.archive_run: a
+    row whose archive reached more env steps than its run directory is left as it is); returns
+    the paths written."""
     written = []
     for row in config.rows:
         run_dir = config.root.expanduser() / row
-        if not (run_dir / "metrics.jsonl").is_file():
-            continue
-        kept = [r for r in map(archived, load_metrics(run_dir)) if r is not None]
-        kept += [{"invocation": r} for r in read_jsonl(run_dir / "invocations.jsonl")]
-        path = archive_path(config.out, row)
-        archived_steps = _reached(read_archive(path)) if path.is_file() else 0
-        run_steps = _reached(kept)
-        if archived_steps > run_steps:
-            logger.warning("row %s: its archive reached %d env steps, its run %d: archive kept",
-                           row, archived_steps, run_steps)  # fmt: skip
-            continue
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        # mtime 0 and no file name: the same records give the same bytes (no churn in the repo)
-        with (
-            open(tmp, "wb") as raw,
-            gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as file,
-        ):
-            file.write("".join(json.dumps(r) + "\n" for r in kept).encode())
-        tmp.replace(path)
-        written.append(path)
+        if (run_dir / "metrics.jsonl").is_file():
+            path = archive_path(config.out, row)
+            if archive_run(run_dir, path):
+                written.append(path)
     return written
-
-
-def read_archive(path: pathlib.Path) -> list[dict]:
-    """The records `archive` kept for a row."""
-    with gzip.open(path, "rt") as file:
-        return [json.loads(line) for line in file if line.strip()]

@@ -109,6 +109,11 @@ def _ablation_run(module, config, args: list[str]) -> None:
     module.run(config)
 
 
+def _archive(module, config, args: list[str]) -> None:
+    for path, written in module.archive(config):
+        console.print(f"{'archived' if written else 'kept (it reached more env steps)'}: {path}")
+
+
 def _ablation_report(module, config, args: list[str]) -> None:
     markdown, png = module.report(config)
     print(markdown)
@@ -264,6 +269,8 @@ COMMANDS: dict[tuple[str, ...], _Command] = {
     ("status",): _Command("launch.status", "StatusConfig", _status,
                           "a run's state, read from Redis (or its status.json)"),
     ("plot",): _Command("launch.plots", "PlotConfig", _plot, "learning curve of runs as PNG"),
+    ("archive",): _Command("launch.plots", "ArchiveConfig", _archive,
+                           "a run's curves and eval rounds as one small file (docs/runs)"),
     ("ablation", "run"): _Command("launch.ablation", "AblationRunConfig", _ablation_run,
                                   "train recipe rows on 1-1 at one budget"),
     ("ablation", "report"): _Command("launch.ablation", "AblationReportConfig", _ablation_report,

@@ -1,9 +1,15 @@
-"""`mario plot RUN_DIR`: the learning curve of a run, from its metrics.jsonl, as a PNG."""
+"""`mario plot RUN_DIR`: the learning curve of a run, from its metrics.jsonl, as a PNG; and
+`mario archive RUN_DIR`: what the plot, the evaluation table and the milestones read of a run,
+kept as one small gzipped JSON-lines file (docs/runs/<name>.jsonl.gz) that `mario plot` and
+`mario ablation report` read in place of the run directory, which is gigabytes and can be lost
+with its machine."""
 
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import json
+import logging
 import pathlib
 
 import numpy as np
@@ -11,17 +17,25 @@ import tyro
 
 from launch.grid_world import rolling_mean
 
+logger = logging.getLogger("plots")
+ARCHIVE_SUFFIX = ".jsonl.gz"
+RUNS_ARCHIVE_DIR = pathlib.Path(__file__).resolve().parents[1] / "docs" / "runs"
+# What is kept of a training episode's or a progress record (evaluations: all eval/* numbers)
+ARCHIVED_KEYS = ("step", "elapsed_s", "counters/env_steps", "counters/updates", "episode/x_pos",
+                 "episode/flag_get", "episode/return", "learner/loss")  # fmt: skip
+
 
 @dataclasses.dataclass(frozen=True)
 class PlotConfig:
     """Render a run's learning curve (episode x_pos and return, loss, greedy eval) to PNG."""
 
     run_dirs: tyro.conf.Positional[tuple[pathlib.Path, ...]]
-    """Run directories to plot (several are drawn side by side in each panel)."""
+    """Run directories, or their archives (`mario archive`: <name>.jsonl.gz), to plot (several
+    are drawn side by side in each panel)."""
     window: int = 50
     """Episodes in the rolling mean."""
     out: pathlib.Path | None = None
-    """PNG path (default: <first run dir>/learning_curve.png)."""
+    """PNG path (default: <first run dir>/learning_curve.png; beside an archive, <name>.png)."""
     table: bool = False
     """Also print each run's evaluation rounds as a Markdown table."""
 
@@ -33,11 +47,104 @@ class PlotConfig:
 
 
 def load_metrics(run_dir: pathlib.Path) -> list[dict]:
-    """The run's metric records; a line that is not JSON (a torn last write) is skipped."""
-    path = pathlib.Path(run_dir) / "metrics.jsonl"
+    """The run's metric records; a line that is not JSON (a torn last write) is skipped. An
+    archive (`mario archive`) gives the records it kept."""
+    run_dir = pathlib.Path(run_dir)
+    if run_dir.name.endswith(ARCHIVE_SUFFIX) and run_dir.is_file():
+        return [r for r in read_archive(run_dir) if "invocation" not in r]
+    path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"no metrics.jsonl in {run_dir}")
     return read_jsonl(path)
+
+
+def invocations(run_dir: pathlib.Path) -> list[dict]:
+    """The run's invocations.jsonl records (command, commit, start env steps, branch); from an
+    archive, the ones it kept."""
+    run_dir = pathlib.Path(run_dir)
+    if run_dir.name.endswith(ARCHIVE_SUFFIX) and run_dir.is_file():
+        return [r["invocation"] for r in read_archive(run_dir) if "invocation" in r]
+    return read_jsonl(run_dir / "invocations.jsonl")
+
+
+def run_name(run_dir: pathlib.Path) -> str:
+    """A run's name: its directory's, or its archive's without the suffix."""
+    return pathlib.Path(run_dir).name.removesuffix(ARCHIVE_SUFFIX)
+
+
+def archived(record: dict) -> dict | None:
+    """What an archive keeps of a metric record: an evaluation whole (without its video's
+    path), a training episode's or a progress record's ARCHIVED_KEYS; None for any other."""
+    if "eval/flag_rate" in record:
+        return {
+            k: v
+            for k, v in record.items()
+            if k == "step" or (k.startswith("eval/") and not isinstance(v, str))
+        }
+    if "episode/x_pos" in record or "counters/env_steps" in record:
+        return {k: record[k] for k in ARCHIVED_KEYS if k in record}
+    return None
+
+
+def env_steps_reached(records: list[dict]) -> int:
+    """The most env steps the records' progress counters reached."""
+    return max((r["counters/env_steps"] for r in records if "counters/env_steps" in r), default=0)
+
+
+def archive_run(run_dir: pathlib.Path, path: pathlib.Path) -> bool:
+    """Writes the archive of `run_dir` to `path`, with the run's invocations ({"invocation": …}
+    records); returns whether it did: an archive that reached more env steps than the run
+    directory (a run begun again) is left as it is."""
+    kept = [r for r in map(archived, load_metrics(run_dir)) if r is not None]
+    kept += [{"invocation": r} for r in invocations(run_dir)]
+    archived_steps = env_steps_reached(read_archive(path)) if path.is_file() else 0
+    if archived_steps > env_steps_reached(kept):
+        logger.warning("%s: its archive %s reached %d env steps, the run %d: archive kept",
+                       run_dir, path, archived_steps, env_steps_reached(kept))  # fmt: skip
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    # mtime 0 and no file name: the same records give the same bytes (no churn in the repo)
+    with (
+        open(tmp, "wb") as raw,
+        gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as file,
+    ):
+        file.write("".join(json.dumps(r) + "\n" for r in kept).encode())
+    tmp.replace(path)
+    return True
+
+
+def read_archive(path: pathlib.Path) -> list[dict]:
+    """The records `archive_run` kept."""
+    with gzip.open(path, "rt") as file:
+        return [json.loads(line) for line in file if line.strip()]
+
+
+@dataclasses.dataclass(frozen=True)
+class ArchiveConfig:
+    """Keep what `mario plot` and the evaluation table read of runs, one small file per run."""
+
+    run_dirs: tyro.conf.Positional[tuple[pathlib.Path, ...]]
+    """Run directories to archive."""
+    out: pathlib.Path = RUNS_ARCHIVE_DIR
+    """Directory of the archives: <run name>.jsonl.gz (default: the checkout's docs/runs)."""
+
+    def __post_init__(self) -> None:
+        if not self.run_dirs:
+            raise ValueError("run_dirs: give at least one run directory to archive")
+        for run_dir in self.run_dirs:
+            if not (pathlib.Path(run_dir).expanduser() / "metrics.jsonl").is_file():
+                raise ValueError(f"run_dirs: {run_dir} holds no metrics.jsonl (not a run?)")
+
+
+def archive(config: ArchiveConfig) -> list[tuple[pathlib.Path, bool]]:
+    """(archive path, written) per run directory."""
+    results = []
+    for run_dir in config.run_dirs:
+        run_dir = pathlib.Path(run_dir).expanduser()
+        path = config.out / (run_dir.name + ARCHIVE_SUFFIX)
+        results.append((path, archive_run(run_dir, path)))
+    return results
 
 
 def read_jsonl(path: pathlib.Path) -> list[dict]:
@@ -90,9 +197,8 @@ def eval_table(records: list[dict]) -> list[str]:
 def branch_points(run_dir: pathlib.Path) -> list[tuple[int, str]]:
     """(env steps, parent run's name) where the run's history became a branch (`mario train
     --branch-from`), from its invocations.jsonl; [] for a run that never branched."""
-    records = read_jsonl(pathlib.Path(run_dir) / "invocations.jsonl")
     return [(int(r["start_env_steps"]), pathlib.Path(r["branched_from"]).name)
-            for r in records if r.get("branched_from")]  # fmt: skip
+            for r in invocations(run_dir) if r.get("branched_from")]  # fmt: skip
 
 
 def without_lost_work(records: list[dict]) -> list[dict]:
@@ -173,7 +279,7 @@ def plot(config: PlotConfig) -> pathlib.Path:
         steps = np.array([r["step"] for r in episodes])
         x_pos = np.array([r["episode/x_pos"] for r in episodes], dtype=float)
         returns = np.array([r["episode/return"] for r in episodes], dtype=float)
-        label = pathlib.Path(run_dir).name
+        label = run_name(run_dir)
         if len(episodes):
             axes[0].scatter(steps, x_pos, s=2, alpha=0.2)
             axes[0].plot(steps, rolling_mean(x_pos, config.window), label=label)
@@ -210,7 +316,13 @@ def plot(config: PlotConfig) -> pathlib.Path:
     if eval_x.lines:
         eval_x.legend(loc="upper right", fontsize=8)
     figure.tight_layout()
-    out = config.out or pathlib.Path(config.run_dirs[0]) / "learning_curve.png"
+    first = pathlib.Path(config.run_dirs[0])
+    default = (
+        first.with_name(run_name(first) + ".png")
+        if first.is_file()
+        else first / "learning_curve.png"
+    )
+    out = config.out or default
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=90)
     plt.close(figure)

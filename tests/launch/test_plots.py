@@ -2,14 +2,17 @@
 
 import json
 
+import pytest
 from PIL import Image
 
 from launch.cli import main
 from launch.plots import (
+    ArchiveConfig,
     branch_points,
     describe_milestones,
     eval_curve,
     eval_table,
+    load_metrics,
     milestones,
     without_lost_work,
 )
@@ -115,3 +118,55 @@ def test_eval_table_lists_each_round_with_its_wall_time():
         "| 500 | ? | 0.00 | 296 / nan / ? | 1 |",
         "| 1,400 | 120 | 0.30 | 1,234 / 1,100 / 3,161 | 3 |",
     ]
+
+
+RUN = [  # a run's records as the trainer logs them: progress (with the learner's), episodes, eval
+    {"step": 0, "counters/env_steps": 0, "elapsed_s": 0.0, "learner/loss": 0.9, "replay/size": 1},
+    {"step": 10, "episode/x_pos": 300, "episode/return": 5.0, "episode/actor": 0},
+    {"step": 1000, "counters/env_steps": 1000, "elapsed_s": 100.0, "learner/loss": 0.5,
+     "counters/updates": 40, "learner/mean_q": 1.5},
+    {"step": 1100, "eval/env_steps": 1000, "eval/flag_rate": 0.6, "eval/x_pos_mean": 2500.0,
+     "eval/x_pos_median": 3161.0, "eval/x_pos_max": 3161, "eval/policy_version": 40,
+     "eval/video": "eval/best-000001000.mp4"},
+    {"step": 1200, "episode/x_pos": 3161, "episode/return": 90.0, "episode/flag_get": True},
+    {"step": 2000, "counters/env_steps": 2000, "elapsed_s": 200.0, "learner/loss": 0.4},
+]  # fmt: skip
+
+
+def test_an_archive_plots_and_tables_like_its_run(tmp_path, capsys):
+    run = tmp_path / "default-9"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("\n".join(map(json.dumps, RUN)) + "\n")
+    branched = {"start_env_steps": 1000, "branched_from": "/runs/parent", "commit": "abc"}
+    (run / "invocations.jsonl").write_text(json.dumps(branched) + "\n")
+    archives = tmp_path / "archives"
+    main(["archive", str(run), "--out", str(archives)])
+    path = archives / "default-9.jsonl.gz"
+    first = path.read_bytes()
+    kept = load_metrics(path)
+    assert len(kept) == len(RUN)  # the learner's other numbers, replay's, the video: left out
+    assert {k for r in kept for k in r} == {
+        "step", "counters/env_steps", "elapsed_s", "learner/loss", "counters/updates",
+        "episode/x_pos", "episode/return", "episode/flag_get", "eval/env_steps",
+        "eval/flag_rate", "eval/x_pos_mean", "eval/x_pos_median", "eval/x_pos_max",
+        "eval/policy_version"}  # fmt: skip
+    assert eval_table(kept) == eval_table(load_metrics(run))
+    assert milestones(kept) == milestones(load_metrics(run))
+    assert branch_points(path) == branch_points(run) == [(1000, "parent")]
+    main(["plot", str(path)])  # beside the archive, named after the run
+    with Image.open(archives / "default-9.png") as image:
+        assert image.size == (1170, 720)
+    assert "default-9.jsonl.gz: greedy evaluation first at flag_rate > 0: 1,000" in (
+        capsys.readouterr().out.replace("\n", "")
+    )
+    main(["archive", str(run), "--out", str(archives)])
+    assert path.read_bytes() == first  # the same records give the same bytes
+    # a run begun again (fewer env steps) does not overwrite its archive
+    (run / "metrics.jsonl").write_text(json.dumps(RUN[0]) + "\n")
+    main(["archive", str(run), "--out", str(archives)])
+    assert path.read_bytes() == first
+
+
+def test_archive_refuses_a_folder_that_is_no_run(tmp_path):
+    with pytest.raises(ValueError, match=f"run_dirs: {tmp_path} holds no metrics.jsonl"):
+        ArchiveConfig(run_dirs=(tmp_path,))
