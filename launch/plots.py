@@ -35,7 +35,8 @@ class PlotConfig:
     window: int = 50
     """Episodes in the rolling mean."""
     out: pathlib.Path | None = None
-    """PNG path (default: <first run dir>/learning_curve.png; beside an archive, <name>.png)."""
+    """PNG path (default: <first run dir>/learning_curve.png; for an archive,
+    runs/plots/<name>.png)."""
     table: bool = False
     """Also print each run's evaluation rounds as a Markdown table."""
 
@@ -46,23 +47,37 @@ class PlotConfig:
             raise ValueError(f"window ({self.window}) must be >= 1 episode")
 
 
+def _is_archive(run_dir: pathlib.Path) -> bool:
+    if not run_dir.name.endswith(ARCHIVE_SUFFIX):
+        return False
+    if not run_dir.is_file():
+        raise FileNotFoundError(f"no archive {run_dir}")
+    return True
+
+
 def load_metrics(run_dir: pathlib.Path) -> list[dict]:
     """The run's metric records; a line that is not JSON (a torn last write) is skipped. An
-    archive (`mario archive`) gives the records it kept."""
+    archive (`mario archive`) gives the records it kept. Runs before 2026-11-24 04:15 logged
+    distributed episodes as episode/max_x_pos and episode/episode_return: read as today's."""
     run_dir = pathlib.Path(run_dir)
-    if run_dir.name.endswith(ARCHIVE_SUFFIX) and run_dir.is_file():
+    if _is_archive(run_dir):
         return [r for r in read_archive(run_dir) if "invocation" not in r]
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"no metrics.jsonl in {run_dir}")
-    return read_jsonl(path)
+    records = read_jsonl(path)
+    for record in records:
+        if "episode/max_x_pos" in record:
+            record["episode/x_pos"] = record.pop("episode/max_x_pos")
+            record["episode/return"] = record.pop("episode/episode_return", None)
+    return records
 
 
 def invocations(run_dir: pathlib.Path) -> list[dict]:
     """The run's invocations.jsonl records (command, commit, start env steps, branch); from an
     archive, the ones it kept."""
     run_dir = pathlib.Path(run_dir)
-    if run_dir.name.endswith(ARCHIVE_SUFFIX) and run_dir.is_file():
+    if _is_archive(run_dir):
         return [r["invocation"] for r in read_archive(run_dir) if "invocation" in r]
     return read_jsonl(run_dir / "invocations.jsonl")
 
@@ -115,9 +130,16 @@ def archive_run(run_dir: pathlib.Path, path: pathlib.Path) -> bool:
 
 
 def read_archive(path: pathlib.Path) -> list[dict]:
-    """The records `archive_run` kept."""
-    with gzip.open(path, "rt") as file:
-        return [json.loads(line) for line in file if line.strip()]
+    """The records `archive_run` kept.
+
+    Raises:
+        ValueError: the file is no archive (not gzip, or not JSON lines), naming it.
+    """
+    try:
+        with gzip.open(path, "rt") as file:
+            return [json.loads(line) for line in file if line.strip()]
+    except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is no readable archive: {error}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,18 +154,27 @@ class ArchiveConfig:
     def __post_init__(self) -> None:
         if not self.run_dirs:
             raise ValueError("run_dirs: give at least one run directory to archive")
+        names: dict[str, pathlib.Path] = {}
         for run_dir in self.run_dirs:
             if not (pathlib.Path(run_dir).expanduser() / "metrics.jsonl").is_file():
                 raise ValueError(f"run_dirs: {run_dir} holds no metrics.jsonl (not a run?)")
+            name = _archive_name(run_dir)
+            if name in names:
+                raise ValueError(f"run_dirs: {names[name]} and {run_dir} are both named {name!r}: "
+                                 "their archives would be one file")  # fmt: skip
+            names[name] = run_dir
+
+
+def _archive_name(run_dir: pathlib.Path) -> str:
+    return pathlib.Path(run_dir).expanduser().resolve().name + ARCHIVE_SUFFIX
 
 
 def archive(config: ArchiveConfig) -> list[tuple[pathlib.Path, bool]]:
     """(archive path, written) per run directory."""
     results = []
     for run_dir in config.run_dirs:
-        run_dir = pathlib.Path(run_dir).expanduser()
-        path = config.out / (run_dir.name + ARCHIVE_SUFFIX)
-        results.append((path, archive_run(run_dir, path)))
+        path = config.out / _archive_name(run_dir)
+        results.append((path, archive_run(pathlib.Path(run_dir).expanduser(), path)))
     return results
 
 
@@ -270,20 +301,17 @@ def plot(config: PlotConfig) -> pathlib.Path:
     eval_x = axes[3].twinx()
     for run_dir in config.run_dirs:
         records = load_metrics(run_dir)
-        # (runs before 2026-11-24 04:15 logged distributed episodes as max_x_pos/episode_return)
-        for record in records:
-            if "episode/max_x_pos" in record:
-                record["episode/x_pos"] = record["episode/max_x_pos"]
-                record["episode/return"] = record["episode/episode_return"]
         episodes = [r for r in records if "episode/x_pos" in r]
         steps = np.array([r["step"] for r in episodes])
         x_pos = np.array([r["episode/x_pos"] for r in episodes], dtype=float)
-        returns = np.array([r["episode/return"] for r in episodes], dtype=float)
+        # (archives of the ablation's rows made before 2026-11-27 kept no return)
+        returns = np.array([r.get("episode/return", np.nan) for r in episodes], dtype=float)
         label = run_name(run_dir)
         if len(episodes):
             axes[0].scatter(steps, x_pos, s=2, alpha=0.2)
             axes[0].plot(steps, rolling_mean(x_pos, config.window), label=label)
-            axes[1].plot(steps, rolling_mean(returns, config.window), label=label)
+            if not np.isnan(returns).all():
+                axes[1].plot(steps, rolling_mean(returns, config.window), label=label)
         updates = [r for r in records if "learner/loss" in r]
         if updates:
             axes[2].plot(
@@ -312,13 +340,14 @@ def plot(config: PlotConfig) -> pathlib.Path:
                 ylabel="flag rate (solid)", ylim=(-0.05, 1.05))  # fmt: skip
     eval_x.set(ylabel="mean max x_pos (dashed)", ylim=(0, 3300))
     for axis in axes:
-        axis.legend(loc="upper left", fontsize=8)
+        if axis.get_legend_handles_labels()[0]:  # a panel with nothing to draw has no legend
+            axis.legend(loc="upper left", fontsize=8)
     if eval_x.lines:
         eval_x.legend(loc="upper right", fontsize=8)
     figure.tight_layout()
     first = pathlib.Path(config.run_dirs[0])
     default = (
-        first.with_name(run_name(first) + ".png")
+        pathlib.Path("runs/plots") / f"{run_name(first)}.png"  # git-ignored, not beside it
         if first.is_file()
         else first / "learning_curve.png"
     )

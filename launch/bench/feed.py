@@ -3,7 +3,10 @@
 The learner's side of `mario train` without its update: the real ShardWorkers (filled through
 Redis, as actors fill them, with their rate limiter opened) and the learner's RayReplayClient,
 `prefetch` requests in flight, each batch's priorities sent back. Set against `mario bench
-learner`, it says whether a learner (a GPU one above all) would wait for its data.
+learner`, it says whether a learner (a GPU one above all) would wait for its data. An upper
+bound: in `mario train` the shards also take in actors' chunks meanwhile (under the lock that
+sampling takes), and each shard holds --replay.capacity transitions, not transitions_per_shard.
+Each shard is filled through a stream of its own, so that each holds exactly its share.
 """
 
 from __future__ import annotations
@@ -72,18 +75,22 @@ def _fill(endpoint: RedisEndpoint, transitions: int) -> None:
 
 
 def _wait_filled(shards: list, transitions: int, timeout_s: float = 300.0) -> None:
-    """Until the shards have taken in every transition sent (however they shared them)."""
-    import ray
+    """Until every shard has taken in the `transitions` sent to it."""
 
     deadline = time.monotonic() + timeout_s
     while True:
-        stats = ray.get([shard.stats.remote() for shard in shards])
-        taken = sum(record["replay/inserted"] for record in stats)
-        if taken >= transitions:
+        taken = [stats["replay/inserted"] for stats in _stats(shards)]
+        if min(taken) >= transitions:
             return
         if time.monotonic() > deadline:
-            raise RuntimeError(f"the shards took in {taken} of {transitions} transitions")
+            raise RuntimeError(f"the shards took in {taken} of {transitions} transitions each")
         time.sleep(0.2)
+
+
+def _stats(shards: list) -> list[dict]:
+    import ray
+
+    return ray.get([shard.stats.remote() for shard in shards])
 
 
 def measure(shards: list, batch_size: int, prefetch: int, seconds: float) -> dict:
@@ -125,7 +132,7 @@ def run(config: BenchFeedConfig) -> dict:
     from launch.ray_backend import ShardWorker
 
     prepare_out(config.out)
-    rows = []
+    rows, per_shard = [], {}
     with contextlib.ExitStack() as resources:
         server = EmbeddedRedis()
         resources.callback(server.stop)
@@ -139,16 +146,27 @@ def run(config: BenchFeedConfig) -> dict:
             rate_error_buffer=1e15,  # the rate limiter never holds either side
         )
         for count in config.shards:
-            endpoint = RedisEndpoint(server.url, run_id=f"bench-feed-{count}")
             spec = ReplaySpec(shard_id=0, replay=replay, stack=4, num_actions=5, seed=0)
-            specs = [dataclasses.replace(spec, shard_id=i, seed=i) for i in range(count)]
             nowhere = str(folder / "none")  # no snapshot: each shard starts empty
-            shards = [ShardWorker.remote(s, endpoint, nowhere, str(folder)) for s in specs]
-            _fill(endpoint, count * config.transitions_per_shard)
-            _wait_filled(shards, count * config.transitions_per_shard)
+            endpoints = [
+                RedisEndpoint(server.url, run_id=f"feed-{count}-{i}") for i in range(count)
+            ]
+            shards = [
+                ShardWorker.remote(dataclasses.replace(spec, shard_id=i, seed=i), endpoints[i],
+                                   nowhere, str(folder))
+                for i in range(count)
+            ]  # fmt: skip
+            for endpoint in endpoints:
+                _fill(endpoint, config.transitions_per_shard)
+            _wait_filled(shards, config.transitions_per_shard)
             for batch_size in config.batch_sizes:
                 for prefetch in config.prefetch:
                     rows.append(measure(shards, batch_size, prefetch, config.seconds))
+            per_shard[str(count)] = [
+                {key.removeprefix("replay/"): stats[key]
+                 for key in ("replay/size", "replay/sampled", "replay/priority_updates")}
+                for stats in _stats(shards)
+            ]  # fmt: skip
             for shard in shards:
                 ray.kill(shard)
     result = {
@@ -157,6 +175,7 @@ def run(config: BenchFeedConfig) -> dict:
         "cpus": os.cpu_count(),
         "ray": ray.__version__,
         "rows": rows,
+        "shards_after": per_shard,  # shard count → each shard's size, sampled, priority updates
     }
     config.out.parent.mkdir(parents=True, exist_ok=True)
     config.out.write_text(json.dumps(result, indent=2) + "\n")

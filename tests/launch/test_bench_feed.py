@@ -19,6 +19,11 @@ def test_bench_feed_measures_every_configuration(tmp_path, capsys):
     for row in result["rows"]:
         assert row["batches_per_s"] > 0
         assert row["samples_per_s"] == pytest.approx(row["batches_per_s"] * row["batch_size"])
+    # every shard held its share, was sampled and took the learner's priorities back
+    for count, shards in result["shards_after"].items():
+        assert len(shards) == int(count)
+        for shard in shards:
+            assert shard["size"] == 500 and shard["sampled"] > 0 and shard["priority_updates"] > 0
     assert "batches/s" in capsys.readouterr().out
 
 

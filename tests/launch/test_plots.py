@@ -1,5 +1,6 @@
 """`mario plot`: the learning curve, with the in-training evaluation."""
 
+import gzip
 import json
 
 import pytest
@@ -153,8 +154,8 @@ def test_an_archive_plots_and_tables_like_its_run(tmp_path, capsys):
     assert eval_table(kept) == eval_table(load_metrics(run))
     assert milestones(kept) == milestones(load_metrics(run))
     assert branch_points(path) == branch_points(run) == [(1000, "parent")]
-    main(["plot", str(path)])  # beside the archive, named after the run
-    with Image.open(archives / "default-9.png") as image:
+    main(["plot", str(path), "--out", str(tmp_path / "from-archive.png")])
+    with Image.open(tmp_path / "from-archive.png") as image:
         assert image.size == (1170, 720)
     assert "default-9.jsonl.gz: greedy evaluation first at flag_rate > 0: 1,000" in (
         capsys.readouterr().out.replace("\n", "")
@@ -167,6 +168,38 @@ def test_an_archive_plots_and_tables_like_its_run(tmp_path, capsys):
     assert path.read_bytes() == first
 
 
-def test_archive_refuses_a_folder_that_is_no_run(tmp_path):
+def test_archive_refuses_a_folder_that_is_no_run_and_two_runs_of_one_name(tmp_path):
     with pytest.raises(ValueError, match=f"run_dirs: {tmp_path} holds no metrics.jsonl"):
         ArchiveConfig(run_dirs=(tmp_path,))
+    for parent in ("a", "b"):
+        (tmp_path / parent / "run").mkdir(parents=True)
+        (tmp_path / parent / "run" / "metrics.jsonl").write_text(json.dumps(RUN[0]) + "\n")
+    with pytest.raises(ValueError, match=r"are both named 'run\.jsonl\.gz'"):
+        ArchiveConfig(run_dirs=(tmp_path / "a" / "run", tmp_path / "b" / "run"))
+
+
+def test_archives_without_returns_and_old_runs_plot(tmp_path, monkeypatch):
+    # The ablation's archives before 2026-11-27 kept no return or loss; runs before
+    # 2026-11-24 logged episodes as episode/max_x_pos and episode/episode_return.
+    old_run = tmp_path / "old-run"
+    old_run.mkdir()
+    old = [RUN[0], {"step": 10, "episode/max_x_pos": 300, "episode/episode_return": 5.0}]
+    (old_run / "metrics.jsonl").write_text("\n".join(map(json.dumps, old)) + "\n")
+    main(["archive", str(old_run), "--out", str(tmp_path)])
+    kept = load_metrics(tmp_path / "old-run.jsonl.gz")
+    assert kept[1] == {"step": 10, "episode/x_pos": 300, "episode/return": 5.0}
+    row = tmp_path / "row.jsonl.gz"
+    with gzip.open(row, "wt") as file:
+        file.write(json.dumps({"step": 10, "episode/x_pos": 300, "episode/flag_get": False}))
+    monkeypatch.chdir(tmp_path)
+    main(["plot", str(row)])  # the default PNG: runs/plots/<name>.png, not beside the archive
+    with Image.open(tmp_path / "runs" / "plots" / "row.png") as image:
+        assert image.size == (1170, 720)
+
+
+def test_a_missing_or_damaged_archive_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"no archive .*typo\.jsonl\.gz"):
+        load_metrics(tmp_path / "typo.jsonl.gz")
+    (tmp_path / "bad.jsonl.gz").write_bytes(b"not gzip")
+    with pytest.raises(ValueError, match=r"bad\.jsonl\.gz is no readable archive"):
+        load_metrics(tmp_path / "bad.jsonl.gz")
