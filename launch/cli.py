@@ -59,6 +59,8 @@ def _pick(module, config, args: list[str]) -> None:
     result = module.pick(config)
     seeds = result["seeds"]
     title = f"rounds of {escape(str(config.run_dir))}, {config.episodes} episodes per seed set"
+    if config.average > 1:
+        title += f"; each the mean of the weights of {config.average} rounds centred on it"
     table = Table(title=title)
     for column in (
         "env steps",

@@ -32,6 +32,7 @@ from learner.checkpoint import (
     CHECKPOINT_NAME,
     SET_DIR_KEY,
     CheckpointError,
+    averaged_round,
     kept_rounds,
     load_checkpoint,
     round_name,
@@ -146,6 +147,13 @@ def _load_model_dir(path: pathlib.Path) -> Policy:
 # -- export ---------------------------------------------------------------------------------------
 
 
+def check_average(average: int) -> None:
+    """Raises ValueError, naming it, unless `average` (rounds to average) is odd and >= 1."""
+    if average < 1 or average % 2 == 0:
+        raise ValueError(f"average ({average}) must be an odd number >= 1: the rounds are centred "
+                         "on one")  # fmt: skip
+
+
 @dataclasses.dataclass(frozen=True)
 class ExportConfig:
     """Write a run's best weights (or its last with --last) as a model folder with its card."""
@@ -166,10 +174,17 @@ class ExportConfig:
     """Seed of the final evaluation's first episode."""
     force: bool = False
     """Replace the model folder --out if it is one already (its files and its evaluation)."""
+    average: int = 1
+    """Ship the mean of the weights of this many kept rounds centred on --round (odd; 1: the
+    round's own; `mario pick --average K` ranks such means)."""
 
     def __post_init__(self) -> None:
         if self.eval_episodes < 0:
             raise ValueError(f"eval_episodes ({self.eval_episodes}) must be >= 0")
+        check_average(self.average)
+        if self.average > 1 and self.round is None:
+            raise ValueError(f"average ({self.average}) needs --round: the rounds are centred "
+                             "on it")  # fmt: skip
         if self.round is not None and self.last:
             raise ValueError(f"round ({self.round}) and last exclude each other: one set of "
                              "weights is exported")  # fmt: skip
@@ -201,6 +216,10 @@ def export(config: ExportConfig) -> dict:
     policy = load_policy(source, config.last)
     checkpoint = policy.source
     payload = load_checkpoint(checkpoint)
+    averaged = None
+    if config.average > 1:
+        averaged = averaged_round(kept_rounds(run_dir), config.round, config.average)
+        policy = _checked(dataclasses.replace(policy, weights=averaged["learner"]["online"]))
     weights = {name: tensor.detach().cpu().float().contiguous()
                for name, tensor in policy.weights.items()}  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -238,6 +257,7 @@ def export(config: ExportConfig) -> dict:
         "invocations": _invocations(run_dir),
         "train_config": payload["config"],
         "selected_by": payload.get("eval"),
+        "averaged_rounds": averaged["averaged_rounds"] if averaged else None,
         "eval_curve": _eval_curve(run_dir),
         "eval_milestones": _milestones(run_dir),
         "final_eval": None,
@@ -300,7 +320,13 @@ def card_markdown(card: dict) -> str:
         + (f" in {wall / 3600:.1f} h of wall time." if wall else "."),
         f"Weights: `{card['weights']['file']}`, {card['weights']['parameters']:,} parameters, "
         f"{card['weights']['bytes'] / 2**20:.1f} MB; env and network settings in `config.json`; "
-        f"everything below in `{MODEL_CARD}`.",
+        f"everything below in `{MODEL_CARD}`."
+        + (
+            f" The weights are the mean of those of the evaluation rounds at "
+            f"{', '.join(f'{steps:,}' for steps in card['averaged_rounds'])} env steps."
+            if card.get("averaged_rounds")
+            else ""
+        ),
         "",
         "## Final evaluation",
         "",

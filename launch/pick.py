@@ -6,6 +6,8 @@ only roughly: one run's rounds swing by several flags. `mario train` keeps each 
 with more episodes on seed sets that training never used, then ranks them by flags (then mean
 max x) over all of those episodes. `mario export RUN --round N --seed S` ships the winner, its
 final evaluation on a seed set other than those that chose it (they flatter the winner).
+With --average K each candidate is the mean of the weights of the K kept rounds centred on a
+round (ranked by their training evaluations' mean), and `--average K` goes into the export.
 """
 
 from __future__ import annotations
@@ -19,8 +21,15 @@ import shlex
 import tyro
 
 from launch.evaluate import EVAL_SEED_BASE, EvalConfig, eval_rank, evaluate
-from launch.model import ExportConfig
-from learner.checkpoint import CheckpointError, kept_rounds, load_checkpoint
+from launch.model import ExportConfig, check_average
+from learner.checkpoint import (
+    CheckpointError,
+    averaged_round,
+    kept_rounds,
+    load_checkpoint,
+    round_window,
+    save_checkpoint,
+)
 
 PICK_FILE = "pick.json"
 
@@ -43,10 +52,15 @@ class PickConfig:
     """The JSON of the result (default: <run dir>/eval/pick.json); each evaluation's eval.json
     and best episode go beside it, in a folder named as the JSON without .json
     (pick/round-<env steps>-seed-<seed>/)."""
+    average: int = 1
+    """Play each candidate as the mean of the weights of this many kept rounds centred on it
+    (odd; 1: the round's own weights). Candidates are then ranked by the mean of those rounds'
+    training evaluations; the averaged weights go beside the JSON (average-K-<env steps>.pt)."""
 
     def __post_init__(self) -> None:
         if self.top < 1:
             raise ValueError(f"top ({self.top}) must be >= 1")
+        check_average(self.average)
         if self.episodes < 1:
             raise ValueError(f"episodes ({self.episodes}) must be >= 1")
         if not self.seeds:
@@ -117,12 +131,18 @@ def _round_summary(path: pathlib.Path) -> dict:
         ) from None
 
 
-def candidates(rounds: list[dict], top: int) -> list[dict]:
-    """The `top` rounds by their training evaluation; a later round first on a tie."""
+def candidates(rounds: list[dict], top: int, average: int = 1) -> list[dict]:
+    """The `top` rounds by their training evaluation (with `average` > 1: the mean of the
+    evaluations of the rounds centred on each); a later round first on a tie."""
+    steps = [entry["env_steps"] for entry in rounds]  # oldest first
+    by_steps = dict(zip(steps, rounds, strict=True))
 
     def rank(entry: dict) -> tuple:
-        flags_x = eval_rank(entry["train_flag_rate"], entry["train_x_pos_mean"])
-        return (*flags_x, entry["env_steps"])
+        window = [by_steps[s] for s in round_window(steps, entry["env_steps"], average)]
+        # rounded: means of equal rates tie (3 × 0.8 / 3 is 0.8000000000000002)
+        flag_rate = round(sum(r["train_flag_rate"] for r in window) / len(window), 9)
+        x_pos_mean = round(sum(r["train_x_pos_mean"] for r in window) / len(window), 6)
+        return (*eval_rank(flag_rate, x_pos_mean), entry["env_steps"])
 
     return sorted(rounds, key=rank, reverse=True)[:top]
 
@@ -164,13 +184,20 @@ def pick(config: PickConfig) -> dict:
     """Evaluates the candidates on every seed set; returns (and writes) them ranked by flags,
     then mean max x, over all their episodes."""
     rounds, left_out = round_summaries(config.run_dir)
-    chosen = candidates(rounds, config.top)
+    chosen = candidates(rounds, config.top, config.average)
     out = config.out or config.run_dir / "eval" / PICK_FILE
+    usable = {entry["env_steps"]: pathlib.Path(entry["path"]) for entry in rounds}
     results = []
     for entry in chosen:
+        name = f"round-{entry['env_steps']:09d}"
+        if config.average > 1:  # the mean of the window's weights, written beside the JSON
+            name = f"average-{config.average}-{entry['env_steps']:09d}"
+            payload = averaged_round(usable, entry["env_steps"], config.average)
+            path = save_checkpoint(out.with_suffix(""), payload, name=f"{name}.pt")
+            entry = {**entry, "path": str(path), "averaged_rounds": payload["averaged_rounds"]}
         summaries, folders = {}, {}
         for seed in config.seeds:
-            folders[seed] = out.with_suffix("") / f"round-{entry['env_steps']:09d}-seed-{seed}"
+            folders[seed] = out.with_suffix("") / f"{name}-seed-{seed}"
             summaries[seed] = evaluate(EvalConfig(
                 checkpoint=pathlib.Path(entry["path"]), episodes=config.episodes, seed=seed,
                 out=folders[seed],
@@ -184,8 +211,11 @@ def pick(config: PickConfig) -> dict:
         "seeds": list(config.seeds),
         "ranked": results,
         "left_out": left_out,
+        "average": config.average,
         "export": f"mario export {shlex.quote(str(config.run_dir))} "
-        f"--round {results[0]['env_steps']} --seed {export_seed}",
+        f"--round {results[0]['env_steps']}"
+        + (f" --average {config.average}" if config.average > 1 else "")
+        + f" --seed {export_seed}",
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

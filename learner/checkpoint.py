@@ -50,6 +50,47 @@ def kept_rounds(run_dir: pathlib.Path) -> dict[int, pathlib.Path]:
     return {int(path.stem[6:]): path for path in paths if path.stem[6:].isdecimal()}
 
 
+def round_window(steps: list[int], centre: int, width: int) -> list[int]:
+    """The `width` rounds of `steps` (ascending env steps) centred on `centre`; fewer where the
+    first or last round cuts the window."""
+    index, half = steps.index(centre), width // 2
+    return steps[max(0, index - half) : index + half + 1]
+
+
+def averaged_round(rounds: dict[int, pathlib.Path], centre: int, width: int) -> dict:
+    """Round `centre`'s payload with its online weights replaced by the mean of the weights of
+    the `width` rounds centred on it (round_window over `rounds`: env steps → file), parameter
+    by parameter; `averaged_rounds` names them. DQN's greedy policy churns between rounds (a
+    few updates reorder nearly equal Q-values); a mean of neighbouring rounds smooths that out.
+
+    Raises:
+        CheckpointError: no round at `centre`, or a window's round cannot be read or does not
+            fit the others (naming it).
+    """
+    if centre not in rounds:
+        raise CheckpointError(f"round ({centre}): no kept round weights at {centre} env steps; "
+                              f"kept: {sorted(rounds) or 'none'}")  # fmt: skip
+    window = round_window(sorted(rounds), centre, width)
+    payloads = {steps: load_checkpoint(rounds[steps]) for steps in window}
+    payload = payloads[centre]
+    ours = payload["learner"]["online"]
+    for steps, other in payloads.items():
+        theirs = other["learner"]["online"]
+        if theirs.keys() != ours.keys() or any(theirs[k].shape != t.shape for k, t in ours.items()):
+            raise CheckpointError(f"{rounds[steps]}: its weights do not fit those of "
+                                  f"{rounds[centre]}: not one run's rounds")  # fmt: skip
+    average = {
+        name: (
+            sum(p["learner"]["online"][name].float() for p in payloads.values()) / len(window)
+        ).to(tensor.dtype)
+        if tensor.is_floating_point()
+        else tensor
+        for name, tensor in ours.items()
+    }
+    return {**payload, "learner": {**payload["learner"], "online": average},
+            "averaged_rounds": window}  # fmt: skip
+
+
 def save_checkpoint(
     run_dir: pathlib.Path, payload: dict, name: str = CHECKPOINT_NAME
 ) -> pathlib.Path:

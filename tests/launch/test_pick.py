@@ -18,7 +18,14 @@ from launch.pick import (
     ranked,
     round_summaries,
 )
-from learner.checkpoint import CheckpointError, round_name, save_checkpoint
+from learner.checkpoint import (
+    CheckpointError,
+    averaged_round,
+    kept_rounds,
+    round_name,
+    round_window,
+    save_checkpoint,
+)
 
 
 def _round(env_steps, flag_rate, x_pos_mean):
@@ -40,6 +47,48 @@ def _round(env_steps, flag_rate, x_pos_mean):
 def test_candidates_are_the_best_rounds_of_training(rounds, top, chosen):
     got = candidates([_round(*r) for r in rounds], top)
     assert [r["env_steps"] for r in got] == chosen
+
+
+@pytest.mark.parametrize(
+    ("centre", "width", "window"),
+    [(200, 3, [100, 200, 300]), (100, 3, [100, 200]), (400, 3, [300, 400]), (300, 1, [300]),
+     (200, 5, [100, 200, 300, 400])],
+)  # fmt: skip
+def test_a_window_of_rounds_is_centred_and_cut_at_the_ends(centre, width, window):
+    assert round_window([100, 200, 300, 400], centre, width) == window
+
+
+def test_averaged_candidates_rank_by_their_windows_training_evaluations():
+    # flag rates 0, 1, 0, .8, .8, .8: alone the round at 200 is best; with its neighbours
+    # (mean 1/3) it is not: 600 (mean .8 of 500 and 600) before 500 (.8, the earlier)
+    rounds = [_round(s, f, 1000) for s, f in
+              ((100, 0.0), (200, 1.0), (300, 0.0), (400, 0.8), (500, 0.8), (600, 0.8))]  # fmt: skip
+    assert [r["env_steps"] for r in candidates(rounds, 2)] == [200, 600]
+    assert [r["env_steps"] for r in candidates(rounds, 2, average=3)] == [600, 500]
+
+
+def test_averaged_weights_are_the_mean_of_the_window(tmp_path):
+    for steps, value in ((100, 1.0), (200, 2.0), (300, 6.0)):
+        _save_round(tmp_path, steps, 0.5, 1000, seed=0)
+        path = tmp_path / "eval" / round_name(steps)
+        payload = torch.load(path, weights_only=True)
+        online = payload["learner"]["online"]
+        payload["learner"]["online"] = {k: torch.full_like(t, value) for k, t in online.items()}
+        torch.save(payload, path)
+    rounds = kept_rounds(tmp_path)
+    payload = averaged_round(rounds, 200, 3)
+    assert payload["averaged_rounds"] == [100, 200, 300] and payload["eval"]["env_steps"] == 200
+    assert all(torch.all(t == 3.0) for t in payload["learner"]["online"].values())
+    assert all(torch.all(t == 1.5) for t in averaged_round(rounds, 100, 3)["learner"]["online"]
+               .values())  # fmt: skip
+    with pytest.raises(CheckpointError, match=r"round \(250\): no kept round weights at 250"):
+        averaged_round(rounds, 250, 3)
+    other = torch.load(rounds[300], weights_only=True)
+    first = next(iter(other["learner"]["online"]))
+    other["learner"]["online"][first] = torch.zeros(3)  # another network's
+    torch.save(other, rounds[300])
+    with pytest.raises(CheckpointError, match=r"round-000000300\.pt: its weights do not fit"):
+        averaged_round(rounds, 200, 3)
 
 
 def _summary(*episodes):
@@ -131,6 +180,21 @@ def test_pick_plays_the_best_rounds_on_each_seed_set_and_ranks_them(tmp_path, ca
         f"mario export '{run_dir}' --round {ranked[0]['env_steps']} --seed 1000"
     )
     assert result["export"] in printed and f"written: {run_dir}/eval/pick.json" in printed
+
+
+def test_pick_can_play_each_candidate_as_the_mean_of_its_neighbours(tmp_path):
+    # windows' means: 50k .3, 100k .367, 150k .333, 200k .25
+    for env_steps, flag_rate in ((50_000, 0.1), (100_000, 0.5), (150_000, 0.5), (200_000, 0.0)):
+        _save_round(tmp_path, env_steps, flag_rate, 1000, seed=env_steps)
+    main(["pick", str(tmp_path), "--top", "1", "--episodes", "1", "--seeds", "7",
+          "--average", "3"])  # fmt: skip
+    result = json.loads((tmp_path / "eval" / "pick.json").read_text())
+    (row,) = result["ranked"]
+    assert row["env_steps"] == 100_000 and row["averaged_rounds"] == [50_000, 100_000, 150_000]
+    played = json.loads((tmp_path / "eval" / "pick" / "average-3-000100000-seed-7" / "eval.json")
+                        .read_text())  # fmt: skip
+    assert played["checkpoint"].endswith("average-3-000100000.pt")
+    assert result["average"] == 3 and " --round 100000 --average 3 --seed " in result["export"]
 
 
 def test_a_file_not_named_as_a_round_is_not_taken_for_one(tmp_path):
