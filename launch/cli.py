@@ -60,7 +60,7 @@ def _pick(module, config, args: list[str]) -> None:
     seeds = result["seeds"]
     title = f"rounds of {escape(str(config.run_dir))}, {config.episodes} episodes per seed set"
     if config.average > 1:
-        title += f"; each the mean of the weights of {config.average} rounds centred on it"
+        title += f"; each the mean of the weights of up to {config.average} rounds around it"
     table = Table(title=title)
     for column in (
         "env steps",
@@ -73,7 +73,13 @@ def _pick(module, config, args: list[str]) -> None:
     for row in result["ranked"]:
         table.add_row(
             f"{row['env_steps']:,}",
-            f"{row['train_flag_rate']:.0%}, x {row['train_x_pos_mean']:.0f}",
+            f"{row['train_flag_rate']:.0%}, x {row['train_x_pos_mean']:.0f}"
+            + (
+                f" (the {len(row['averaged_rounds'])} rounds {row['averaged_rounds'][0]:,}–"
+                f"{row['averaged_rounds'][-1]:,}: {row['train_window_flag_rate']:.0%})"
+                if row.get("averaged_rounds")
+                else ""
+            ),
             *(str(row["per_seed"][str(s)]["flags"]) for s in seeds),
             f"{row['flags']} / {row['episodes']}",
             f"{row['x_pos_mean']:.0f}",

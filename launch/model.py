@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import logging
 import pathlib
 import shutil
 
@@ -33,11 +34,13 @@ from learner.checkpoint import (
     SET_DIR_KEY,
     CheckpointError,
     averaged_round,
+    check_average,
     kept_rounds,
     load_checkpoint,
     round_name,
 )
 
+logger = logging.getLogger("model")
 MODEL_WEIGHTS = "model.pt"
 MODEL_CONFIG = "config.json"
 MODEL_CARD = "model_card.json"
@@ -147,13 +150,6 @@ def _load_model_dir(path: pathlib.Path) -> Policy:
 # -- export ---------------------------------------------------------------------------------------
 
 
-def check_average(average: int) -> None:
-    """Raises ValueError, naming it, unless `average` (rounds to average) is odd and >= 1."""
-    if average < 1 or average % 2 == 0:
-        raise ValueError(f"average ({average}) must be an odd number >= 1: the rounds are centred "
-                         "on one")  # fmt: skip
-
-
 @dataclasses.dataclass(frozen=True)
 class ExportConfig:
     """Write a run's best weights (or its last with --last) as a model folder with its card."""
@@ -175,8 +171,9 @@ class ExportConfig:
     force: bool = False
     """Replace the model folder --out if it is one already (its files and its evaluation)."""
     average: int = 1
-    """Ship the mean of the weights of this many kept rounds centred on --round (odd; 1: the
-    round's own; `mario pick --average K` ranks such means)."""
+    """Ship the mean of the weights of this many usable kept rounds centred on --round (odd;
+    fewer at the run's first and last rounds; 1: the round's own; `mario pick --average K`
+    ranks such means). The card's training figures stay those of round --round."""
 
     def __post_init__(self) -> None:
         if self.eval_episodes < 0:
@@ -217,8 +214,13 @@ def export(config: ExportConfig) -> dict:
     checkpoint = policy.source
     payload = load_checkpoint(checkpoint)
     averaged = None
-    if config.average > 1:
-        averaged = averaged_round(kept_rounds(run_dir), config.round, config.average)
+    if config.average > 1:  # over the rounds `mario pick --average` takes it over
+        from launch.pick import round_summaries, usable_rounds
+
+        rounds, left_out = round_summaries(run_dir)
+        for path, why in left_out.items():
+            logger.warning("left out of the mean: %s (%s)", path, why)
+        averaged = averaged_round(usable_rounds(rounds), config.round, config.average)
         policy = _checked(dataclasses.replace(policy, weights=averaged["learner"]["online"]))
     weights = {name: tensor.detach().cpu().float().contiguous()
                for name, tensor in policy.weights.items()}  # fmt: skip

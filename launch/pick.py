@@ -21,10 +21,11 @@ import shlex
 import tyro
 
 from launch.evaluate import EVAL_SEED_BASE, EvalConfig, eval_rank, evaluate
-from launch.model import ExportConfig, check_average
+from launch.model import ExportConfig
 from learner.checkpoint import (
     CheckpointError,
     averaged_round,
+    check_average,
     kept_rounds,
     load_checkpoint,
     round_window,
@@ -53,9 +54,10 @@ class PickConfig:
     and best episode go beside it, in a folder named as the JSON without .json
     (pick/round-<env steps>-seed-<seed>/)."""
     average: int = 1
-    """Play each candidate as the mean of the weights of this many kept rounds centred on it
-    (odd; 1: the round's own weights). Candidates are then ranked by the mean of those rounds'
-    training evaluations; the averaged weights go beside the JSON (average-K-<env steps>.pt)."""
+    """Play each candidate as the mean of the weights of this many usable kept rounds centred on
+    it (odd; fewer at the run's first and last rounds; 1: the round's own weights). Candidates
+    are then ranked by the mean of those rounds' training evaluations; the averaged weights go
+    beside the JSON (average-K-<env steps>.pt)."""
 
     def __post_init__(self) -> None:
         if self.top < 1:
@@ -109,6 +111,12 @@ def round_summaries(run_dir: pathlib.Path) -> tuple[list[dict], dict[str, str]]:
     if not rounds:
         raise CheckpointError(f"no usable round file: {next(iter(left_out.values()))}")
     return rounds, left_out
+
+
+def usable_rounds(rounds: list[dict]) -> dict[int, pathlib.Path]:
+    """env steps → file of the rounds round_summaries found usable: the rounds a mean is taken
+    over, by `pick --average` and by `export --average` alike."""
+    return {entry["env_steps"]: pathlib.Path(entry["path"]) for entry in rounds}
 
 
 def _round_summary(path: pathlib.Path) -> dict:
@@ -184,17 +192,28 @@ def pick(config: PickConfig) -> dict:
     """Evaluates the candidates on every seed set; returns (and writes) them ranked by flags,
     then mean max x, over all their episodes."""
     rounds, left_out = round_summaries(config.run_dir)
+    if config.average > len(rounds):
+        raise ValueError(f"average ({config.average}) is more than the {len(rounds)} usable "
+                         f"rounds of {config.run_dir}")  # fmt: skip
     chosen = candidates(rounds, config.top, config.average)
     out = config.out or config.run_dir / "eval" / PICK_FILE
-    usable = {entry["env_steps"]: pathlib.Path(entry["path"]) for entry in rounds}
+    usable = usable_rounds(rounds)
     results = []
     for entry in chosen:
         name = f"round-{entry['env_steps']:09d}"
         if config.average > 1:  # the mean of the window's weights, written beside the JSON
             name = f"average-{config.average}-{entry['env_steps']:09d}"
-            payload = averaged_round(usable, entry["env_steps"], config.average)
+            try:
+                payload = averaged_round(usable, entry["env_steps"], config.average)
+            except CheckpointError as error:  # a round changed since it was read: this one out
+                left_out[entry["path"]] = str(error)
+                continue
             path = save_checkpoint(out.with_suffix(""), payload, name=f"{name}.pt")
-            entry = {**entry, "path": str(path), "averaged_rounds": payload["averaged_rounds"]}
+            window = [r for r in rounds if r["env_steps"] in payload["averaged_rounds"]]
+            entry = {**entry, "round_path": entry["path"], "path": str(path),
+                     "averaged_rounds": payload["averaged_rounds"],
+                     "train_window_flag_rate": sum(r["train_flag_rate"] for r in window)
+                     / len(window)}  # fmt: skip
         summaries, folders = {}, {}
         for seed in config.seeds:
             folders[seed] = out.with_suffix("") / f"{name}-seed-{seed}"
@@ -203,6 +222,8 @@ def pick(config: PickConfig) -> dict:
                 out=folders[seed],
             ))  # fmt: skip
         results.append(combined(entry, summaries, folders))
+    if not results:
+        raise CheckpointError(f"no candidate could be averaged: {' '.join(left_out.values())}")
     results = ranked(results)
     export_seed = held_out_seed(config.seeds, config.episodes, ExportConfig.eval_episodes)
     result = {

@@ -50,9 +50,23 @@ def kept_rounds(run_dir: pathlib.Path) -> dict[int, pathlib.Path]:
     return {int(path.stem[6:]): path for path in paths if path.stem[6:].isdecimal()}
 
 
+def check_average(average: int) -> None:
+    """Raises ValueError, naming it, unless `average` (rounds to average) is odd and >= 1."""
+    if average < 1 or average % 2 == 0:
+        raise ValueError(f"average ({average}) must be an odd number >= 1: the rounds are centred "
+                         "on one")  # fmt: skip
+
+
 def round_window(steps: list[int], centre: int, width: int) -> list[int]:
     """The `width` rounds of `steps` (ascending env steps) centred on `centre`; fewer where the
-    first or last round cuts the window."""
+    first or last round cuts the window.
+
+    Raises:
+        ValueError: `width` is not odd and >= 1, or more than there are rounds (naming both).
+    """
+    check_average(width)
+    if width > len(steps):
+        raise ValueError(f"average ({width}) is more than the {len(steps)} usable rounds")
     index, half = steps.index(centre), width // 2
     return steps[max(0, index - half) : index + half + 1]
 
@@ -76,9 +90,12 @@ def averaged_round(rounds: dict[int, pathlib.Path], centre: int, width: int) -> 
     ours = payload["learner"]["online"]
     for steps, other in payloads.items():
         theirs = other["learner"]["online"]
-        if theirs.keys() != ours.keys() or any(theirs[k].shape != t.shape for k, t in ours.items()):
-            raise CheckpointError(f"{rounds[steps]}: its weights do not fit those of "
-                                  f"{rounds[centre]}: not one run's rounds")  # fmt: skip
+        wrong = sorted(set(theirs) ^ set(ours)) or [
+            name for name, tensor in ours.items() if theirs[name].shape != tensor.shape
+        ]
+        if wrong:
+            raise CheckpointError(f"{rounds[steps]}: its weights ({wrong[0]}) do not fit those "
+                                  f"of {rounds[centre]}: not one run's rounds")  # fmt: skip
     average = {
         name: (
             sum(p["learner"]["online"][name].float() for p in payloads.values()) / len(window)

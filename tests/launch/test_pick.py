@@ -1,6 +1,7 @@
 """`mario pick`: the best kept rounds, played with more episodes on new seeds, ranked."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -52,10 +53,18 @@ def test_candidates_are_the_best_rounds_of_training(rounds, top, chosen):
 @pytest.mark.parametrize(
     ("centre", "width", "window"),
     [(200, 3, [100, 200, 300]), (100, 3, [100, 200]), (400, 3, [300, 400]), (300, 1, [300]),
-     (200, 5, [100, 200, 300, 400])],
+     (300, 3, [200, 300, 400])],
 )  # fmt: skip
 def test_a_window_of_rounds_is_centred_and_cut_at_the_ends(centre, width, window):
     assert round_window([100, 200, 300, 400], centre, width) == window
+
+
+@pytest.mark.parametrize(("width", "message"), [
+    (2, "average (2) must be an odd number >= 1"), (0, "average (0) must be an odd number >= 1"),
+    (5, "average (5) is more than the 4 usable rounds")])  # fmt: skip
+def test_a_bad_window_is_named(width, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        round_window([100, 200, 300, 400], 200, width)
 
 
 def test_averaged_candidates_rank_by_their_windows_training_evaluations():
@@ -87,7 +96,9 @@ def test_averaged_weights_are_the_mean_of_the_window(tmp_path):
     first = next(iter(other["learner"]["online"]))
     other["learner"]["online"][first] = torch.zeros(3)  # another network's
     torch.save(other, rounds[300])
-    with pytest.raises(CheckpointError, match=r"round-000000300\.pt: its weights do not fit"):
+    with pytest.raises(
+        CheckpointError, match=r"round-000000300\.pt: its weights \(torso\.0\.weight\) do not fit"
+    ):
         averaged_round(rounds, 200, 3)
 
 
@@ -195,6 +206,31 @@ def test_pick_can_play_each_candidate_as_the_mean_of_its_neighbours(tmp_path):
                         .read_text())  # fmt: skip
     assert played["checkpoint"].endswith("average-3-000100000.pt")
     assert result["average"] == 3 and " --round 100000 --average 3 --seed " in result["export"]
+
+
+def test_pick_and_export_average_the_same_rounds_when_one_is_damaged(tmp_path, capsys):
+    # usable: 50k .0, 100k .8, 200k .8, 250k .0 (150k cut short): windows' means 50k .4,
+    # 100k .533, 200k .533 (the later first), 250k .4
+    for env_steps, flag_rate in ((50_000, 0.0), (100_000, 0.8), (150_000, 0.8), (200_000, 0.8),
+                                 (250_000, 0.0)):  # fmt: skip
+        _save_round(tmp_path, env_steps, flag_rate, 1000, seed=env_steps)
+    damaged = tmp_path / "eval" / round_name(150_000)
+    damaged.write_bytes(damaged.read_bytes()[:1000])
+    with pytest.raises(SystemExit):
+        main(["pick", str(tmp_path), "--average", "5", "--episodes", "1", "--seeds", "7"])
+    assert "average (5) is more than the 4 usable rounds" in " ".join(
+        capsys.readouterr().out.split()
+    )
+    main(["pick", str(tmp_path), "--top", "1", "--episodes", "1", "--seeds", "7",
+          "--average", "3"])  # fmt: skip
+    (row,) = json.loads((tmp_path / "eval" / "pick.json").read_text())["ranked"]
+    assert row["env_steps"] == 200_000 and row["averaged_rounds"] == [100_000, 200_000, 250_000]
+    assert row["train_window_flag_rate"] == pytest.approx(1.6 / 3)
+    out = tmp_path / "model"
+    main(["export", str(tmp_path), "--round", "200000", "--average", "3", "--out", str(out),
+          "--eval-episodes", "0"])  # fmt: skip
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["averaged_rounds"] == row["averaged_rounds"]
 
 
 def test_a_file_not_named_as_a_round_is_not_taken_for_one(tmp_path):
