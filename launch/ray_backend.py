@@ -271,6 +271,22 @@ class _PoolMember:
     node: tuple[str, str] | None = None  # (node id, IP) once placed
 
 
+def wait_keeping_redis(refs: list, timeout_s: float, embedded: EmbeddedRedis | None) -> list:
+    """ray.wait for all of `refs`, up to `timeout_s`; returns those not ready. Meanwhile an
+    embedded redis-server that ended is started again: the roles being stopped need it (their
+    last chunks, the shards' drain and acks), and a `ray job stop` can end it together with the
+    driver (seen: the stop then hung on the roles' Redis retries, holding the shards' locks)."""
+    deadline, pending = time.monotonic() + timeout_s, list(refs)
+    while pending:
+        if embedded is not None:
+            embedded.restart_if_dead()
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        _, pending = ray.wait(pending, num_returns=len(pending), timeout=min(left, 1.0))
+    return pending
+
+
 class ActorPool:
     """The actor processes, elastic. Starts `initial`; later starts one on every CPU that is free
     in the cluster (a node joined), up to `maximum` in all (None: no cap); restarts an actor's
@@ -361,11 +377,10 @@ class ActorPool:
                 "%d free CPUs: started %d actors (%d in all)", free, room, len(self.members)
             )
 
-    def stop(self, timeout: float = 60) -> None:
+    def stop(self, timeout: float = 60, embedded: EmbeddedRedis | None = None) -> None:
         for member in self.members.values():
             member.handle.stop.remote()
-        refs = [member.run_ref for member in self.members.values()]
-        ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        wait_keeping_redis([member.run_ref for member in self.members.values()], timeout, embedded)
 
     def kill(self) -> None:
         for member in self.members.values():
@@ -784,12 +799,14 @@ class RayBackend:
     def stop_roles(self) -> None:
         """Actors first (they flush their last chunks), then the learner, then ingest threads."""
         if self.actors is not None:
-            self.actors.stop(timeout=60)
+            self.actors.stop(timeout=60, embedded=self.embedded)
         if self.learner is not None:
             self.learner.stop.remote()
-            ray.wait([self.learner_run], timeout=60)
+            wait_keeping_redis([self.learner_run], 60, self.embedded)
         # The shards take in what the actors flushed, then stop their threads.
-        drained = ray.get([shard.stop.remote() for shard in self.shards], timeout=60)
+        refs = [shard.stop.remote() for shard in self.shards]
+        wait_keeping_redis(refs, 60, self.embedded)
+        drained = ray.get(refs, timeout=1)  # GetTimeoutError if a shard has not stopped
         logger.info("the shards read %d chunks left in the stream", sum(drained))
 
     def _kill_roles(self) -> None:
