@@ -325,7 +325,8 @@ def card_markdown(card: dict) -> str:
         f"everything below in `{MODEL_CARD}`."
         + (
             f" The weights are the mean of those of the evaluation rounds at "
-            f"{', '.join(f'{steps:,}' for steps in card['averaged_rounds'])} env steps."
+            f"{', '.join(f'{steps:,}' for steps in card['averaged_rounds'])} env steps (the "
+            "training figures above are the centre round's)."
             if card.get("averaged_rounds")
             else ""
         ),

@@ -142,17 +142,27 @@ def _round_summary(path: pathlib.Path) -> dict:
 def candidates(rounds: list[dict], top: int, average: int = 1) -> list[dict]:
     """The `top` rounds by their training evaluation (with `average` > 1: the mean of the
     evaluations of the rounds centred on each); a later round first on a tie."""
-    steps = [entry["env_steps"] for entry in rounds]  # oldest first
-    by_steps = dict(zip(steps, rounds, strict=True))
 
     def rank(entry: dict) -> tuple:
-        window = [by_steps[s] for s in round_window(steps, entry["env_steps"], average)]
-        # rounded: means of equal rates tie (3 × 0.8 / 3 is 0.8000000000000002)
-        flag_rate = round(sum(r["train_flag_rate"] for r in window) / len(window), 9)
-        x_pos_mean = round(sum(r["train_x_pos_mean"] for r in window) / len(window), 6)
+        flag_rate, x_pos_mean = window_evaluation(rounds, entry["env_steps"], average)
         return (*eval_rank(flag_rate, x_pos_mean), entry["env_steps"])
 
     return sorted(rounds, key=rank, reverse=True)[:top]
+
+
+def window_evaluation(rounds: list[dict], centre: int, average: int) -> tuple[float, float]:
+    """The mean training flag rate and mean max x of the `average` rounds (round_summaries'
+    entries, oldest first) centred on `centre`; rounded, so that means of equal rates tie
+    (3 × 0.8 / 3 is 0.8000000000000002).
+
+    Raises:
+        ValueError: `average` is even, below 1 or more than there are rounds (naming it).
+    """
+    steps = [entry["env_steps"] for entry in rounds]
+    window = [rounds[steps.index(s)] for s in round_window(steps, centre, average)]
+    flag_rate = sum(r["train_flag_rate"] for r in window) / len(window)
+    x_pos_mean = sum(r["train_x_pos_mean"] for r in window) / len(window)
+    return round(flag_rate, 9), round(x_pos_mean, 6)
 
 
 def combined(entry: dict, summaries: dict[int, dict], folders: dict[int, pathlib.Path]) -> dict:
@@ -192,9 +202,6 @@ def pick(config: PickConfig) -> dict:
     """Evaluates the candidates on every seed set; returns (and writes) them ranked by flags,
     then mean max x, over all their episodes."""
     rounds, left_out = round_summaries(config.run_dir)
-    if config.average > len(rounds):
-        raise ValueError(f"average ({config.average}) is more than the {len(rounds)} usable "
-                         f"rounds of {config.run_dir}")  # fmt: skip
     chosen = candidates(rounds, config.top, config.average)
     out = config.out or config.run_dir / "eval" / PICK_FILE
     usable = usable_rounds(rounds)
@@ -209,11 +216,10 @@ def pick(config: PickConfig) -> dict:
                 left_out[entry["path"]] = str(error)
                 continue
             path = save_checkpoint(out.with_suffix(""), payload, name=f"{name}.pt")
-            window = [r for r in rounds if r["env_steps"] in payload["averaged_rounds"]]
             entry = {**entry, "round_path": entry["path"], "path": str(path),
                      "averaged_rounds": payload["averaged_rounds"],
-                     "train_window_flag_rate": sum(r["train_flag_rate"] for r in window)
-                     / len(window)}  # fmt: skip
+                     "train_window_flag_rate": window_evaluation(
+                         rounds, entry["env_steps"], config.average)[0]}  # fmt: skip
         summaries, folders = {}, {}
         for seed in config.seeds:
             folders[seed] = out.with_suffix("") / f"{name}-seed-{seed}"

@@ -76,7 +76,6 @@ def _fill(endpoint: RedisEndpoint, transitions: int) -> None:
 
 def _wait_filled(shards: list, transitions: int, timeout_s: float = 300.0) -> None:
     """Until every shard has taken in the `transitions` sent to it."""
-
     deadline = time.monotonic() + timeout_s
     while True:
         taken = [stats["replay/inserted"] for stats in _stats(shards)]
