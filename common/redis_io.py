@@ -105,6 +105,13 @@ class RedisKeys:
         return self._key("weights")
 
     @property
+    def ema_weights(self) -> str:
+        """Encoded weights blob of the average of the online net's weights, if the learner keeps
+        one (--learner.ema-decay), of the version `weights_version` names: what evaluation
+        plays."""
+        return self._key("ema_weights")
+
+    @property
     def weights_version(self) -> str:
         """Integer version of `weights` (polled by actors before downloading)."""
         return self._key("weights_version")
@@ -148,8 +155,8 @@ class RedisKeys:
     @property
     def data(self) -> tuple[str, ...]:
         """Every key a run writes (all but `driver`): what a new run of this id starts without."""
-        names = ("experience", "weights", "weights_version", "telemetry", "counters",
-                 "heartbeats", "stats", "shards", "producers")  # fmt: skip
+        names = ("experience", "weights", "ema_weights", "weights_version", "telemetry",
+                 "counters", "heartbeats", "stats", "shards", "producers")  # fmt: skip
         return tuple(getattr(self, name) for name in names)
 
 

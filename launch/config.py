@@ -236,6 +236,12 @@ class TrainConfig:
                 f"replay.rate_error_buffer ({self.replay.rate_error_buffer}) must be >= "
                 f"learner.batch_size ({self.learner.batch_size}), or no batch is ever allowed"
             )
+        if self.eval.compare_online and not self.learner.ema_decay:
+            raise ValueError(
+                f"eval.compare_online ({self.eval.compare_online}) compares the online net with "
+                f"the average of its weights, but learner.ema_decay is {self.learner.ema_decay} "
+                "(no average): give --learner.ema-decay too, e.g. 0.9998"
+            )
         if self.replay.capacity < self.actor.chunk_length:
             raise ValueError(
                 f"replay.capacity ({self.replay.capacity}) must hold one chunk "

@@ -46,6 +46,9 @@ class TrainEvalConfig:
     """Keep each round's weights as eval/round-<env steps, 9 digits>.pt (round-001500072.pt;
     3.3 MB at the default network): a round can be evaluated with more episodes afterwards and
     exported (`mario export --round`); ten episodes rank the rounds only roughly."""
+    compare_online: bool = False
+    """With --learner.ema-decay (rounds play the average of the weights): also play the online
+    net on the same seeds each round, logged as eval_online/*, to compare the two."""
 
     def __post_init__(self) -> None:
         if self.every_env_steps < 0:
@@ -216,10 +219,15 @@ def evaluate_round(
     seeds: list[int],
     best_rank: tuple[float, float] | None,
     video_path: pathlib.Path,
+    online: dict | None = None,
 ) -> dict:
     """One evaluation round during training: Evaluator.run's summary; when it beats
-    `best_rank`, its best episode is re-played into `video_path` (the summary's "video")."""
+    `best_rank`, its best episode is re-played into `video_path` (the summary's "video").
+    `online`: the online net's weights when `weights` are their average (--eval.compare-online),
+    played on the same seeds too; their summary is the result's "online"."""
     result = evaluator.run(weights, seeds)
+    if online is not None:
+        result["online"] = evaluator.run(online, seeds)
     result["video"] = None
     if best_rank is None or eval_rank(result["flag_rate"], result["max_x_pos_mean"]) > best_rank:
         try:

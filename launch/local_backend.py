@@ -151,11 +151,14 @@ class LocalBackend:
         return [path]
 
     def start_eval(self, seeds: list[int], best_rank, video_path: pathlib.Path) -> None:
-        weights = self.learner.cpu_weights()
+        learner = self.learner
+        weights = learner.cpu_weights(learner.evaluated_net)
+        compare = learner.evaluated_net == "ema" and self.config.eval.compare_online
+        online = learner.cpu_weights() if compare else None
         try:
             if self._evaluator is None:
                 self._evaluator = build_evaluator(self.config)
-            result = evaluate_round(self._evaluator, weights, seeds, best_rank, video_path)
+            result = evaluate_round(self._evaluator, weights, seeds, best_rank, video_path, online)
         except Exception as error:  # as in the Ray backend: the round is lost, not the run
             logger.warning("evaluation failed: %s", error, exc_info=True)
             self._eval_result = {}

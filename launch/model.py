@@ -93,7 +93,9 @@ def load_policy(path: pathlib.Path, last: bool = False) -> Policy:
     return _checked(Policy(
         env=config_from_dict(EnvConfig, config["env"], f"{checkpoint} config.env"),
         network=config_from_dict(NetworkConfig, config["network"], f"{checkpoint} config.network"),
-        weights=payload["learner"]["online"],
+        # a run that keeps an average of its weights plays and ships that (its rounds and
+        # best.pt hold it as their weights already)
+        weights=payload["learner"].get("ema", payload["learner"]["online"]),
         source=checkpoint,
         env_steps=int(payload["counters"]["env_steps"]),
     ))  # fmt: skip

@@ -94,7 +94,7 @@ def archived(record: dict) -> dict | None:
         return {
             k: v
             for k, v in record.items()
-            if k == "step" or (k.startswith("eval/") and not isinstance(v, str))
+            if k == "step" or (k.startswith(("eval/", "eval_online/")) and not isinstance(v, str))
         }
     if "episode/x_pos" in record or "counters/env_steps" in record:
         return {k: record[k] for k in ARCHIVED_KEYS if k in record}
@@ -216,9 +216,11 @@ def eval_table(records: list[dict]) -> list[str]:
         minutes = f"{later[0] / 60:.0f}" if later else "?"
         version = r.get("eval/policy_version")
         x_max = r.get("eval/x_pos_max")
+        online = r.get("eval_online/flag_rate")  # the online net's, when the round played an EMA
+        flags = f"{r['eval/flag_rate']:.2f}" + ("" if online is None else f" (online {online:.2f})")
         lines.append(
             f"| {steps:,} | {'?' if version is None else f'{version:,}'} | "
-            f"{r['eval/flag_rate']:.2f} | {r['eval/x_pos_mean']:,.0f} / "
+            f"{flags} | {r['eval/x_pos_mean']:,.0f} / "
             f"{r.get('eval/x_pos_median', float('nan')):,.0f} / "
             f"{'?' if x_max is None else f'{x_max:,}'} | {minutes} |"
         )
@@ -328,6 +330,12 @@ def plot(config: PlotConfig) -> pathlib.Path:
             line = axes[3].plot(steps, flags, marker="o", label=f"{label}: flag rate")[0]
             eval_x.plot(steps, x_means, linestyle="--", color=line.get_color(),
                         label=f"{label}: mean max x")  # fmt: skip
+            online = sorted((r["eval/env_steps"], r["eval_online/flag_rate"]) for r in records
+                            if "eval_online/flag_rate" in r)  # fmt: skip
+            if online:  # --eval.compare-online: the rounds above played the weights' average
+                axes[3].plot(*zip(*online, strict=True), marker="x", linestyle=":",
+                             color=line.get_color(),
+                             label=f"{label}: online net's flag rate")  # fmt: skip
     axes[0].set(
         title=f"max x_pos per episode (rolling mean of {config.window})",
         xlabel="env steps",

@@ -244,12 +244,22 @@ class EvalWorker:
         self.evaluator = build_evaluator(config)
         self.client = endpoint.connect()
         self.redis_keys = endpoint.keys
+        self.averaged = bool(config.learner.ema_decay)  # play the average of the weights
+        self.compare = config.eval.compare_online
 
     def evaluate(self, seeds: list[int], best_rank, video_path: str) -> dict:
-        blob = self.client.get(self.redis_keys.weights)
-        weights, version = decode_weights(blob, self.evaluator.network.state_dict())
+        pipe = self.client.pipeline(transaction=True)  # both blobs of one publish
+        pipe.get(self.redis_keys.weights)
+        pipe.get(self.redis_keys.ema_weights)
+        online_blob, average_blob = pipe.execute()
+        expected = self.evaluator.network.state_dict()
+        weights, version = decode_weights(online_blob, expected)
+        online = None
+        if self.averaged:
+            online = weights if self.compare else None
+            weights, version = decode_weights(average_blob, expected)
         path = pathlib.Path(video_path)
-        result = evaluate_round(self.evaluator, weights, seeds, best_rank, path)
+        result = evaluate_round(self.evaluator, weights, seeds, best_rank, path, online)
         return {**result, "policy_version": version, "weights": weights}
 
 

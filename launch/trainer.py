@@ -403,8 +403,17 @@ class Trainer:
         # Logged at the current step (W&B drops steps below its latest); eval/env_steps says
         # which weights were evaluated.
         now = self.counters["env_steps"]
-        self._metrics.log({f"eval/{key}": value for key, value in summary.items()}, now)
-        logger.info("eval at %d env steps: %s", env_steps, summary)
+        record = {f"eval/{key}": value for key, value in summary.items()}
+        net = "the average of the weights" if self.config.learner.ema_decay else "the online net"
+        logger.info("eval of %s at %d env steps: %s", net, env_steps, summary)
+        online = result.get("online")  # --eval.compare-online: the online net on the same seeds
+        if online is not None:
+            compared = {"flag_rate": online["flag_rate"], "x_pos_mean": online["max_x_pos_mean"],
+                        "x_pos_median": online["max_x_pos_median"],
+                        "return_mean": online["return_mean"]}  # fmt: skip
+            record.update({f"eval_online/{key}": value for key, value in compared.items()})
+            logger.info("eval of the online net at %d env steps: %s", env_steps, compared)
+        self._metrics.log(record, now)
         if result["video"] is not None:
             self._metrics.log_video("eval/best_episode", result["video"], now)
         evaluated = {  # the weights this round evaluated, as a checkpoint
@@ -417,6 +426,8 @@ class Trainer:
             },
             "eval": {**summary, "per_episode": result["per_episode"]},
         }
+        if online is not None:
+            evaluated["eval"]["online"] = {**compared, "per_episode": online["per_episode"]}
         if self.config.eval.keep_weights:
             save_checkpoint(self.run_dir / "eval", evaluated, name=round_name(env_steps))
         rank = eval_rank(summary["flag_rate"], summary["x_pos_mean"])

@@ -61,11 +61,14 @@ class LearnerRunner:
         self._stop.set()
 
     def publish(self) -> int:
-        """SETs the weights blob and then its version (in one MULTI); returns the version."""
+        """SETs the weights blob (and their average's, if kept) and then its version, in one
+        MULTI; returns the version."""
         version = self.learner.updates
-        blob = encode_weights(self.learner.cpu_weights(), version)
         pipe = self.client.pipeline(transaction=True)
-        pipe.set(self.redis_keys.weights, blob)
+        pipe.set(self.redis_keys.weights, encode_weights(self.learner.cpu_weights(), version))
+        if self.learner.ema is not None:
+            pipe.set(self.redis_keys.ema_weights,
+                     encode_weights(self.learner.cpu_weights("ema"), version))  # fmt: skip
         pipe.set(self.redis_keys.weights_version, version)
         pipe.execute()
         return version

@@ -174,7 +174,7 @@ def test_the_data_of_a_run_is_every_key_it_writes_but_its_driver_lease():
     keys = RedisKeys("run-x")
     named = {name for name, value in vars(RedisKeys).items() if isinstance(value, property)}
     assert named - {"driver", "data"} == {
-        "experience", "weights", "weights_version", "telemetry", "counters", "heartbeats",
-        "stats", "shards", "producers",
+        "experience", "weights", "ema_weights", "weights_version", "telemetry", "counters",
+        "heartbeats", "stats", "shards", "producers",
     }  # fmt: skip
     assert sorted(keys.data) == sorted(f"mario:run-x:{name}" for name in named - {"driver", "data"})

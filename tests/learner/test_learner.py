@@ -209,3 +209,51 @@ def test_a_cuda_graph_is_refused_where_it_cannot_run():
         Learner(LearnerConfig(device="cpu", cuda_graph=True), NetworkConfig(), 5)
     learner = Learner(LearnerConfig(device="cpu"), NetworkConfig(), 5)  # the default: off here
     assert learner.graphed is False and learner.optimizer.param_groups[0]["capturable"] is False
+
+
+@pytest.mark.parametrize("decay", [0.5, 0.9, 0.999])
+def test_the_average_moves_toward_the_weights_by_one_minus_decay_per_update(decay):
+    # By hand: a0 = w0 (a copy at the start); after update k, a_k = decay·a_{k-1} + (1-decay)·w_k.
+    torch.manual_seed(0)
+    learner = Learner(LearnerConfig(device="cpu", ema_decay=decay), NetworkConfig(), 5)
+    assert learner.evaluated_net == "ema"
+    expected = {name: t.clone().double() for name, t in learner.online.state_dict().items()}
+    assert same_weights(learner.ema, learner.online)
+    for update in range(3):
+        learner.update(batch(seed=update))
+        for name, weight in learner.online.state_dict().items():
+            expected[name] = decay * expected[name] + (1 - decay) * weight.double()
+    ema = learner.cpu_weights("ema")
+    for name, value in expected.items():
+        torch.testing.assert_close(ema[name].double(), value, rtol=0, atol=1e-6)
+    # it lags the weights: after three updates it is not them (nor the starting weights)
+    assert not same_weights(learner.ema, learner.online)
+
+
+def test_the_average_is_saved_and_a_state_without_one_starts_it_at_the_weights():
+    torch.manual_seed(0)
+    config = LearnerConfig(device="cpu", ema_decay=0.9)
+    learner = Learner(config, NetworkConfig(), 5)
+    for update in range(2):
+        learner.update(batch(seed=update))
+    resumed = Learner(config, NetworkConfig(), 5)
+    resumed.load_state_dict(copy.deepcopy(learner.state_dict()))
+    assert same_weights(resumed.ema, learner.ema) and not same_weights(resumed.ema, resumed.online)
+    # the same update from the same state moves both averages alike
+    learner.update(batch(seed=9))
+    resumed.update(batch(seed=9))
+    assert same_weights(resumed.ema, learner.ema)
+    # a run that kept none (branched or resumed with an average): it starts at the weights
+    plain = Learner(LearnerConfig(device="cpu"), NetworkConfig(), 5)
+    assert plain.evaluated_net == "online" and "ema" not in plain.state_dict()
+    with pytest.raises(KeyError):
+        plain.cpu_weights("ema")
+    averaged = Learner(config, NetworkConfig(), 5)
+    averaged.load_state_dict(plain.state_dict())
+    assert same_weights(averaged.ema, plain.online)
+
+
+@pytest.mark.parametrize("decay", [-0.1, 1.0, 1.5])
+def test_a_bad_ema_decay_is_refused_by_name(decay):
+    with pytest.raises(ValueError, match=re.escape(f"ema_decay ({decay})")):
+        LearnerConfig(ema_decay=decay)

@@ -95,10 +95,12 @@ def test_the_captured_update_replays_the_eager_one(monkeypatch):
     # syncs every 3rd: both must reach the captured step. A graph that kept its first step
     # size, inputs or target would leave the weights a large part of their movement away from
     # the eager ones; Adam moves the few weights whose gradient is near ε by up to a step on
-    # any rounding difference, hence norms, not weights.
+    # any rounding difference, hence norms, not weights. The average of the weights (ema) is
+    # moved inside the graph too.
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     schedule = {"learning_rate": 1e-3, "learning_rate_final": 1e-4,
-                "learning_rate_decay_updates": 20, "target_sync_updates": 3}  # fmt: skip
+                "learning_rate_decay_updates": 20, "target_sync_updates": 3,
+                "ema_decay": 0.5}  # fmt: skip
     torch.manual_seed(0)
     eager = Learner(LearnerConfig(device="cuda", cuda_graph=False, **schedule), NETWORK, 2)
     graphed = Learner(LearnerConfig(device="cuda", **schedule), NETWORK, 2)  # the default
@@ -118,8 +120,11 @@ def test_the_captured_update_replays_the_eager_one(monkeypatch):
 
     def assert_same_nets():
         moved = (flat(eager.online) - start).norm()
-        for ours, theirs in ((graphed.online, eager.online), (graphed.target, eager.target)):
+        pairs = ((graphed.online, eager.online), (graphed.target, eager.target),
+                 (graphed.ema, eager.ema))  # fmt: skip
+        for ours, theirs in pairs:
             assert (flat(ours) - flat(theirs)).norm() < 0.01 * moved
+        assert (flat(eager.ema) - start).norm() > 0.1 * moved  # the average moved too
 
     for index in range(8):
         step_both(samples[index % 4])
