@@ -63,10 +63,15 @@ def leftover_processes(run_dir, driver: int | None = None) -> str:
     return "\n".join(processes(f"{ray}|redis-server 127.0.0.1:{port}"))
 
 
+# The learner keeps an average of its weights (published beside them); the evaluator plays it
+# and the online net on the same seeds.
+AVERAGED = ["--learner.ema-decay", "0.9", "--eval.compare-online"]
+
+
 @pytest.fixture(scope="module")
 def distributed_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("dist")
-    main([*TINY, "--total-env-steps", "1500", "--run-dir", str(run_dir)])
+    main([*TINY, *AVERAGED, "--total-env-steps", "1500", "--run-dir", str(run_dir)])
     return run_dir
 
 
@@ -86,6 +91,8 @@ def test_experience_flows_learner_updates_actors_get_new_weights(distributed_run
     assert (distributed_run / "replay-0.npz").exists()
     evals = [r for r in records if "eval/flag_rate" in r]  # the evaluator worker's rounds
     assert evals and all(r["step"] >= 600 for r in evals)
+    assert all("eval_online/flag_rate" in r for r in evals)  # the average's rounds, compared
+    assert payload["learner"]["ema"].keys() == payload["learner"]["online"].keys()
     assert load_checkpoint(distributed_run / "best.pt")["eval"]["env_steps"] >= 600
     assert list((distributed_run / "wandb").glob("offline-run-*"))
     assert leftover_processes(distributed_run, os.getpid()) == ""
@@ -164,12 +171,13 @@ def test_serial_and_ray_runs_write_the_same_metric_keys(distributed_run, tmp_pat
     drop = {"--distributed.num-actors", "--distributed.weights-poll-frames"}  # Ray's own
     flags = [a for i, a in enumerate(TINY) if a not in drop and TINY[i - 1] not in drop]
     # 700 env steps: episodes (200 steps), updates (from 300) and an evaluation round (at 600)
-    main([*flags, "--serial", "--total-env-steps", "700", "--run-dir", str(serial_dir)])
+    main([*flags, *AVERAGED, "--serial", "--total-env-steps", "700", "--run-dir",
+          str(serial_dir)])  # fmt: skip
     ray_keys, serial_keys = _metric_keys(distributed_run), _metric_keys(serial_dir)
     assert ray_keys == serial_keys, (ray_keys - serial_keys, serial_keys - ray_keys)
     assert {"learner/loss", "replay/size", "counters/env_steps", "rate/frames_per_s",
             "episode/x_pos", "policy_lag", "stream_lag_chunks",
-            "driver/malformed_records"} <= ray_keys  # fmt: skip
+            "driver/malformed_records", "eval_online/flag_rate"} <= ray_keys  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from launch.cli import main
-from launch.model import card_markdown
+from launch.model import card_markdown, load_policy
 from learner.checkpoint import CheckpointError, load_checkpoint, round_window
 
 TINY = [
@@ -261,6 +261,33 @@ def test_a_branch_goes_on_from_the_parent_with_the_settings_given_changed(traine
     assert len((branch / "metrics.jsonl").read_text().splitlines()) > lines
 
 
+def test_a_branch_that_keeps_an_average_plays_it_and_the_online_net_on_the_same_seeds(
+    trained_run, tmp_path
+):
+    start, branch = load_checkpoint(trained_run)["counters"]["env_steps"], tmp_path / "ema"
+    main([*TINY, "--total-env-steps", str(start + 300), "--run-dir", str(branch),
+          "--branch-from", str(trained_run), "--learner.ema-decay", "0.9",
+          "--eval.compare-online"])  # fmt: skip
+    learner = load_checkpoint(branch)["learner"]
+    assert learner["ema"].keys() == learner["online"].keys()
+    # the average started at the parent's weights and lags those the branch trained
+    assert any(not torch.equal(learner["ema"][k], learner["online"][k]) for k in learner["ema"])
+    records = [json.loads(x) for x in (branch / "metrics.jsonl").read_text().splitlines()]
+    rounds = [r for r in records if "eval/flag_rate" in r and r["eval/env_steps"] > start]
+    assert rounds and all("eval_online/flag_rate" in r and "eval_online/x_pos_mean" in r
+                          for r in rounds)  # fmt: skip
+    # The round at the budget played the average the final checkpoint holds (serial: the
+    # learner stopped before it), and the online net on the same seeds; `mario eval` of the
+    # run's checkpoint plays the average too.
+    last = load_checkpoint(sorted((branch / "eval").glob("round-*.pt"))[-1])
+    assert all(torch.equal(last["learner"]["online"][k], learner["ema"][k]) for k in learner["ema"])
+    seeds = [e["seed"] for e in last["eval"]["per_episode"]]
+    assert seeds == [e["seed"] for e in last["eval"]["online"]["per_episode"]]
+    assert last["eval"]["online"]["flag_rate"] == rounds[-1]["eval_online/flag_rate"]
+    played = load_policy(branch, last=True).weights
+    assert all(torch.equal(played[k], learner["ema"][k]) for k in learner["ema"])
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
@@ -404,7 +431,7 @@ def test_a_failing_role_ends_the_serial_run_with_its_own_error(tmp_path, fault, 
 NO_RAY_SCRIPT = """
 import json, sys
 from launch.cli import main
-from launch.model import card_markdown
+from launch.model import card_markdown, load_policy
 for command in json.loads(sys.argv[1]):
     main(command)
     assert "ray" not in sys.modules, f"mario {' '.join(command[:2])} imported ray"

@@ -68,6 +68,10 @@ def _error(argv, capsys) -> tuple[int, str]:
         (["pick", "{tmp}", "--out", "{tmp}"], 2, "is a directory: give the path of the JSON"),
         (["pick", "{tmp}", "--out", "{tmp}/pick"], 2, "pick does not end in .json"),
         (["pick", "{tmp}"], 1, "holds no round weights (round-*.pt): the run was trained before"),
+        (["train", "--eval.compare-online"], 2,
+         "eval.compare_online (True) compares the online net with the average of its weights, "
+         "but learner.ema_decay is 0.0 (no average): give --learner.ema-decay too"),
+        (["train", "--learner.ema-decay", "1"], 2, "ema_decay (1.0) must be in [0, 1)"),
         (["status", "--run-id", "no-such-run"], 1,
          "no run directory runs/no-such-run for run_id 'no-such-run': pass --run-dir"),
     ],

@@ -114,10 +114,14 @@ def test_eval_table_lists_each_round_with_its_wall_time():
          "eval/x_pos_mean": 1234.5, "eval/x_pos_median": 1100.0, "eval/x_pos_max": 3161},
         {"step": 1500, "counters/env_steps": 1500, "elapsed_s": 180.0},
         {"step": 600, "eval/env_steps": 500, "eval/flag_rate": 0.0, "eval/x_pos_mean": 296.0},
+        {"step": 2100, "eval/env_steps": 2000, "eval/policy_version": 170, "eval/flag_rate": 0.9,
+         "eval/x_pos_mean": 3000.0, "eval/x_pos_median": 3161.0, "eval/x_pos_max": 3161,
+         "eval_online/flag_rate": 0.6, "eval_online/x_pos_mean": 2500.0},  # an EMA's round
     ]  # fmt: skip
     assert eval_table(records)[2:] == [
         "| 500 | ? | 0.00 | 296 / nan / ? | 1 |",
         "| 1,400 | 120 | 0.30 | 1,234 / 1,100 / 3,161 | 3 |",
+        "| 2,000 | 170 | 0.90 (online 0.60) | 3,000 / 3,161 / 3,161 | ? |",
     ]
 
 
@@ -128,7 +132,7 @@ RUN = [  # a run's records as the trainer logs them: progress (with the learner'
      "counters/updates": 40, "learner/mean_q": 1.5},
     {"step": 1100, "eval/env_steps": 1000, "eval/flag_rate": 0.6, "eval/x_pos_mean": 2500.0,
      "eval/x_pos_median": 3161.0, "eval/x_pos_max": 3161, "eval/policy_version": 40,
-     "eval/video": "eval/best-000001000.mp4"},
+     "eval/video": "eval/best-000001000.mp4", "eval_online/flag_rate": 0.4},
     {"step": 1200, "episode/x_pos": 3161, "episode/return": 90.0, "episode/flag_get": True},
     {"step": 2000, "counters/env_steps": 2000, "elapsed_s": 200.0, "learner/loss": 0.4},
 ]  # fmt: skip
@@ -150,7 +154,7 @@ def test_an_archive_plots_and_tables_like_its_run(tmp_path, capsys):
         "step", "counters/env_steps", "elapsed_s", "learner/loss", "counters/updates",
         "episode/x_pos", "episode/return", "episode/flag_get", "eval/env_steps",
         "eval/flag_rate", "eval/x_pos_mean", "eval/x_pos_median", "eval/x_pos_max",
-        "eval/policy_version"}  # fmt: skip
+        "eval/policy_version", "eval_online/flag_rate"}  # fmt: skip
     assert eval_table(kept) == eval_table(load_metrics(run))
     assert milestones(kept) == milestones(load_metrics(run))
     assert branch_points(path) == branch_points(run) == [(1000, "parent")]
