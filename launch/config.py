@@ -240,7 +240,8 @@ class TrainConfig:
             raise ValueError(
                 f"eval.compare_online ({self.eval.compare_online}) compares the online net with "
                 f"the average of its weights, but learner.ema_decay is {self.learner.ema_decay} "
-                "(no average): give --learner.ema-decay too, e.g. 0.9998"
+                "(no average): give --learner.ema-decay too (e.g. 0.9998), or "
+                "--eval.no-compare-online"
             )
         if self.replay.capacity < self.actor.chunk_length:
             raise ValueError(
@@ -416,8 +417,9 @@ BRANCH_STALE_REPLAY = ("env.reward", "env.reward_scale", "env.flag_bonus", "env.
 # Files of the parent's history a branch starts from (copied; the parent is not changed).
 BRANCH_HISTORY = ("metrics.jsonl", "invocations.jsonl", BEST_NAME)
 # Changes after which the parent's best evaluation is not comparable (not inherited); the
-# interval between rounds (eval.every_env_steps) is not one of them.
+# interval between rounds and the online net played beside an average are not among them.
 BRANCH_NEW_EVAL = ("env.level", "eval.")
+BRANCH_SAME_EVAL = ("eval.every_env_steps", "eval.compare_online")  # the rounds stay comparable
 
 
 def _branch(requested: TrainConfig, given: set[str] | None) -> PreparedRun:
@@ -450,7 +452,7 @@ def _branch(requested: TrainConfig, given: set[str] | None) -> PreparedRun:
     run_dir = pathlib.Path(requested.run_dir)
     config = dataclasses.replace(_with_invocation(_replace_leaves(saved, changes), requested),
                                  run_dir=run_dir)  # fmt: skip
-    new_eval = any(path.startswith(BRANCH_NEW_EVAL) and path != "eval.every_env_steps"
+    new_eval = any(path.startswith(BRANCH_NEW_EVAL) and path not in BRANCH_SAME_EVAL
                    for path in changes)  # fmt: skip
     set_dir = pathlib.Path(checkpoint.pop(SET_DIR_KEY))
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -475,6 +477,8 @@ def _branch(requested: TrainConfig, given: set[str] | None) -> PreparedRun:
     for name in snapshots:
         link_or_copy(set_dir / name, run_dir / name)
     checkpoint.pop("format", None)
+    if not config.learner.ema_decay:  # the parent's average is not this branch's policy
+        checkpoint["learner"].pop("ema", None)
     save_checkpoint(run_dir, {**checkpoint, "config": config_to_dict(config)})
     write_manifest(run_dir, [CHECKPOINT_NAME, *snapshots], steps)
     changed = [f"{flag(path)} {kept[path]!r} -> {value!r}" for path, value in changes.items()]

@@ -266,8 +266,11 @@ def export(config: ExportConfig) -> dict:
         "eval_milestones": _milestones(run_dir),
         "final_eval": None,
     }
-    if card["selected_by"]:
+    if card["selected_by"]:  # (and the online net's, played beside an average: its summary)
         card["selected_by"] = {k: v for k, v in card["selected_by"].items() if k != "per_episode"}
+        if "online" in card["selected_by"]:
+            online = card["selected_by"]["online"]
+            card["selected_by"]["online"] = {k: v for k, v in online.items() if k != "per_episode"}
     _write_card(out, card)
     if config.eval_episodes:
         summary = evaluate(EvalConfig(checkpoint=out, episodes=config.eval_episodes,

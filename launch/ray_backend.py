@@ -248,19 +248,36 @@ class EvalWorker:
         self.compare = config.eval.compare_online
 
     def evaluate(self, seeds: list[int], best_rank, video_path: str) -> dict:
-        pipe = self.client.pipeline(transaction=True)  # both blobs of one publish
-        pipe.get(self.redis_keys.weights)
-        pipe.get(self.redis_keys.ema_weights)
-        online_blob, average_blob = pipe.execute()
         expected = self.evaluator.network.state_dict()
-        weights, version = decode_weights(online_blob, expected)
-        online = None
-        if self.averaged:
-            online = weights if self.compare else None
-            weights, version = decode_weights(average_blob, expected)
+        weights, version, online = weights_to_evaluate(
+            self.client, self.redis_keys, expected, self.averaged, self.compare
+        )
         path = pathlib.Path(video_path)
         result = evaluate_round(self.evaluator, weights, seeds, best_rank, path, online)
         return {**result, "policy_version": version, "weights": weights}
+
+
+def weights_to_evaluate(
+    client: redis.Redis, keys, expected: dict, averaged: bool, compare: bool
+) -> tuple[dict, int, dict | None]:
+    """(weights, their version, the online net's weights or None) that a round plays, as the
+    learner last published them: the average of the weights if it keeps one (`averaged`), and
+    then, with `compare`, the online net's too (up to learner.runner.AVERAGE_PUBLISH_EVERY
+    publishes newer); else the online net's.
+
+    Raises:
+        WireError: a blob is missing or malformed (the round fails and is skipped).
+    """
+    if not averaged:
+        weights, version = decode_weights(client.get(keys.weights), expected)
+        return weights, version, None
+    pipe = client.pipeline(transaction=True)
+    pipe.get(keys.ema_weights)
+    pipe.get(keys.weights)
+    average_blob, online_blob = pipe.execute()
+    weights, version = decode_weights(average_blob, expected)
+    online = decode_weights(online_blob, expected)[0] if compare else None
+    return weights, version, online
 
 
 # -- the actor pool ------------------------------------------------------------------------------

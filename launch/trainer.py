@@ -224,7 +224,7 @@ class Trainer:
         best_path = self.run_dir / BEST_NAME
         if run.checkpoint and best_path.is_file():  # written after the last checkpoint, maybe
             self.best_eval = {k: v for k, v in load_checkpoint(best_path)["eval"].items()
-                              if k != "per_episode"}  # fmt: skip
+                              if k not in ("per_episode", "online")}  # fmt: skip
         self.last_eval: dict | None = trainer_state.get("last_eval")
         self._eval_started_at: int | None = None
         self._budget_spent = False

@@ -267,7 +267,7 @@ class Learner:
     def cpu_weights(self, net: str = "online") -> dict[str, torch.Tensor]:
         """A net's weights on the CPU: the online net's (for actors), or the average's ("ema",
         for evaluation; KeyError if none is kept)."""
-        module = {"online": self.online, **({"ema": self.ema} if self.ema else {})}[net]
+        module = {"online": self.online, **({"ema": self.ema} if self.ema is not None else {})}[net]
         return {name: t.detach().cpu().clone() for name, t in module.state_dict().items()}
 
     @property

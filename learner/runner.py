@@ -19,6 +19,10 @@ from learner.learner import Learner, cpu_copy
 from replay_server.replay import Sample
 
 logger = logging.getLogger("learner")
+# The average of the weights (--learner.ema-decay) goes to Redis with every this many-th publish
+# of the weights (and the first and last): only the evaluator reads it, once a round, and each
+# publish copies, compresses and SETs 3.3 MB.
+AVERAGE_PUBLISH_EVERY = 10
 
 
 class ReplayClient(Protocol):
@@ -55,18 +59,21 @@ class LearnerRunner:
         self._stop = threading.Event()
         self._lock = threading.Lock()  # state_dict() for checkpoints vs the update loop
         self.meter = LearnerMeter(learner)
+        self._publishes = 0
         self.publish()
 
     def stop(self) -> None:
         self._stop.set()
 
-    def publish(self) -> int:
-        """SETs the weights blob (and their average's, if kept) and then its version, in one
-        MULTI; returns the version."""
+    def publish(self, last: bool = False) -> int:
+        """SETs the weights blob (and their average's, if kept, every AVERAGE_PUBLISH_EVERY-th
+        time and the `last`) and then its version, in one MULTI; returns the version."""
         version = self.learner.updates
         pipe = self.client.pipeline(transaction=True)
         pipe.set(self.redis_keys.weights, encode_weights(self.learner.cpu_weights(), version))
-        if self.learner.ema is not None:
+        average_due = last or self._publishes % AVERAGE_PUBLISH_EVERY == 0
+        self._publishes += 1
+        if self.learner.ema is not None and average_due:
             pipe.set(self.redis_keys.ema_weights,
                      encode_weights(self.learner.cpu_weights("ema"), version))  # fmt: skip
         pipe.set(self.redis_keys.weights_version, version)
@@ -106,7 +113,7 @@ class LearnerRunner:
             self.replay.update_priorities(shard_id, sample.keys, td_abs)
             if learner.updates % self.publish_every_updates == 0:
                 self.publish()
-        self.publish()
+        self.publish(last=True)
         self.client.hset(self.redis_keys.counters, "updates", learner.updates)
         return {"updates": learner.updates}
 

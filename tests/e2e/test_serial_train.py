@@ -286,6 +286,53 @@ def test_a_branch_that_keeps_an_average_plays_it_and_the_online_net_on_the_same_
     assert last["eval"]["online"]["flag_rate"] == rounds[-1]["eval_online/flag_rate"]
     played = load_policy(branch, last=True).weights
     assert all(torch.equal(played[k], learner["ema"][k]) for k in learner["ema"])
+    # Resumed, its best evaluation has the shape a new run's has (the online net's left out).
+    from launch.config import TrainConfig, given_fields, prepare_run
+    from launch.local_backend import LocalBackend
+    from launch.trainer import Trainer
+
+    resumed = prepare_run(TrainConfig(resume=branch), given_fields(["--resume", str(branch)]))
+    trainer = Trainer(resumed, LocalBackend(resumed.config, branch))
+    assert trainer.best_eval is not None and not {"online", "per_episode"} & set(trainer.best_eval)
+    # A branch of it without the average plays its online net, not the parent's average.
+    plain, args = tmp_path / "plain", ["--learner.ema-decay", "0", "--eval.no-compare-online"]
+    learner_config = dataclasses.replace(resumed.config.learner, ema_decay=0.0)
+    evaluation = dataclasses.replace(resumed.config.eval, compare_online=False)
+    made = prepare_run(TrainConfig(run_dir=plain, branch_from=branch, learner=learner_config,
+                                   eval=evaluation, total_env_steps=start + 400),
+                       given_fields(["--run-dir", str(plain), "--branch-from", str(branch),
+                                     "--total-env-steps", str(start + 400), *args]))  # fmt: skip
+    assert "ema" not in made.checkpoint["learner"]
+    played = load_policy(plain, last=True).weights
+    assert all(torch.equal(played[k], learner["online"][k]) for k in learner["online"])
+
+
+@pytest.mark.parametrize(
+    ("args", "inherits"),
+    [
+        (["--eval.compare-online", "--learner.ema-decay", "0.99"], True),  # same rounds, beside
+        (["--eval.every-env-steps", "1000"], True),  # the rounds on another grid
+        (["--eval.episodes", "5"], False),  # rounds of another size: not comparable
+    ],
+)
+def test_a_branch_inherits_the_best_evaluation_while_its_rounds_stay_comparable(
+    trained_run, tmp_path, args, inherits
+):
+    from launch.config import TrainConfig, TrainEvalConfig, given_fields, prepare_run
+    from learner.checkpoint import BEST_NAME
+
+    branch = tmp_path / "branch"
+    base = TrainConfig()
+    evaluation = TrainEvalConfig(compare_online="--eval.compare-online" in args,
+                                 every_env_steps=1000 if "1000" in args else 300,
+                                 episodes=5 if "5" in args else 2)  # fmt: skip
+    learner_config = dataclasses.replace(base.learner, ema_decay=0.99 if "0.99" in args else 0.0)
+    requested = TrainConfig(run_dir=branch, branch_from=trained_run, eval=evaluation,
+                            learner=learner_config)  # fmt: skip
+    made = prepare_run(requested, given_fields(["--run-dir", str(branch), "--branch-from",
+                                                str(trained_run), *args]))  # fmt: skip
+    assert (branch / BEST_NAME).is_file() == inherits
+    assert (made.checkpoint["trainer"]["best_eval"] is not None) == inherits
 
 
 @pytest.mark.parametrize(
