@@ -224,6 +224,12 @@ def eval_table(records: list[dict]) -> list[str]:
             f"{r.get('eval/x_pos_median', float('nan')):,.0f} / "
             f"{'?' if x_max is None else f'{x_max:,}'} | {minutes} |"
         )
+    paired = [r for r in rounds if "eval_online/flag_rate" in r]
+    if paired:  # the rounds that played an average and the online net on the same seeds
+        average = np.mean([r["eval/flag_rate"] for r in paired])
+        online = np.mean([r["eval_online/flag_rate"] for r in paired])
+        lines.append(f"| {len(paired)} rounds of both | | mean {average:.2f} (online "
+                     f"{online:.2f}) | | |")  # fmt: skip
     return lines
 
 

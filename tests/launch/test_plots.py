@@ -122,6 +122,7 @@ def test_eval_table_lists_each_round_with_its_wall_time():
         "| 500 | ? | 0.00 | 296 / nan / ? | 1 |",
         "| 1,400 | 120 | 0.30 | 1,234 / 1,100 / 3,161 | 3 |",
         "| 2,000 | 170 | 0.90 (online 0.60) | 3,000 / 3,161 / 3,161 | ? |",
+        "| 1 rounds of both | | mean 0.90 (online 0.60) | | |",
     ]
 
 
