@@ -510,6 +510,9 @@ def test_export_writes_a_model_folder_that_eval_and_play_take(
 ):
     import imageio.v2 as imageio
 
+    if len(list((trained_run / "eval").glob("round-*.pt"))) < 3:  # run alone: a third round
+        steps = load_checkpoint(trained_run)["counters"]["env_steps"]
+        main([*TINY, "--total-env-steps", str(steps + 300), "--resume", str(trained_run)])
     out = tmp_path / "smb-test"
     main(["export", str(trained_run), "--out", str(out), "--eval-episodes", "1"])
     best = load_checkpoint(trained_run / "best.pt")
