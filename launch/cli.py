@@ -230,11 +230,12 @@ def _bench_feed(module, config, args: list[str]) -> None:
     result = module.run(config)
     table = Table(title=f"replay → learner through Ray ({config.seconds:g} s each, "
                         f"{result['cpus']} CPUs)")  # fmt: skip
-    for column in ("shards", "batch", "prefetch", "batches/s", "samples/s"):
+    for column in ("shards", "batch", "prefetch", "per request", "batches/s", "samples/s"):
         table.add_column(column, justify="right")
     for row in result["rows"]:
         table.add_row(str(row["shards"]), str(row["batch_size"]), str(row["prefetch"]),
-                      f"{row['batches_per_s']:,.1f}", f"{row['samples_per_s']:,.0f}")  # fmt: skip
+                      str(row["batches_per_request"]), f"{row['batches_per_s']:,.1f}",
+                      f"{row['samples_per_s']:,.0f}")  # fmt: skip
     console.print(table)
     console.print(f"written: {config.out}")
 

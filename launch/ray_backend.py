@@ -11,6 +11,7 @@ Redis); the role classes know nothing of Ray.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -111,11 +112,20 @@ class ShardWorker:
             if read == 0:
                 self._stop.wait(0.01)
 
-    def sample(self, batch_size: int):
+    def sample(self, batch_size: int, count: int = 1):
+        """(up to `count` batches, as many as the rate limiter allows now: maybe none; the
+        shard's total priority)."""
         with self._lock:
-            return self.shard.sample(batch_size), self.shard.total_priority()
+            batches = []
+            while len(batches) < count:
+                sample = self.shard.sample(batch_size)
+                if sample is None:
+                    break
+                batches.append(sample)
+            return batches, self.shard.total_priority()
 
     def update_priorities(self, keys, td_abs) -> int:
+        """New priorities of the sampled `keys` (several batches' concatenated: one call)."""
         with self._lock:
             return self.shard.update_priorities(keys, td_abs)
 
@@ -158,10 +168,10 @@ class LearnerWorker:
     """The LearnerRunner, fed by a RayReplayClient over the shards."""
 
     def __init__(
-        self, spec: LearnerSpec, endpoint: RedisEndpoint, shards: list, prefetch: int,
-        state: dict | None, updates_floor: int = 0,
+        self, spec: LearnerSpec, endpoint: RedisEndpoint, shards: list, *, prefetch: int,
+        batches_per_request: int, state: dict | None, updates_floor: int = 0,
     ):  # fmt: skip
-        replay = RayReplayClient(shards, prefetch, spec.seed)
+        replay = RayReplayClient(shards, prefetch, spec.seed, batches_per_request)
         self.runner = build_learner_runner(spec, endpoint, replay, state, updates_floor)
 
     def run(self) -> dict:
@@ -197,21 +207,29 @@ class ActorWorker:
 
 
 class RayReplayClient:
-    """Keeps `prefetch` sample requests in flight, to shards chosen by their total priority."""
+    """Keeps `prefetch` sample requests in flight, to shards chosen by their total priority;
+    each asks for `batches_per_request` batches, and the priorities of that many batches go
+    back to a shard in one call (a Ray call's cost hardly depends on what it carries)."""
 
-    def __init__(self, shards: list, prefetch: int, seed: int = 0):
+    def __init__(self, shards: list, prefetch: int, seed: int = 0, batches_per_request: int = 1):
         self.shards = shards
         self.prefetch = prefetch
+        self.batches_per_request = batches_per_request
         self.totals = np.ones(len(shards))
         self.rng = np.random.default_rng(seed)
         self.inflight: dict = {}  # ObjectRef → shard id
+        self.ready: collections.deque = collections.deque()  # (shard id, batch) received
+        self.priorities: dict[int, list] = {}  # shard id → [(keys, |TD|)] not yet sent
 
     def _request(self, batch_size: int) -> None:
         weights = self.totals / self.totals.sum() if self.totals.sum() > 0 else None
         shard_id = int(self.rng.choice(len(self.shards), p=weights))
-        self.inflight[self.shards[shard_id].sample.remote(batch_size)] = shard_id
+        ref = self.shards[shard_id].sample.remote(batch_size, self.batches_per_request)
+        self.inflight[ref] = shard_id
 
     def next_sample(self, batch_size: int):
+        if self.ready:
+            return self.ready.popleft()
         while len(self.inflight) < self.prefetch:
             self._request(batch_size)
         ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=1.0)
@@ -219,19 +237,27 @@ class RayReplayClient:
             return None
         shard_id = self.inflight.pop(ready[0])
         try:
-            sample, total = ray.get(ready[0])
+            batches, total = ray.get(ready[0])
         except ray.exceptions.RayError as error:  # shard restarting: Ray brings it back
             logger.warning("sample from shard %d failed: %s", shard_id, error)
             time.sleep(0.5)
             return None
         self.totals[shard_id] = max(total, 1e-9)
-        if sample is None:
+        if not batches:
             time.sleep(0.01)  # the shard's rate limiter said no; ask again shortly
             return None
-        return shard_id, sample
+        self.ready.extend((shard_id, batch) for batch in batches)
+        return self.ready.popleft()
 
     def update_priorities(self, shard_id: int, keys, td_abs) -> None:
-        self.shards[shard_id].update_priorities.remote(keys, td_abs)  # fire and forget
+        """Sent (fire and forget) once `batches_per_request` batches of the shard have them."""
+        pending = self.priorities.setdefault(shard_id, [])
+        pending.append((keys, td_abs))
+        if len(pending) >= self.batches_per_request:
+            keys = np.concatenate([k for k, _ in pending])
+            td_abs = np.concatenate([t for _, t in pending])
+            self.shards[shard_id].update_priorities.remote(keys, td_abs)
+            pending.clear()
 
 
 @ray.remote(num_cpus=0, max_restarts=-1)
@@ -610,8 +636,10 @@ class RayBackend:
 
     def _start_learner(self, state: dict | None, updates_floor: int = 0) -> None:
         self.learner = LearnerWorker.options(**self._learner_options).remote(
-            self.specs.learner(), self.endpoint, self.shards, self.config.distributed.prefetch,
-            state, updates_floor,
+            self.specs.learner(), self.endpoint, self.shards,
+            prefetch=self.config.distributed.prefetch,
+            batches_per_request=self.config.distributed.batches_per_request, state=state,
+            updates_floor=updates_floor,
         )  # fmt: skip
         self._call(self.learner.updates.remote())  # weights are published before actors start
         self.learner_run = self.learner.run.remote()

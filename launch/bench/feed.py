@@ -41,6 +41,8 @@ class BenchFeedConfig:
     """Sampled batch sizes to measure."""
     prefetch: tuple[int, ...] = (4,)
     """Sample requests the learner keeps in flight (`--distributed.prefetch`)."""
+    batches_per_request: tuple[int, ...] = (1, 4)
+    """Batches each request asks for (`--distributed.batches-per-request`)."""
     transitions_per_shard: int = 20_000
     """Transitions each shard holds while it is sampled."""
     seconds: float = 5.0
@@ -49,7 +51,7 @@ class BenchFeedConfig:
     """Where the JSON result is written."""
 
     def __post_init__(self) -> None:
-        for name in ("shards", "batch_sizes", "prefetch"):
+        for name in ("shards", "batch_sizes", "prefetch", "batches_per_request"):
             values = getattr(self, name)
             if not values or min(values) < 1:
                 raise ValueError(f"{name} {values} must be one or more numbers >= 1")
@@ -92,13 +94,15 @@ def _stats(shards: list) -> list[dict]:
     return ray.get([shard.stats.remote() for shard in shards])
 
 
-def measure(shards: list, batch_size: int, prefetch: int, seconds: float) -> dict:
+def measure(
+    shards: list, batch_size: int, prefetch: int, seconds: float, batches_per_request: int = 1
+) -> dict:
     """Batches per second of one configuration, as the learner draws them."""
     import ray
 
     from launch.ray_backend import RayReplayClient
 
-    client = RayReplayClient(shards, prefetch)
+    client = RayReplayClient(shards, prefetch, batches_per_request=batches_per_request)
 
     def draw(until: float) -> int:
         drawn = 0
@@ -120,6 +124,7 @@ def measure(shards: list, batch_size: int, prefetch: int, seconds: float) -> dic
         "shards": len(shards),
         "batch_size": batch_size,
         "prefetch": prefetch,
+        "batches_per_request": batches_per_request,
         "batches_per_s": batches / elapsed,
         "samples_per_s": batches * batch_size / elapsed,
     }
@@ -160,7 +165,9 @@ def run(config: BenchFeedConfig) -> dict:
             _wait_filled(shards, config.transitions_per_shard)
             for batch_size in config.batch_sizes:
                 for prefetch in config.prefetch:
-                    rows.append(measure(shards, batch_size, prefetch, config.seconds))
+                    for per_request in config.batches_per_request:
+                        rows.append(measure(shards, batch_size, prefetch, config.seconds,
+                                            per_request))  # fmt: skip
             per_shard[str(count)] = [
                 {key.removeprefix("replay/"): stats[key]
                  for key in ("replay/size", "replay/sampled", "replay/priority_updates")}

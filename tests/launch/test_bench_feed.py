@@ -12,10 +12,13 @@ from launch.cli import main
 def test_bench_feed_measures_every_configuration(tmp_path, capsys):
     out = tmp_path / "feed.json"
     main(["bench", "feed", "--shards", "1", "2", "--batch-sizes", "8", "16", "--prefetch", "2",
-          "--transitions-per-shard", "500", "--seconds", "0.3", "--out", str(out)])  # fmt: skip
+          "--batches-per-request", "1", "3", "--transitions-per-shard", "500", "--seconds", "0.3",
+          "--out", str(out)])  # fmt: skip
     result = json.loads(out.read_text())
-    measured = {(row["shards"], row["batch_size"], row["prefetch"]) for row in result["rows"]}
-    assert measured == {(1, 8, 2), (1, 16, 2), (2, 8, 2), (2, 16, 2)}
+    measured = {(row["shards"], row["batch_size"], row["prefetch"], row["batches_per_request"])
+                for row in result["rows"]}  # fmt: skip
+    assert measured == {(shards, batch, 2, per_request) for shards in (1, 2) for batch in (8, 16)
+                        for per_request in (1, 3)}  # fmt: skip
     for row in result["rows"]:
         assert row["batches_per_s"] > 0
         assert row["samples_per_s"] == pytest.approx(row["batches_per_s"] * row["batch_size"])
@@ -32,6 +35,8 @@ def test_bench_feed_measures_every_configuration(tmp_path, capsys):
     [
         ({"shards": ()}, "shards () must be one or more numbers >= 1"),
         ({"prefetch": (0,)}, "prefetch (0,) must be one or more numbers >= 1"),
+        ({"batches_per_request": (2, 0)},
+         "batches_per_request (2, 0) must be one or more numbers >= 1"),
         ({"batch_sizes": (256,), "transitions_per_shard": 200},
          "transitions_per_shard (200) must be >= 256"),
         ({"seconds": 0}, "seconds (0) must be > 0"),
