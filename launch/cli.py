@@ -111,6 +111,16 @@ def _plot(module, config, args: list[str]) -> None:
         console.print(f"{run_dir}: greedy evaluation first at " + "; ".join(lines))
         if config.table:
             console.print("\n".join(module.eval_table(records)), markup=False, highlight=False)
+            paired = module.paired_episodes(run_dir)
+            if paired:
+                console.print(
+                    f"{run_dir}: {paired['rounds']} rounds played the average of the weights and "
+                    f"the online net on the same seeds (eval/round-*.pt): only the average "
+                    f"flagged {paired['only_average']} episodes, only the online net "
+                    f"{paired['only_online']}, both {paired['both']}, neither "
+                    f"{paired['neither']}; exact sign test on those that differ: p = "
+                    f"{paired['sign_test_p']:.3f}"
+                )
 
 
 def _ablation_run(module, config, args: list[str]) -> None:

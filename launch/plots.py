@@ -10,6 +10,7 @@ import dataclasses
 import gzip
 import json
 import logging
+import math
 import pathlib
 
 import numpy as np
@@ -193,6 +194,37 @@ def eval_curve(records: list[dict]) -> list[tuple[int, float, float]]:
     """(env steps, flag rate, mean max x) of each evaluation round, in env-step order."""
     rounds = [r for r in records if "eval/flag_rate" in r]
     return sorted((r["eval/env_steps"], r["eval/flag_rate"], r["eval/x_pos_mean"]) for r in rounds)
+
+
+def paired_episodes(run_dir: pathlib.Path) -> dict | None:
+    """The rounds that played an average of the weights and the online net on the same seeds
+    (--eval.compare-online), episode by episode from the run's kept round files: how many
+    episodes only the average flagged, only the online net, both, neither, and the exact
+    two-sided sign test (McNemar's) on the episodes where they differ. None: no such round kept
+    (or an archive, which keeps no round files)."""
+    from learner.checkpoint import CheckpointError, load_checkpoint
+
+    counts = {"rounds": 0, "only_average": 0, "only_online": 0, "both": 0, "neither": 0}
+    for path in sorted((pathlib.Path(run_dir) / "eval").glob("round-*.pt")):
+        try:
+            evaluation = load_checkpoint(path)["eval"]
+        except (CheckpointError, KeyError):
+            continue
+        if "online" not in evaluation:
+            continue
+        counts["rounds"] += 1
+        online = {e["seed"]: e["flag_get"] for e in evaluation["online"]["per_episode"]}
+        for episode in evaluation["per_episode"]:
+            average, other = bool(episode["flag_get"]), bool(online[episode["seed"]])
+            key = ("both" if other else "only_average") if average else (
+                "only_online" if other else "neither")  # fmt: skip
+            counts[key] += 1
+    if not counts["rounds"]:
+        return None
+    differ = counts["only_average"] + counts["only_online"]
+    fewer = min(counts["only_average"], counts["only_online"])
+    tail = sum(math.comb(differ, k) for k in range(fewer + 1)) / 2**differ if differ else 0.5
+    return {**counts, "sign_test_p": min(1.0, 2 * tail)}
 
 
 def training_time(records: list[dict]) -> list[tuple[int, float]]:

@@ -169,8 +169,11 @@ def _metric_keys(run_dir) -> set[str]:
 
 def test_serial_and_ray_runs_write_the_same_metric_keys(distributed_run, tmp_path):
     serial_dir = tmp_path / "serial"
-    drop = {"--distributed.num-actors", "--distributed.weights-poll-frames",
-            "--distributed.batches-per-request"}  # Ray's own
+    drop = {
+        "--distributed.num-actors",
+        "--distributed.weights-poll-frames",
+        "--distributed.batches-per-request",
+    }  # Ray's own
     flags = [a for i, a in enumerate(TINY) if a not in drop and TINY[i - 1] not in drop]
     # 700 env steps: episodes (200 steps), updates (from 300) and an evaluation round (at 600)
     main([*flags, *AVERAGED, "--serial", "--total-env-steps", "700", "--run-dir",

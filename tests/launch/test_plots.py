@@ -208,3 +208,25 @@ def test_a_missing_or_damaged_archive_is_named(tmp_path):
     (tmp_path / "bad.jsonl.gz").write_bytes(b"not gzip")
     with pytest.raises(ValueError, match=r"bad\.jsonl\.gz is no readable archive"):
         load_metrics(tmp_path / "bad.jsonl.gz")
+
+
+def test_paired_episodes_count_each_seed_of_the_rounds_that_played_both_nets(tmp_path):
+    from launch.plots import paired_episodes
+    from learner.checkpoint import round_name, save_checkpoint
+
+    def round_file(steps, average, online=None):
+        episodes = lambda flags: [{"seed": 100 + i, "flag_get": f} for i, f in enumerate(flags)]  # noqa: E731
+        evaluation = {"env_steps": steps, "per_episode": episodes(average)}
+        if online is not None:
+            evaluation["online"] = {"flag_rate": 0.0, "per_episode": episodes(online)}
+        payload = {"learner": {}, "config": {}, "counters": {}, "eval": evaluation}
+        save_checkpoint(tmp_path / "eval", payload, name=round_name(steps))
+
+    assert paired_episodes(tmp_path) is None  # no round kept
+    round_file(100, [True, True, False, False], [True, False, True, False])  # 1 of each kind
+    round_file(200, [True, False])  # the online net not played: left out
+    round_file(300, [True, True, True], [False, False, False])  # 3 only the average flagged
+    (tmp_path / "eval" / "round-000000400.pt").write_bytes(b"damaged")  # left out
+    # 4 against 1 differ: two-sided exact p = 2 * (C(5,0) + C(5,1)) / 2**5 = 0.375
+    assert paired_episodes(tmp_path) == {"rounds": 2, "only_average": 4, "only_online": 1,
+                                         "both": 1, "neither": 1, "sign_test_p": 0.375}  # fmt: skip
