@@ -202,10 +202,10 @@ def paired_episodes(run_dir: pathlib.Path) -> dict | None:
     episodes only the average flagged, only the online net, both, neither, and the exact
     two-sided sign test (McNemar's) on the episodes where they differ. None: no such round kept
     (or an archive, which keeps no round files)."""
-    from learner.checkpoint import CheckpointError, load_checkpoint
+    from learner.checkpoint import CheckpointError, kept_rounds, load_checkpoint
 
     counts = {"rounds": 0, "only_average": 0, "only_online": 0, "both": 0, "neither": 0}
-    for path in sorted((pathlib.Path(run_dir) / "eval").glob("round-*.pt")):
+    for path in kept_rounds(pathlib.Path(run_dir)).values():
         try:
             evaluation = load_checkpoint(path)["eval"]
         except (CheckpointError, KeyError):
@@ -215,6 +215,8 @@ def paired_episodes(run_dir: pathlib.Path) -> dict | None:
         counts["rounds"] += 1
         online = {e["seed"]: e["flag_get"] for e in evaluation["online"]["per_episode"]}
         for episode in evaluation["per_episode"]:
+            if episode["seed"] not in online:  # (both play the same seeds: not seen)
+                continue
             average, other = bool(episode["flag_get"]), bool(online[episode["seed"]])
             key = ("both" if other else "only_average") if average else (
                 "only_online" if other else "neither")  # fmt: skip
@@ -260,7 +262,7 @@ def eval_table(records: list[dict]) -> list[str]:
     if paired:  # the rounds that played an average and the online net on the same seeds
         average = np.mean([r["eval/flag_rate"] for r in paired])
         online = np.mean([r["eval_online/flag_rate"] for r in paired])
-        lines.append(f"| {len(paired)} rounds of both | | mean {average:.2f} (online "
+        lines.append(f"| rounds of both: {len(paired)} | | mean {average:.2f} (online "
                      f"{online:.2f}) | | |")  # fmt: skip
     return lines
 

@@ -250,14 +250,27 @@ class RayReplayClient:
         return self.ready.popleft()
 
     def update_priorities(self, shard_id: int, keys, td_abs) -> None:
-        """Sent (fire and forget) once `batches_per_request` batches of the shard have them."""
+        """Sent (fire and forget) once `batches_per_request` batches of the shard have them. A
+        copy of the keys is held: a view would hold the whole request's object in Ray's store.
+        (Sent after the shard restarted from an older snapshot, they may reach transitions that
+        reuse those keys: as a prefetched batch's always could.)"""
         pending = self.priorities.setdefault(shard_id, [])
-        pending.append((keys, td_abs))
+        pending.append((np.array(keys), np.asarray(td_abs)))
         if len(pending) >= self.batches_per_request:
+            self._send(shard_id)
+
+    def _send(self, shard_id: int) -> None:
+        pending = self.priorities.get(shard_id)
+        if pending:
             keys = np.concatenate([k for k, _ in pending])
             td_abs = np.concatenate([t for _, t in pending])
             self.shards[shard_id].update_priorities.remote(keys, td_abs)
             pending.clear()
+
+    def flush(self) -> None:
+        """Sends every shard the priorities held back (the learner stops)."""
+        for shard_id in self.priorities:
+            self._send(shard_id)
 
 
 @ray.remote(num_cpus=0, max_restarts=-1)

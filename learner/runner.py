@@ -32,7 +32,10 @@ class ReplayClient(Protocol):
         """The next prefetched batch and its shard, or None if none is ready yet."""
 
     def update_priorities(self, shard_id: int, keys: np.ndarray, td_abs: np.ndarray) -> None:
-        """Sends new priorities without waiting for the shard."""
+        """Sends new priorities without waiting for the shard (or holds them to send later)."""
+
+    def flush(self) -> None:
+        """Sends the priorities it holds back: the learner stops."""
 
 
 class LearnerRunner:
@@ -113,6 +116,7 @@ class LearnerRunner:
             self.replay.update_priorities(shard_id, sample.keys, td_abs)
             if learner.updates % self.publish_every_updates == 0:
                 self.publish()
+        self.replay.flush()
         self.publish(last=True)
         self.client.hset(self.redis_keys.counters, "updates", learner.updates)
         return {"updates": learner.updates}

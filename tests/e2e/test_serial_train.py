@@ -445,10 +445,12 @@ def test_a_flag_that_contradicts_the_resumed_run_is_an_error_naming_both(
 
 def test_serial_refuses_options_only_the_ray_backend_has(capsys):
     with pytest.raises(SystemExit):
-        main(["train", "--serial", "--distributed.num-shards", "2", "--redis-url", "redis://x"])
+        main(["train", "--serial", "--distributed.num-shards", "2", "--redis-url", "redis://x",
+              "--distributed.batches-per-request", "4"])  # fmt: skip
     captured = capsys.readouterr()
     text = " ".join((captured.out + captured.err).replace("│", " ").split())  # tyro's error box
-    assert "--redis-url ('redis://x'), --distributed.num-shards (2): only the Ray backend" in text
+    assert ("--redis-url ('redis://x'), --distributed.num-shards (2), "
+            "--distributed.batches-per-request (4): only the Ray backend") in text  # fmt: skip
 
 
 @pytest.mark.parametrize(

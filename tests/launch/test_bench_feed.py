@@ -2,6 +2,7 @@
 Ray; one row per configuration, and bad settings are named."""
 
 import json
+import time
 
 import pytest
 
@@ -45,3 +46,50 @@ def test_bench_feed_measures_every_configuration(tmp_path, capsys):
 def test_bad_feed_settings_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         BenchFeedConfig(**kwargs)
+
+
+def test_priorities_held_for_a_request_of_several_batches_reach_the_shard_on_flush(
+    redis_url, tmp_path
+):
+    # A real ShardWorker filled through Redis, the learner's client asking 3 batches a request:
+    # the priorities of 2 batches wait for the third, and flush() (the learner stops) sends them.
+    import dataclasses
+
+    import numpy as np
+    import ray
+
+    from common.redis_io import RedisEndpoint
+    from launch.bench.feed import _fill, _stats, _wait_filled
+    from launch.ray_backend import RayReplayClient, ShardWorker
+    from launch.roles import ReplaySpec
+    from replay_server.replay import ReplayConfig
+
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False,
+             configure_logging=False)  # fmt: skip
+    try:
+        replay = ReplayConfig(capacity=500, min_size_to_sample=16, rate_error_buffer=1e15)
+        spec = ReplaySpec(shard_id=0, replay=replay, stack=4, num_actions=5, seed=0)
+        endpoint = RedisEndpoint(redis_url, run_id="flush")
+        shard = ShardWorker.remote(dataclasses.replace(spec), endpoint, str(tmp_path / "none"),
+                                   str(tmp_path))  # fmt: skip
+        _fill(endpoint, 500)
+        _wait_filled([shard], 500)
+        client = RayReplayClient([shard], prefetch=1, batches_per_request=3)
+        drawn = []
+        while len(drawn) < 2:
+            item = client.next_sample(16)
+            if item is not None:
+                drawn.append(item)
+        assert len(client.ready) == 1  # the request's third batch, waiting for the learner
+        for shard_id, sample in drawn:
+            client.update_priorities(shard_id, sample.keys, np.full(16, 2.0))
+        assert _stats([shard])[0]["replay/priority_updates"] == 0  # held for the third batch
+        client.flush()
+        ray.get(list(client.inflight))
+        for _ in range(100):  # fire and forget (a threaded actor): give the call a moment
+            if _stats([shard])[0]["replay/priority_updates"] == 32:
+                break
+            time.sleep(0.05)
+        assert _stats([shard])[0]["replay/priority_updates"] == 32
+    finally:
+        ray.shutdown()

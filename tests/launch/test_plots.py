@@ -122,7 +122,7 @@ def test_eval_table_lists_each_round_with_its_wall_time():
         "| 500 | ? | 0.00 | 296 / nan / ? | 1 |",
         "| 1,400 | 120 | 0.30 | 1,234 / 1,100 / 3,161 | 3 |",
         "| 2,000 | 170 | 0.90 (online 0.60) | 3,000 / 3,161 / 3,161 | ? |",
-        "| 1 rounds of both | | mean 0.90 (online 0.60) | | |",
+        "| rounds of both: 1 | | mean 0.90 (online 0.60) | | |",
     ]
 
 
@@ -227,6 +227,7 @@ def test_paired_episodes_count_each_seed_of_the_rounds_that_played_both_nets(tmp
     round_file(200, [True, False])  # the online net not played: left out
     round_file(300, [True, True, True], [False, False, False])  # 3 only the average flagged
     (tmp_path / "eval" / "round-000000400.pt").write_bytes(b"damaged")  # left out
+    (tmp_path / "eval" / "round-copy.pt").write_bytes(b"not a round")  # left out
     # 4 against 1 differ: two-sided exact p = 2 * (C(5,0) + C(5,1)) / 2**5 = 0.375
     assert paired_episodes(tmp_path) == {"rounds": 2, "only_average": 4, "only_online": 1,
                                          "both": 1, "neither": 1, "sign_test_p": 0.375}  # fmt: skip
