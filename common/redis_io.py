@@ -107,8 +107,8 @@ class RedisKeys:
     @property
     def ema_weights(self) -> str:
         """Encoded weights blob of the average of the online net's weights, if the learner keeps
-        one (--learner.ema-decay), of the version `weights_version` names: what evaluation
-        plays."""
+        one (--learner.ema-decay), tagged with the update count it was taken at (it is sent
+        with every few publishes of `weights`, so it may be older): what evaluation plays."""
         return self._key("ema_weights")
 
     @property
