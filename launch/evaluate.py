@@ -81,6 +81,9 @@ class EvalConfig:
     .pt checkpoint file."""
     last: bool = False
     """Evaluate the run's last checkpoint instead of its best weights."""
+    online: bool = False
+    """Of a checkpoint that keeps an average of the weights (--learner.ema-decay), play the
+    online net instead of the average (round files and best.pt hold only the average)."""
     episodes: int = 10
     """Episodes to play."""
     level: str | None = None
@@ -263,7 +266,7 @@ def evaluate(config: EvalConfig) -> dict:
         Summary statistics, per-episode results and video paths.
     """
     play_on_one_thread()
-    policy = load_policy(config.checkpoint, config.last)
+    policy = load_policy(config.checkpoint, config.last, config.online)
     env_config, network_config = policy.env, policy.network
     env_config = dataclasses.replace(
         env_config,

@@ -75,8 +75,9 @@ def resolve_checkpoint(path: pathlib.Path, last: bool = False) -> pathlib.Path:
     return path
 
 
-def load_policy(path: pathlib.Path, last: bool = False) -> Policy:
-    """The policy in a model folder, a run directory or a checkpoint file.
+def load_policy(path: pathlib.Path, last: bool = False, online: bool = False) -> Policy:
+    """The policy in a model folder, a run directory or a checkpoint file. A checkpoint that
+    keeps an average of the weights plays that, unless `online` (its online net).
 
     Raises:
         CheckpointError: naming the file and what is wrong with it.
@@ -90,12 +91,19 @@ def load_policy(path: pathlib.Path, last: bool = False) -> Policy:
     if checkpoint.is_dir():
         checkpoint = pathlib.Path(payload[SET_DIR_KEY]) / CHECKPOINT_NAME
     config = payload["config"]
+    # A run that keeps an average of its weights plays and ships that: its rounds and best.pt
+    # hold it as their weights ("online"), its checkpoints beside the online net ("ema").
+    learner = payload["learner"]
+    averaged = bool(config.get("learner", {}).get("ema_decay"))
+    if online and averaged and "ema" not in learner:
+        raise CheckpointError(f"{checkpoint} holds only the average of the weights (as a run's "
+                              "rounds and best.pt do): its online net is in checkpoint.pt "
+                              "(--last)")  # fmt: skip
+    weights = learner["ema"] if "ema" in learner and not online else learner["online"]
     return _checked(Policy(
         env=config_from_dict(EnvConfig, config["env"], f"{checkpoint} config.env"),
         network=config_from_dict(NetworkConfig, config["network"], f"{checkpoint} config.network"),
-        # a run that keeps an average of its weights plays and ships that (its rounds and
-        # best.pt hold it as their weights already)
-        weights=payload["learner"].get("ema", payload["learner"]["online"]),
+        weights=weights,
         source=checkpoint,
         env_steps=int(payload["counters"]["env_steps"]),
     ))  # fmt: skip
