@@ -286,11 +286,12 @@ def test_a_branch_that_keeps_an_average_plays_it_and_the_online_net_on_the_same_
     assert last["eval"]["online"]["flag_rate"] == rounds[-1]["eval_online/flag_rate"]
     played = load_policy(branch, last=True).weights
     assert all(torch.equal(played[k], learner["ema"][k]) for k in learner["ema"])
-    # `mario eval --last --online` plays the checkpoint's online net; best.pt keeps none
+    # `mario eval --last --online` plays the checkpoint's online net; a round keeps none
     played = load_policy(branch, last=True, online=True).weights
     assert all(torch.equal(played[k], learner["online"][k]) for k in learner["online"])
-    with pytest.raises(CheckpointError, match=r"best\.pt holds only the average of the weights"):
-        load_policy(branch, online=True)
+    newest_round = sorted((branch / "eval").glob("round-*.pt"))[-1]
+    with pytest.raises(CheckpointError, match=r"round-\d+\.pt holds only the average of the"):
+        load_policy(newest_round, online=True)
     # Resumed, its best evaluation has the shape a new run's has (the online net's left out).
     from launch.config import TrainConfig, given_fields, prepare_run
     from launch.local_backend import LocalBackend
