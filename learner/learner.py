@@ -149,12 +149,16 @@ class Learner:
         # The average of the online net's weights, if kept: a copy (same device and layout)
         # that _step moves toward them in place, so the captured graph moves it too.
         self.ema = copy.deepcopy(self.online).requires_grad_(False) if config.ema_decay else None
-        self._averaged = [  # (average, online) tensor pairs; loads copy into both in place
+        # The average's float tensors and the online net's they follow, listed once (loads copy
+        # into both in place, so the lists stay valid): the hot path only lerps them.
+        pairs = [] if self.ema is None else [
             (mine, theirs)
             for mine, theirs in zip(self.ema.state_dict().values(),
                                     self.online.state_dict().values(), strict=True)
             if mine.is_floating_point()
-        ] if self.ema is not None else []  # fmt: skip
+        ]  # fmt: skip
+        self._averaged = [mine for mine, _ in pairs]
+        self._averaged_from = [theirs for _, theirs in pairs]
         # Compiled callables share parameters with the modules; state_dict()s stay plain.
         self._online_forward = torch.compile(self.online) if use_compile else self.online
         self._target_forward = torch.compile(self.target) if use_compile else self.target
@@ -212,9 +216,7 @@ class Learner:
     @torch.no_grad()
     def _move_average(self) -> None:
         """ema ← ema + (1 − decay)·(online − ema), every weight and float buffer at once."""
-        if self._averaged:
-            averaged, online = zip(*self._averaged, strict=True)
-            torch._foreach_lerp_(list(averaged), list(online), 1.0 - self.config.ema_decay)
+        torch._foreach_lerp_(self._averaged, self._averaged_from, 1.0 - self.config.ema_decay)
 
     def _set_learning_rate(self, learning_rate: float) -> None:
         for group in self.optimizer.param_groups:
