@@ -242,7 +242,7 @@ class TrainConfig:
                 f"replay.rate_error_buffer ({self.replay.rate_error_buffer}) must be >= "
                 f"learner.batch_size ({self.learner.batch_size}), or no batch is ever allowed"
             )
-        if self.eval.compare_online and not self.learner.ema_decay:
+        if self.eval.compare_online and not self.learner.averaged:
             raise ValueError(
                 f"eval.compare_online ({self.eval.compare_online}) compares the online net with "
                 f"the average of its weights, but learner.ema_decay is {self.learner.ema_decay} "
@@ -483,7 +483,7 @@ def _branch(requested: TrainConfig, given: set[str] | None) -> PreparedRun:
     for name in snapshots:
         link_or_copy(set_dir / name, run_dir / name)
     checkpoint.pop("format", None)
-    if not config.learner.ema_decay:  # the parent's average is not this branch's policy
+    if not config.learner.averaged:  # the parent's average is not this branch's policy
         checkpoint["learner"].pop("ema", None)
     save_checkpoint(run_dir, {**checkpoint, "config": config_to_dict(config)})
     write_manifest(run_dir, [CHECKPOINT_NAME, *snapshots], steps)

@@ -283,7 +283,7 @@ class EvalWorker:
         self.evaluator = build_evaluator(config)
         self.client = endpoint.connect()
         self.redis_keys = endpoint.keys
-        self.averaged = bool(config.learner.ema_decay)  # play the average of the weights
+        self.averaged = config.learner.averaged  # play the average of the weights
         self.compare = config.eval.compare_online
 
     def evaluate(self, seeds: list[int], best_rank, video_path: str) -> dict:

@@ -404,7 +404,7 @@ class Trainer:
         # which weights were evaluated.
         now = self.counters["env_steps"]
         record = {f"eval/{key}": value for key, value in summary.items()}
-        net = "the average of the weights" if self.config.learner.ema_decay else "the online net"
+        net = "the average of the weights" if self.config.learner.averaged else "the online net"
         logger.info("eval of %s at %d env steps: %s", net, env_steps, summary)
         online = result.get("online")  # --eval.compare-online: the online net on the same seeds
         if online is not None:

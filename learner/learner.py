@@ -84,6 +84,11 @@ class LearnerConfig:
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay ({self.ema_decay}) must be in [0, 1) (0: no average)")
 
+    @property
+    def averaged(self) -> bool:
+        """Whether an average of the weights is kept (and so played and shipped)."""
+        return self.ema_decay > 0
+
     def learning_rate_at(self, updates: int) -> float:
         """The step size of the update after `updates` updates."""
         final = self.learning_rate_final
@@ -148,7 +153,7 @@ class Learner:
             self.target.to(memory_format=torch.channels_last)
         # The average of the online net's weights, if kept: a copy (same device and layout)
         # that _step moves toward them in place, so the captured graph moves it too.
-        self.ema = copy.deepcopy(self.online).requires_grad_(False) if config.ema_decay else None
+        self.ema = copy.deepcopy(self.online).requires_grad_(False) if config.averaged else None
         # The average's float tensors and the online net's they follow, listed once (loads copy
         # into both in place, so the lists stay valid): the hot path only lerps them.
         pairs = [] if self.ema is None else [
