@@ -134,6 +134,8 @@ ROWS: dict[str, Row] = {
     "target-2000": Row("target sync every 2,000 updates",
                        ("--learner.target-sync-updates", "2000")),
     "dqn": Row("DQN: no double-Q (the tutorial's comparison)", ("--learner.no-double",)),
+    "advantage-learning": Row("Advantage Learning, α 0.9 (widens the action gap)",
+                              ("--learner.advantage-learning", "0.9")),
 }  # fmt: skip
 
 RECIPES = {"base": BASE, "reference": REFERENCE, "none": ()}

@@ -72,6 +72,8 @@ def _error(argv, capsys) -> tuple[int, str]:
          "eval.compare_online (True) compares the online net with the average of its weights, "
          "but learner.ema_decay is 0.0 (no average): give --learner.ema-decay too"),
         (["train", "--learner.ema-decay", "1"], 2, "ema_decay (1.0) must be in [0, 1)"),
+        (["train", "--learner.advantage-learning", "1"], 2,
+         "advantage_learning (1.0) must be in [0, 1)"),
         (["train", "--distributed.batches-per-request", "0"], 2,
          "batches_per_request (0) must be >= 1"),
         (["status", "--run-id", "no-such-run"], 1,

@@ -43,14 +43,19 @@ def test_target_syncs_every_t_updates():
         assert same_weights(learner.online, learner.target) == (update % 3 == 0)
 
 
-@pytest.mark.parametrize("double", [True, False])
-def test_one_update_values_the_online_choice_with_the_target_net_and_weights_each_sample(double):
+@pytest.mark.parametrize(("double", "alpha"), [(True, 0.0), (False, 0.0), (True, 0.9)])
+def test_one_update_values_the_online_choice_with_the_target_net_and_weights_each_sample(
+    double, alpha
+):
     # Online and target nets that disagree, rewards and importance weights that differ per
     # sample: the update's |TD| and loss must be the ones computed here from the two nets
-    # (double DQN: the online net chooses a*, the target net values it; DQN: the target's max).
+    # (double DQN: the online net chooses a*, the target net values it; DQN: the target's max;
+    # Advantage Learning, alpha > 0: minus alpha times the target net's gap at the first state).
     torch.manual_seed(0)
-    learner = Learner(LearnerConfig(device="cpu", double=double, huber_delta=1.0),
-                      NetworkConfig(), 5)  # fmt: skip
+    learner = Learner(
+        LearnerConfig(device="cpu", double=double, huber_delta=1.0, advantage_learning=alpha),
+        NetworkConfig(), 5,
+    )  # fmt: skip
     with torch.no_grad():
         for parameter in learner.target.parameters():
             parameter.add_(torch.randn_like(parameter) * 0.5)
@@ -67,6 +72,11 @@ def test_one_update_values_the_online_choice_with_the_target_net_and_weights_eac
     # the nets disagree on a* for some samples: the test tells double DQN from DQN
     assert np.any(q_next_online.argmax(axis=1) != q_next_target.argmax(axis=1))
     target = sample.returns + sample.discounts * q_next_target[np.arange(16), chosen]
+    with torch.no_grad():
+        q_first_target = learner.target(torch.from_numpy(sample.obs)).numpy()
+    gap = q_first_target.max(axis=1) - q_first_target[np.arange(16), sample.actions]
+    assert np.count_nonzero(gap) > 8  # most actions taken are not the target net's greedy one
+    target = target - alpha * gap
     td = target - q[np.arange(16), sample.actions]
     huber = np.where(np.abs(td) <= 1.0, 0.5 * td**2, np.abs(td) - 0.5)
     # the gradient norm, from a copy of the online net and the targets computed here
@@ -257,3 +267,9 @@ def test_the_average_is_saved_and_a_state_without_one_starts_it_at_the_weights()
 def test_a_bad_ema_decay_is_refused_by_name(decay):
     with pytest.raises(ValueError, match=re.escape(f"ema_decay ({decay})")):
         LearnerConfig(ema_decay=decay)
+
+
+@pytest.mark.parametrize("alpha", [-0.5, 1.0, 2.0])
+def test_a_bad_advantage_learning_alpha_is_refused_by_name(alpha):
+    with pytest.raises(ValueError, match=re.escape(f"advantage_learning ({alpha})")):
+        LearnerConfig(advantage_learning=alpha)

@@ -96,11 +96,11 @@ def test_the_captured_update_replays_the_eager_one(monkeypatch):
     # size, inputs or target would leave the weights a large part of their movement away from
     # the eager ones; Adam moves the few weights whose gradient is near ε by up to a step on
     # any rounding difference, hence norms, not weights. The average of the weights (ema) is
-    # moved inside the graph too.
+    # moved inside the graph too, and Advantage Learning's extra target forward runs in it.
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     schedule = {"learning_rate": 1e-3, "learning_rate_final": 1e-4,
                 "learning_rate_decay_updates": 20, "target_sync_updates": 3,
-                "ema_decay": 0.5}  # fmt: skip
+                "ema_decay": 0.5, "advantage_learning": 0.9}  # fmt: skip
     torch.manual_seed(0)
     eager = Learner(LearnerConfig(device="cuda", cuda_graph=False, **schedule), NETWORK, 2)
     graphed = Learner(LearnerConfig(device="cuda", **schedule), NETWORK, 2)  # the default

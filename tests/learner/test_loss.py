@@ -74,3 +74,43 @@ def test_gradient_flows_only_through_q_tm1():
     loss.backward()
     assert q_tm1.grad is not None
     assert q_selector.grad is None and q_target.grad is None
+
+
+# Advantage Learning: target − α · (max_b Q_target(s, b) − Q_target(s, a)), with the target
+# net's values of the first state s = s_{t-n}. Here Q_target(s, ·) = [4, 1] and action 1 was
+# taken (Q_online(s, 1) = 3): its advantage under the target net is 1 − 4 = −3, a gap of 3.
+Q_TM1_TARGET = torch.tensor([[4.0, 1.0]])
+
+
+@pytest.mark.parametrize(
+    ("alpha", "action", "terminated", "expected_target"),
+    [
+        (0.0, 1, False, 2.8),  # off: the double-DQN target of the first table (1 + 0.9 · 2)
+        (0.5, 1, False, 2.8 - 0.5 * 3.0),  # 1.3
+        (0.9, 1, False, 2.8 - 0.9 * 3.0),  # 0.1
+        (0.9, 0, False, 2.8),  # the target net's greedy action: a gap of 0, nothing taken off
+        (0.5, 1, True, -15.0 - 0.5 * 3.0),  # a termination ends the bootstrap, not the gap
+    ],
+)
+def test_advantage_learning_lowers_the_target_by_alpha_times_the_gap(
+    alpha, action, terminated, expected_target
+):
+    q_tm1 = Q_TM1.clone().requires_grad_(True)
+    reward = -15.0 if terminated else 1.0
+    loss, extra = double_dqn_loss(
+        q_tm1, torch.tensor([action]), torch.tensor([reward]),
+        torch.tensor([0.0 if terminated else 0.9]), Q_T_SELECTOR, Q_T_TARGET,
+        q_tm1_target=Q_TM1_TARGET, advantage_learning=alpha,
+    )  # fmt: skip
+    td = expected_target - Q_TM1[0, action].item()
+    assert extra.td_abs.item() == pytest.approx(abs(td), rel=1e-6)
+    huber = 0.5 * td**2 if abs(td) <= 1 else abs(td) - 0.5
+    assert loss.item() == pytest.approx(huber, rel=1e-6)
+    loss.backward()  # the gap is a constant of the target: no gradient reaches it
+    assert q_tm1.grad[0, 1 - action].item() == 0.0
+
+
+def test_advantage_learning_without_the_target_nets_first_values_is_an_error():
+    with pytest.raises(ValueError, match="advantage_learning needs q_tm1_target"):
+        double_dqn_loss(Q_TM1, torch.tensor([1]), torch.tensor([1.0]), torch.tensor([0.9]),
+                        Q_T_SELECTOR, Q_T_TARGET, advantage_learning=0.5)  # fmt: skip
