@@ -136,7 +136,7 @@ def build_learner(spec: LearnerSpec, state: dict | None = None) -> Learner:
     if spec.torch_threads:
         torch.set_num_threads(spec.torch_threads)
     torch.manual_seed(spec.seed)
-    learner = Learner(spec.learner, spec.network, spec.num_actions, spec.stack)
+    learner = Learner(spec.learner, spec.network, spec.num_actions, stack=spec.stack)
     if state is not None:
         learner.load_state_dict(state)
     return learner

@@ -130,8 +130,9 @@ class Learner:
     WARM_UP_UPDATES = 3
 
     def __init__(
-        self, config: LearnerConfig, network_config: NetworkConfig, num_actions: int, stack: int = 4
-    ):
+        self, config: LearnerConfig, network_config: NetworkConfig, num_actions: int, *,
+        stack: int = 4,
+    ):  # fmt: skip
         self.config = config
         self.device = config.torch_device
         on_cuda = self.device.type == "cuda"

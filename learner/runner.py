@@ -9,14 +9,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from common.redis_io import RedisEndpoint
 from common.wire import encode_record, encode_weights
 from learner.learner import Learner, cpu_copy
-from replay_server.replay import Sample
+
+if TYPE_CHECKING:  # a type only: the learner imports no other role
+    from replay_server.replay import Sample
 
 logger = logging.getLogger("learner")
 # The average of the weights (--learner.ema-decay) goes to Redis with every this many-th publish

@@ -118,7 +118,7 @@ class PrioritizedReplay:
     key whose slot was reused since (evicted meanwhile) is recognised and ignored.
     """
 
-    def __init__(self, config: ReplayConfig, stack: int = 4, seed: int = 0):
+    def __init__(self, config: ReplayConfig, *, stack: int = 4, seed: int = 0):
         self.config = config
         self.stack = stack
         capacity = config.capacity
