@@ -263,6 +263,28 @@ def _bench_system(module, config, args: list[str]) -> None:
     console.print(f"written: {config.out}")
 
 
+def _churn(module, config, args: list[str]) -> None:
+    result = module.churn(config)
+    source = escape(result["states_from"])
+    table = Table(title=f"greedy changes between the kept rounds of {escape(str(config.run_dir))}, "
+                        f"on {result['states']:,} states of {source}")  # fmt: skip
+    for column in ("env steps", "eval flags", "greedy changed", "gap median",
+                   f"gap < {config.small_gap:g}", "mean max Q"):  # fmt: skip
+        table.add_column(column, justify="right")
+    for row in result["rounds"]:
+        changed = row["greedy_changed"]
+        table.add_row(f"{row['env_steps']:,}",
+                      "" if row["flag_rate"] is None else f"{row['flag_rate']:.0%}",
+                      "" if changed is None else f"{changed:.1%}", f"{row['gap_median']:.3f}",
+                      f"{row['small_gap_share']:.1%}", f"{row['max_q_mean']:.2f}")  # fmt: skip
+    console.print(table)
+    mean = result["mean_greedy_changed"]
+    console.print(("" if mean is None else f"greedy action changed on {mean:.1%} of the states "
+                   "from one round to the next, on average; ")
+                  + f"median gap {result['mean_gap_median']:.3f} (mean over rounds)")  # fmt: skip
+    console.print(f"written: {result['out']}")
+
+
 @dataclasses.dataclass(frozen=True)
 class _Command:
     module: str
@@ -283,6 +305,8 @@ COMMANDS: dict[tuple[str, ...], _Command] = {
                           "a run's best weights as a model folder with its card"),
     ("pick",): _Command("launch.pick", "PickConfig", _pick,
                         "which kept eval round to ship: the best few, more episodes"),
+    ("churn",): _Command("launch.churn", "ChurnConfig", _churn,
+                         "how often the greedy action changes between kept rounds"),
     ("play",): _Command("launch.model", "PlayConfig", _play,
                         "play one episode of a model; GIF or mp4"),
     ("status",): _Command("launch.status", "StatusConfig", _status,

@@ -497,6 +497,7 @@ NO_RAY_COMMANDS = [
     ["grid", "--episodes", "50", "--out", "{tmp}/grid"],
     ["eval", "{run}", "--episodes", "1", "--max-episode-steps", "30", "--out", "{tmp}/eval"],
     ["plot", "{run}", "--out", "{tmp}/curve.png"],
+    ["churn", "{run}", "--states", "16", "--out", "{tmp}/churn.json"],
     ["bench", "replay", "--capacity", "2000", "--sample-seconds", "0.2", "--out", "{tmp}/r"],
     ["bench", "env", "--seconds", "0.2", "--out", "{tmp}/e.json"],
     ["bench", "actor", "--seconds", "0.2", "--out", "{tmp}/a.json"],
@@ -511,6 +512,34 @@ def test_commands_that_need_no_ray_do_not_import_it(trained_run, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "ray not imported" in result.stdout
     assert (tmp_path / "e.json").exists() and (tmp_path / "a.json").exists()  # all of them ran
+
+
+def test_churn_compares_the_kept_rounds_on_states_from_the_replay(trained_run, tmp_path, capsys):
+    rounds = sorted((trained_run / "eval").glob("round-*.pt"))
+    main(["churn", str(trained_run), "--states", "32", "--out", str(tmp_path / "c.json")])
+    result = json.loads((tmp_path / "c.json").read_text())
+    assert [row["env_steps"] for row in result["rounds"]] == [int(p.stem[6:]) for p in rounds]
+    assert result["rounds"][0]["greedy_changed"] is None
+    assert all(0 <= row["greedy_changed"] <= 1 for row in result["rounds"][1:])
+    # a run whose two rounds hold the same weights: nothing changes, the same gaps
+    twin = tmp_path / "twin"
+    (twin / "eval").mkdir(parents=True)
+    for steps in (100, 200):
+        (twin / "eval" / f"round-{steps:09d}.pt").write_bytes(rounds[-1].read_bytes())
+    main(["churn", str(twin), "--states", "32", "--states-from", str(trained_run)])
+    first, second = json.loads((twin / "eval" / "churn.json").read_text())["rounds"]
+    assert second["greedy_changed"] == 0.0 and second["gap_median"] == first["gap_median"]
+    assert first["gap_median"] == result["rounds"][-1]["gap_median"]  # the same states
+    # more states than the replay holds, or no round after --since: errors that name them
+    held = load_checkpoint(trained_run)["counters"]["transitions_written"]
+    for args, message in (
+        (["--states", str(held + 1000)], f"{trained_run / 'replay-0.npz'} holds only"),
+        (["--since", "10000000"], "holds no round weights (round-*.pt) at or after 10000000"),
+    ):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exited:
+            main(["churn", str(trained_run), *args])
+        assert exited.value.code == 1 and message in " ".join(capsys.readouterr().out.split())
 
 
 def test_export_writes_a_model_folder_that_eval_and_play_take(

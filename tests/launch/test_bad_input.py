@@ -68,6 +68,8 @@ def _error(argv, capsys) -> tuple[int, str]:
         (["pick", "{tmp}", "--out", "{tmp}"], 2, "is a directory: give the path of the JSON"),
         (["pick", "{tmp}", "--out", "{tmp}/pick"], 2, "pick does not end in .json"),
         (["pick", "{tmp}"], 1, "holds no round weights (round-*.pt): the run was trained before"),
+        (["churn", "{tmp}"], 1, "holds no round weights (round-*.pt) at or after 0 env steps"),
+        (["churn", "{tmp}", "--states", "0"], 2, "states (0) must be >= 1"),
         (["train", "--eval.compare-online"], 2,
          "eval.compare_online (True) compares the online net with the average of its weights, "
          "but learner.ema_decay is 0.0 (no average): give --learner.ema-decay too"),
