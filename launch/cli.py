@@ -282,6 +282,8 @@ def _churn(module, config, args: list[str]) -> None:
     console.print(("" if mean is None else f"greedy action changed on {mean:.1%} of the states "
                    "from one round to the next, on average; ")
                   + f"median gap {result['mean_gap_median']:.3f} (mean over rounds)")  # fmt: skip
+    for path, why in result["left_out"].items():
+        console.print(f"left out {escape(path)}: {escape(why)}", soft_wrap=True)
     console.print(f"written: {result['out']}")
 
 

@@ -526,19 +526,27 @@ def test_churn_compares_the_kept_rounds_on_states_from_the_replay(trained_run, t
     (twin / "eval").mkdir(parents=True)
     for steps in (100, 200):
         (twin / "eval" / f"round-{steps:09d}.pt").write_bytes(rounds[-1].read_bytes())
+    damaged = twin / "eval" / "round-000000300.pt"
+    damaged.write_bytes(b"not a checkpoint")  # left out, named; the others still count
     main(["churn", str(twin), "--states", "32", "--states-from", str(trained_run)])
-    first, second = json.loads((twin / "eval" / "churn.json").read_text())["rounds"]
+    twins = json.loads((twin / "eval" / "churn.json").read_text())
+    first, second = twins["rounds"]
     assert second["greedy_changed"] == 0.0 and second["gap_median"] == first["gap_median"]
     assert first["gap_median"] == result["rounds"][-1]["gap_median"]  # the same states
-    # more states than the replay holds, or no round after --since: errors that name them
+    assert list(twins["left_out"]) == [str(damaged)]
+    # more states than the replay holds, no round after --since, a run that kept no replay
+    # snapshot (the twin: a checkpoint without one): errors that name them
+    (twin / "checkpoint.pt").write_bytes((trained_run / "checkpoint.pt").read_bytes())
     held = load_checkpoint(trained_run)["counters"]["transitions_written"]
-    for args, message in (
-        (["--states", str(held + 1000)], f"{trained_run / 'replay-0.npz'} holds only"),
-        (["--since", "10000000"], "holds no round weights (round-*.pt) at or after 10000000"),
-    ):
+    for run, args, message in (
+        (trained_run, ["--states", str(held + 1000)], f"{trained_run / 'replay-0.npz'} holds only"),
+        (trained_run, ["--since", "10000000"],
+         "holds no round weights (round-*.pt) at or after 10000000"),
+        (twin, [], f"no replay snapshot at {twin / 'replay-0.npz'}"),
+    ):  # fmt: skip
         capsys.readouterr()
         with pytest.raises(SystemExit) as exited:
-            main(["churn", str(trained_run), *args])
+            main(["churn", str(run), *args])
         assert exited.value.code == 1 and message in " ".join(capsys.readouterr().out.split())
 
 

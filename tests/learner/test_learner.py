@@ -95,7 +95,9 @@ def test_one_update_values_the_online_choice_with_the_target_net_and_weights_eac
     assert metrics["learner/grad_norm"] == pytest.approx(grad_norm, rel=1e-4)
 
 
-@pytest.mark.parametrize("flags", [{"bf16": True}, {"channels_last": True}, {"dueling": True}])
+@pytest.mark.parametrize("flags", [{"bf16": True}, {"channels_last": True}, {"dueling": True},
+                                   {"bf16": True, "channels_last": True,
+                                    "advantage_learning": 0.9}])  # fmt: skip
 def test_optional_paths_update(flags):
     dueling = flags.pop("dueling", False)
     learner = Learner(LearnerConfig(device="cpu", **flags), NetworkConfig(dueling=dueling), 5)
