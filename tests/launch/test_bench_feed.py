@@ -93,3 +93,50 @@ def test_priorities_held_for_a_request_of_several_batches_reach_the_shard_on_flu
         assert _stats([shard])[0]["replay/priority_updates"] == 32
     finally:
         ray.shutdown()
+
+
+def test_the_learner_draws_from_each_shard_in_proportion_to_its_total_priority(redis_url, tmp_path):
+    # Two real ShardWorkers, one holding 3x the other's transitions: shard totals near 1 : 3.
+    # The client picks a shard per request in proportion to the totals the shards report, and
+    # each shard samples its items by priority (the replay's tests), so an item's chance is its
+    # priority over the sum of all shards'. Of 400 batches, shard 1 should give its share of
+    # the total (binomial sd about 2.2 points; the client's draws are seeded).
+    import dataclasses
+
+    import ray
+
+    from common.redis_io import RedisEndpoint
+    from launch.bench.feed import _fill, _stats, _wait_filled
+    from launch.ray_backend import RayReplayClient, ShardWorker
+    from launch.roles import ReplaySpec
+    from replay_server.replay import ReplayConfig
+
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False,
+             configure_logging=False)  # fmt: skip
+    try:
+        replay = ReplayConfig(capacity=1000, min_size_to_sample=16, rate_error_buffer=1e15)
+        spec = ReplaySpec(shard_id=0, replay=replay, stack=4, num_actions=5, seed=0)
+        held = (300, 900)  # whole chunks of 100
+        endpoints = [RedisEndpoint(redis_url, run_id=f"share-{i}") for i in range(2)]
+        shards = [ShardWorker.remote(dataclasses.replace(spec, shard_id=i, seed=i), endpoints[i],
+                                     str(tmp_path / "none"), str(tmp_path))
+                  for i in range(2)]  # fmt: skip
+        for endpoint, transitions in zip(endpoints, held, strict=True):
+            _fill(endpoint, transitions)
+        _wait_filled(shards, min(held))
+        _wait_filled(shards[1:], max(held))
+        client = RayReplayClient(shards, prefetch=2, seed=0)
+        drawn = []
+        while len(drawn) < 400:
+            item = client.next_sample(16)
+            if item is not None:
+                drawn.append(item[0])
+        ray.get(list(client.inflight))
+        own = [ray.get(shard.sample.remote(16, 0))[1] for shard in shards]  # totals, no batch
+        assert list(client.totals) == pytest.approx(own)  # what the shards reported
+        share = own[1] / sum(own)  # near 0.75: actors' initial priorities differ per item
+        assert 0.65 < share < 0.85
+        assert sum(drawn) / len(drawn) == pytest.approx(share, abs=0.07)
+        assert [s["replay/size"] for s in _stats(shards)] == list(held)
+    finally:
+        ray.shutdown()
