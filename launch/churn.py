@@ -83,7 +83,7 @@ def fixed_states(run_dir: pathlib.Path, count: int, seed: int) -> np.ndarray:
     replay_config = config_from_dict(ReplayConfig, config["replay"], f"{run_dir} config.replay")
     if not path.is_file():
         raise ValueError(f"no replay snapshot at {path} (a run trained with "
-                         "--checkpoint.no-snapshot-replay keeps none): give --states-from a run "
+                         "--no-snapshot-replay keeps none): give --states-from a run "
                          "that has one")  # fmt: skip
     replay = PrioritizedReplay(replay_config, stack=int(config["env"]["frame_stack"]))
     try:
