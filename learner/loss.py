@@ -38,9 +38,9 @@ def double_dqn_loss(
       Q_target(s_t, a*) = max_a Q_target(s_t, a)   (double=False: the tutorial's DQN);
     with Advantage Learning (Bellemare et al. 2016, "Increasing the action gap"), α > 0:
       target −= α · (max_b Q_target(s_{t-n}, b) − Q_target(s_{t-n}, a_{t-n})),
-    the first state's advantage under the target net (once per n-step return), which lowers the
-    targets of actions that are not greedy and so widens the gap between the greedy one and
-    the others.
+    how far the action taken falls below the best at the first state under the target net
+    (once per n-step return), which lowers the targets of actions that are not greedy and so
+    widens the gap between the greedy one and the others.
 
     Args:
         q_tm1: online Q(s_{t-n}, ·) [B, A], with gradient.
