@@ -25,8 +25,10 @@ VARIANTS = {  # name: LearnerConfig speed options
     "channels-last": {**_PLAIN, "channels_last": True},
     "all": {**_PLAIN, "compile": True, "bf16": True, "channels_last": True},
     "cuda-graph": {**_PLAIN, "cuda_graph": True},
-    # not speed: what Advantage Learning's extra target forward costs, on the defaults
+    # not speed: what recipe options cost on the defaults (AL's extra target forward; moving the
+    # average of the weights after each step)
     "advantage-learning": {"advantage_learning": 0.9},
+    "ema": {"ema_decay": 0.99995},
 }
 CUDA_ONLY = {"cuda-graph", "defaults"}  # on the CPU the defaults are plain
 
@@ -44,7 +46,8 @@ class BenchLearnerConfig:
     variants: tuple[str, ...] = tuple(VARIANTS)
     """Speed options: defaults (the learner's), plain (none), compile, bf16, channels-last, all
     (those three), cuda-graph; defaults and cuda-graph are CUDA's only (skipped on the CPU);
-    advantage-learning (the defaults with --learner.advantage-learning 0.9: its cost)."""
+    advantage-learning (the defaults with --learner.advantage-learning 0.9: its cost), ema (the
+    defaults with --learner.ema-decay 0.99995: its cost)."""
     seconds: float = 5.0
     """Seconds of measured updates per configuration (after warm-up)."""
     network: NetworkConfig = dataclasses.field(default_factory=recipe_network)

@@ -11,13 +11,13 @@ from launch.cli import main
 def test_bench_learner_writes_one_row_per_configuration(tmp_path, capsys):
     out = tmp_path / "learner.json"
     main(["bench", "learner", "--batch-sizes", "8", "16", "--threads", "1", "--variants",
-          "plain", "channels-last", "cuda-graph", "advantage-learning", "--seconds", "0.2",
+          "plain", "channels-last", "cuda-graph", "advantage-learning", "ema", "--seconds", "0.2",
           "--out", str(out)])  # fmt: skip
     rows = json.loads(out.read_text())["rows"]
     measured = {(r["batch_size"], r["variant"]) for r in rows if r["device"] == "cpu"}
     # cuda-graph needs a CUDA device: left out on the CPU
     assert measured == {
-        (b, v) for b in (8, 16) for v in ("plain", "channels-last", "advantage-learning")
+        (b, v) for b in (8, 16) for v in ("plain", "channels-last", "advantage-learning", "ema")
     }
     assert not any(r["cuda_graph"] for r in rows if r["device"] == "cpu")
     for row in rows:
