@@ -56,7 +56,7 @@ BASE = (
     "--actor.epsilon-base", "0.1", "--actor.epsilon-alpha", "1", "--actor.explore-repeat-max", "1",
     "--network.dueling", "--network.conv-channels", "16", "32", "32", "--network.hidden", "256",
     "--learner.learning-rate", "1e-4", "--learner.target-sync-updates", "500",
-    "--replay.samples-per-insert", "4",
+    "--learner.ema-decay", "0", "--replay.samples-per-insert", "4",
 )  # fmt: skip
 
 # The reference spelled out, so that a row's run keeps its meaning when `mario train`'s
@@ -77,7 +77,8 @@ TUTORIAL = (
     "--network.conv-channels", "32", "64", "64", "--network.hidden", "512",
     "--learner.learning-rate", "2.5e-4",
     "--learner.learning-rate-final", "None", "--learner.learning-rate-decay-start", "0",
-    "--learner.target-sync-updates", "2000", "--replay.samples-per-insert", "8",
+    "--learner.target-sync-updates", "2000", "--learner.ema-decay", "0",
+    "--replay.samples-per-insert", "8",
 )  # fmt: skip
 
 
@@ -136,12 +137,14 @@ ROWS: dict[str, Row] = {
     "dqn": Row("DQN: no double-Q (the tutorial's comparison)", ("--learner.no-double",)),
     "advantage-learning": Row("Advantage Learning, α 0.9 (widens the action gap)",
                               ("--learner.advantage-learning", "0.9")),
+    "ema": Row("evaluation plays an average of the weights, decay 0.9998 (training unchanged)",
+               ("--learner.ema-decay", "0.9998")),
 }  # fmt: skip
 
 RECIPES = {"base": BASE, "reference": REFERENCE, "none": ()}
-# `mario train`'s defaults: the reference plus this row's lever (a test checks it); from session
-# 10 to 12 it was "explore-repeat"
-DEFAULTS_ROW = "downsample"
+# `mario train`'s defaults: the reference plus these rows' levers (a test checks it); from session
+# 10 to 12 it was "explore-repeat", from 12 to 23 "downsample" alone
+DEFAULTS_ROWS = ("downsample", "ema")
 DEFAULT_ROOT = pathlib.Path("~/mario-runs/ablation")
 DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs"  # the checkout's, wherever run from
 ARCHIVE_DIR = DOCS / "ablation-rows"

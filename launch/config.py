@@ -111,7 +111,10 @@ class DistributedConfig:
 # stepping down to 2.5e-5 at update 180,000 (about 1.44M env steps: the long run's branch
 # default-1-lowlr, whose rounds flagged in 6 of 12 against 0 of 8 before it — one run, no
 # control arm, and that branch also trained with sticky actions, which the defaults do not),
-# target sync every 500 updates, 4 samples per insert.
+# target sync every 500 updates, 4 samples per insert; evaluation plays (and `mario export`
+# ships) an average of the online net's weights, decay 0.9998 (about 5,000 updates: run ema-3,
+# the defaults from 0 with both played on the same seeds each round, docs/training-runs.md;
+# training itself does not read it).
 def recipe_env() -> EnvConfig:
     return EnvConfig(
         action_set="right_jump", stuck_steps=100, stuck_is_death=True, flag_bonus=50.0,
@@ -130,7 +133,7 @@ def recipe_replay() -> ReplayConfig:
 def recipe_learner() -> LearnerConfig:
     return LearnerConfig(
         learning_rate=1e-4, learning_rate_final=2.5e-5, learning_rate_decay_start=180_000,
-        target_sync_updates=500,
+        target_sync_updates=500, ema_decay=0.9998,
     )  # fmt: skip
 
 

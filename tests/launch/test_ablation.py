@@ -125,7 +125,7 @@ def test_every_row_is_a_valid_train_command_differing_from_its_recipe(row):
         assert (config != config_of(recipe)) == (row not in ("base", "reference")), row
 
 
-def test_the_reference_is_the_base_plus_release_jump_and_the_defaults_add_explore_repeat():
+def test_the_reference_is_the_base_plus_release_jump_and_the_defaults_add_their_rows():
     import tyro
 
     base = tyro.cli(TrainConfig, args=list(ablation.BASE))
@@ -135,10 +135,13 @@ def test_the_reference_is_the_base_plus_release_jump_and_the_defaults_add_explor
                                learner=reference.learner) == reference  # fmt: skip
     assert reference.learner.learning_rate_final == 2.5e-5
     assert reference.actor.explore_repeat_max == 1 and reference != TrainConfig()
-    row = ablation.ROWS[ablation.DEFAULTS_ROW]
-    assert row.against == "reference"
-    defaults = tyro.cli(TrainConfig, args=[*ablation.REFERENCE, *row.flags])
+    rows = [ablation.ROWS[name] for name in ablation.DEFAULTS_ROWS]
+    assert all(row.against == "reference" for row in rows)
+    defaults = tyro.cli(
+        TrainConfig, args=[*ablation.REFERENCE, *(f for r in rows for f in r.flags)]
+    )
     assert defaults == TrainConfig() and TrainConfig().env.graphics == "downsample"
+    assert TrainConfig().learner.ema_decay == 0.9998 and reference.learner.ema_decay == 0
 
 
 def test_the_tutorial_row_is_the_parts_own_defaults():

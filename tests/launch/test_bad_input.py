@@ -71,7 +71,7 @@ def _error(argv, capsys) -> tuple[int, str]:
         (["churn", "{tmp}"], 1, "holds no round weights (round-*.pt) at or after 0 env steps"),
         (["churn", "{tmp}", "--states", "0"], 2, "states (0) must be >= 1"),
         (["churn", "{tmp}", "--states-from", "{file}"], 2, "states_from is not a run directory"),
-        (["train", "--eval.compare-online"], 2,
+        (["train", "--learner.ema-decay", "0", "--eval.compare-online"], 2,
          "eval.compare_online (True) compares the online net with the average of its weights, "
          "but learner.ema_decay is 0.0 (no average): give --learner.ema-decay too"),
         (["train", "--learner.ema-decay", "1"], 2, "ema_decay (1.0) must be in [0, 1)"),
