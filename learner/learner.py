@@ -61,7 +61,8 @@ class LearnerConfig:
     """Keep an exponential moving average of the online net's weights (Polyak averaging),
     moved toward them by (1 - ema_decay) after each update; evaluation during training then
     plays the average, and the run keeps and ships it (0: no average). 0.9998 averages over
-    about 5,000 updates (40,000 env steps at 4 samples per insert and batch 32)."""
+    about 5,000 updates (40,000 env steps at 4 samples per insert and batch 32): `mario train`'s
+    default (its recipe; run ema-3)."""
     advantage_learning: float = 0.0
     """α of Advantage Learning (Bellemare et al. 2016): each target loses α times how far the
     action taken falls below the best under the target net, max_b Q(s, b) − Q(s, a) >= 0, which
