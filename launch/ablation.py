@@ -47,7 +47,7 @@ logger = logging.getLogger("ablation")
 #   refused on resume by a newer checkout, whose flags contradict its run: finish it from a
 #   worktree of the older commit. The rows measured after release-jump are on it. Until
 #   session 10 it was called "defaults"; `mario train`'s defaults are now the reference plus
-#   the lever of row downsample (a test checks it; sessions 10–12: of row explore-repeat).
+#   the levers of rows downsample and ema (a test checks it; sessions 10–12: explore-repeat).
 BASE = (
     "--env.action-set", "right_jump", "--env.stuck-steps", "100", "--env.stuck-is-death",
     "--env.flag-bonus", "50", "--env.reward-scale", "0.1", "--env.no-release-jump",
