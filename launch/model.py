@@ -2,7 +2,9 @@
 
 `mario export RUN --out models/smb-1-1` writes:
 
-    model.pt          the online net's weights (a torch state dict, loaded with weights_only)
+    model.pt          the weights evaluation played: the average of the weights when the run
+                      keeps one (the default), else the online net's (a torch state dict,
+                      loaded with weights_only)
     config.json       {"env": …, "network": …}: what the net sees and how it is built
     model_card.json   how it was trained (env steps, updates, wall time, machine, commit, the
                       exact commands, the in-training eval curve) and how it did (final eval)

@@ -29,7 +29,8 @@ SET_DIR_KEY = "set_dir"
 
 CHECKPOINT_NAME = "checkpoint.pt"
 BEST_NAME = "best.pt"
-"""The online weights of the run's best evaluation, in the checkpoint format (learner.online)."""
+"""The weights of the run's best evaluation, in the checkpoint format, under learner.online: the
+average of the weights when the run keeps one (the default), else the online net's."""
 FORMAT_VERSION = 1
 
 

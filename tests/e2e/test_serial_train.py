@@ -270,7 +270,7 @@ def test_a_branch_that_keeps_an_average_plays_it_and_the_online_net_on_the_same_
           "--eval.compare-online"])  # fmt: skip
     learner = load_checkpoint(branch)["learner"]
     assert learner["ema"].keys() == learner["online"].keys()
-    # the average started at the parent's weights and lags those the branch trained
+    # the average (the parent's, moved at the branch's decay) lags the weights the branch trained
     assert any(not torch.equal(learner["ema"][k], learner["online"][k]) for k in learner["ema"])
     records = [json.loads(x) for x in (branch / "metrics.jsonl").read_text().splitlines()]
     rounds = [r for r in records if "eval/flag_rate" in r and r["eval/env_steps"] > start]
