@@ -13,6 +13,7 @@ import torch
 
 from common.config import NetworkConfig, recipe_network
 from launch.bench.checks import prepare_out
+from launch.config import recipe_learner
 from learner.learner import Learner, LearnerConfig
 from replay_server.replay import Sample
 
@@ -28,7 +29,7 @@ VARIANTS = {  # name: LearnerConfig speed options
     # not speed: what recipe options cost on the defaults (AL's extra target forward; moving the
     # average of the weights after each step)
     "advantage-learning": {"advantage_learning": 0.9},
-    "ema": {"ema_decay": 0.99995},
+    "ema": {"ema_decay": recipe_learner().ema_decay},  # mario train's decay
 }
 CUDA_ONLY = {"cuda-graph", "defaults"}  # on the CPU the defaults are plain
 
@@ -47,7 +48,7 @@ class BenchLearnerConfig:
     """Speed options: defaults (the learner's), plain (none), compile, bf16, channels-last, all
     (those three), cuda-graph; defaults and cuda-graph are CUDA's only (skipped on the CPU);
     advantage-learning (the defaults with --learner.advantage-learning 0.9: its cost), ema (the
-    defaults with --learner.ema-decay 0.99995: its cost)."""
+    defaults with mario train's --learner.ema-decay: its cost)."""
     seconds: float = 5.0
     """Seconds of measured updates per configuration (after warm-up)."""
     network: NetworkConfig = dataclasses.field(default_factory=recipe_network)
