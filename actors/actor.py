@@ -62,6 +62,10 @@ class ActorConfig:
             raise ValueError(f"gamma ({self.gamma}) must be in [0, 1]")
         if self.epsilon is not None and not 0 <= self.epsilon <= 1:
             raise ValueError(f"epsilon ({self.epsilon}) must be in [0, 1]")
+        if not 0 < self.epsilon_base <= 1:
+            raise ValueError(f"epsilon_base ({self.epsilon_base}) must be in (0, 1]")
+        if self.epsilon_alpha < 0:
+            raise ValueError(f"epsilon_alpha ({self.epsilon_alpha}) must be >= 0")
         if self.epsilon_decay_steps < 0:
             raise ValueError(f"epsilon_decay_steps ({self.epsilon_decay_steps}) must be >= 0")
         if not 0 <= self.epsilon_start <= 1:

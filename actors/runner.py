@@ -102,8 +102,16 @@ class ActorRunner:
         pipe.get(self.redis_keys.weights_version)
         pipe.hget(self.redis_keys.counters, "env_steps")
         version, run_env_steps = pipe.execute()
-        self.core.set_run_env_steps(int(run_env_steps or 0))
-        if version is None or int(version) == self.core.policy_version:
+        try:  # both are written by the run's own roles; anything else is counted and skipped
+            run_env_steps = int(run_env_steps or 0)
+            version = None if version is None else int(version)
+        except ValueError:
+            self.bad_weights += 1
+            logger.warning("%s ignored a bad weights version %r or env steps %r", self.name,
+                           version, run_env_steps)  # fmt: skip
+            return
+        self.core.set_run_env_steps(run_env_steps)
+        if version is None or version == self.core.policy_version:
             return
         blob = self.client.get(self.redis_keys.weights)
         if blob is None:

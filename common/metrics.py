@@ -31,7 +31,11 @@ def resolve_wandb_mode(mode: str) -> str:
 
 
 class MetricsLogger:
-    """log(metrics, step) from the training loop; close() flushes everything."""
+    """log(metrics, step) from the training loop; close() flushes everything.
+
+    Two threads: one appends each record to metrics.jsonl (local disk, at once), and hands it on
+    to the other, which feeds W&B (its start and its calls can stall on the network): the JSONL
+    never waits for W&B, and a close whose W&B is stuck still has every line written."""
 
     def __init__(
         self, run_dir: pathlib.Path, config: dict, wandb_mode: str = "auto", resume: bool = False
@@ -39,13 +43,19 @@ class MetricsLogger:
         self.path = run_dir / "metrics.jsonl"
         run_dir.mkdir(parents=True, exist_ok=True)
         self._queue: queue.Queue = queue.Queue(maxsize=10_000)
+        self._wandb_queue: queue.Queue = queue.Queue(maxsize=10_000)
+        self._written = threading.Event()  # the JSONL thread has written its last record
         self._mode = resolve_wandb_mode(wandb_mode)
         self._run_dir = run_dir
         self._config = config
         self._resume = resume
-        self.dropped = 0
+        self.dropped = 0  # records not written (queue full, or not JSON)
+        self.wandb_dropped = 0  # records written but not sent to W&B (its queue full)
         self._thread = threading.Thread(target=self._work, name="metrics", daemon=True)
+        self._wandb_thread = threading.Thread(target=self._feed_wandb, name="metrics-wandb",
+                                              daemon=True)  # fmt: skip
         self._thread.start()
+        self._wandb_thread.start()
 
     def log(self, metrics: dict, step: int) -> None:
         """Queues one record; never blocks (drops and counts when the queue is full)."""
@@ -62,8 +72,14 @@ class MetricsLogger:
             self.dropped += 1
 
     def close(self, timeout_s: float = 30.0) -> None:
+        """Writes what is queued to the JSONL, then gives W&B up to `timeout_s` to take the
+        rest and finish."""
         self._queue.put(None)
         self._thread.join(timeout_s)
+        self._wandb_thread.join(timeout_s)
+        if self._wandb_thread.is_alive():
+            logger.warning("W&B did not finish within %.0f s; metrics.jsonl is complete",
+                           timeout_s)  # fmt: skip
 
     def _start_wandb(self):
         if self._mode == "disabled":
@@ -92,26 +108,48 @@ class MetricsLogger:
             return None
 
     def _work(self) -> None:
-        run = self._start_wandb()
-        with self.path.open("a") as jsonl:
-            while True:
-                record = self._queue.get()
-                if record is None:
-                    break
-                video = record.pop(_VIDEO, None)
-                jsonl.write(json.dumps(record) + "\n")
-                jsonl.flush()
-                if run is not None:
+        try:
+            with self.path.open("a") as jsonl:
+                while (record := self._queue.get()) is not None:
+                    video = record.pop(_VIDEO, None)
                     try:
-                        values = {k: v for k, v in record.items() if k != "step"}
-                        if video is not None:
-                            import wandb
+                        line = json.dumps(record)
+                    except (TypeError, ValueError) as error:  # a bug upstream: one record lost
+                        self.dropped += 1
+                        logger.warning("metrics record at step %s not written: %s",
+                                       record.get("step"), error)  # fmt: skip
+                        continue
+                    jsonl.write(line + "\n")
+                    jsonl.flush()
+                    try:
+                        self._wandb_queue.put_nowait((record, video))
+                    except queue.Full:
+                        self.wandb_dropped += 1
+        finally:
+            self._written.set()
 
-                            values[video] = wandb.Video(values[video], format="mp4")
-                        run.log(values, step=record["step"])
-                    except Exception as error:
-                        logger.warning("W&B log failed, disabling: %s", error)
-                        run = None
+    def _feed_wandb(self) -> None:
+        run = self._start_wandb()
+        while True:
+            try:
+                record, video = self._wandb_queue.get(timeout=0.2)
+            except queue.Empty:
+                # nothing is queued after _written is set: empty then means done
+                if self._written.is_set() and self._wandb_queue.empty():
+                    break
+                continue
+            if run is None:
+                continue
+            try:
+                values = {k: v for k, v in record.items() if k != "step"}
+                if video is not None:
+                    import wandb
+
+                    values[video] = wandb.Video(values[video], format="mp4")
+                run.log(values, step=record["step"])
+            except Exception as error:
+                logger.warning("W&B log failed, disabling: %s", error)
+                run = None
         if run is not None:
             try:
                 run.finish()

@@ -234,8 +234,9 @@ def decode_weights(
     version = _int_field(header, "version")
     state = {}
     for name, dtype, shape, data in arrays:
-        if dtype == _BF16:
-            tensor = torch.frombuffer(bytearray(data), dtype=torch.int16).view(torch.bfloat16)
+        if dtype == _BF16:  # (numpy has no bfloat16: its bits as int16; empty ones too)
+            bits = np.frombuffer(data, dtype=np.int16).copy()
+            tensor = torch.from_numpy(bits).view(torch.bfloat16)
         else:
             tensor = torch.from_numpy(np.frombuffer(data, dtype=np.dtype(dtype)).copy())
         state[name] = tensor.reshape(shape)
@@ -270,6 +271,8 @@ def decode_record(message: bytes) -> dict[str, int | float | str | bool]:
     if not isinstance(record, dict):
         raise WireError("record is not a map")
     for name, value in record.items():
+        if not isinstance(name, str):
+            raise WireError(f"record field name {name!r} is {type(name).__name__}, not str")
         if not isinstance(value, _RECORD_VALUE_TYPES):
             raise WireError(f"record field {name!r} is {type(value).__name__}, not a scalar")
     return record

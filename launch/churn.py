@@ -58,6 +58,8 @@ class ChurnConfig:
     def __post_init__(self) -> None:
         if self.states < 1:
             raise ValueError(f"states ({self.states}) must be >= 1")
+        if self.seed < 0:
+            raise ValueError(f"seed ({self.seed}) must be >= 0")
         if self.small_gap <= 0:
             raise ValueError(f"small_gap ({self.small_gap}) must be > 0")
         if self.out is not None and self.out.suffix != ".json":

@@ -28,6 +28,7 @@ from common.config import (
     config_to_dict,
     recipe_network,
 )
+from common.metrics import WANDB_MODES
 from common.redis_io import RedisConfig, check_redis_url
 from launch.evaluate import TrainEvalConfig
 from learner.checkpoint import (
@@ -165,7 +166,8 @@ class TrainConfig:
     ray_dashboard_port: int = DASHBOARD_PORT
     """Dashboard (and job API) port of the head started by --ray-head-port."""
     total_env_steps: int = 5_000_000
-    """Stop after this many agent steps (over all envs)."""
+    """Stop after this many agent steps (over all envs). A resumed run keeps its own budget
+    unless this is given."""
     minutes: float | None = None
     """Stop after this many minutes of wall-clock time (None: no time limit)."""
     publish_every_updates: int = 50
@@ -230,6 +232,10 @@ class TrainConfig:
                 raise ValueError(f"branch_from ({self.branch_from}) must differ from --run-dir")
         if self.total_env_steps < 1:
             raise ValueError(f"total_env_steps ({self.total_env_steps}) must be >= 1")
+        if self.seed < 0:
+            raise ValueError(f"seed ({self.seed}) must be >= 0")
+        if self.wandb not in WANDB_MODES:
+            raise ValueError(f"wandb {self.wandb!r} is unknown; accepted: {', '.join(WANDB_MODES)}")
         if self.minutes is not None and self.minutes <= 0:
             raise ValueError(f"minutes ({self.minutes}) must be > 0")
         if self.publish_every_updates < 1:
@@ -377,14 +383,30 @@ def prepare_run(requested: TrainConfig, given: set[str] | None = None) -> Prepar
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         return PreparedRun(requested, requested.run_dir or pathlib.Path("runs") / stamp)
     run_dir = pathlib.Path(requested.resume)
+    if run_dir.is_file():
+        raise ValueError(f"resume ({run_dir}) must be a run directory, not a file (the run: "
+                         f"--resume {run_dir.parent})")  # fmt: skip
     checkpoint = load_checkpoint(run_dir)
     saved = _saved_config(checkpoint)
     _check_no_contradiction(requested, saved, run_dir, given)
     config = dataclasses.replace(_with_invocation(saved, requested), run_dir=run_dir)
+    config = _keep_budget(config, checkpoint, given)
     mode = "serial" if config.serial else "Ray"
     steps = checkpoint["counters"]["env_steps"]
     logger.info("resuming run %s (%s backend) at %s env steps", run_dir, mode, steps)
     return PreparedRun(config, run_dir, checkpoint)
+
+
+def _keep_budget(config: TrainConfig, checkpoint: dict, given: set[str] | None) -> TrainConfig:
+    """A resume without --total-env-steps keeps the run's own budget (not the default's)."""
+    if given is None:
+        given = (
+            {"total_env_steps"} if config.total_env_steps != TrainConfig.total_env_steps else set()
+        )
+    saved = checkpoint["config"].get("total_env_steps")
+    if "total_env_steps" in given or not isinstance(saved, int) or saved < 1:
+        return config  # runs saved without one (none so far) take the command line's
+    return dataclasses.replace(config, total_env_steps=saved)
 
 
 def check_min_size_reachable(config: TrainConfig) -> None:

@@ -117,6 +117,8 @@ class EvalConfig:
             raise ValueError(f"max_episode_steps ({self.max_episode_steps}) must be >= 1")
         if self.constant_action is not None and self.constant_action < 0:
             raise ValueError(f"constant_action ({self.constant_action}) must be >= 0")
+        if self.seed < 0:
+            raise ValueError(f"seed ({self.seed}) must be >= 0")
 
 
 def play_on_one_thread() -> None:

@@ -49,6 +49,8 @@ class GridConfig:
                 raise ValueError(f"{name} ({getattr(self, name)}) must be >= 1")
         if self.size < 2:
             raise ValueError(f"size ({self.size}) must be >= 2")
+        if self.seed < 0:
+            raise ValueError(f"seed ({self.seed}) must be >= 0")
         if not 0 < self.learning_rate <= 1:
             raise ValueError(f"learning_rate ({self.learning_rate}) must be in (0, 1]")
         if not 0 <= self.gamma <= 1:

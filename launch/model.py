@@ -29,7 +29,13 @@ import tyro
 
 from common.config import EnvConfig, NetworkConfig, config_from_dict
 from common.networks import build_network
-from launch.plots import describe_milestones, load_metrics, milestones, read_jsonl
+from launch.plots import (
+    describe_milestones,
+    load_metrics,
+    milestones,
+    read_jsonl,
+    without_lost_work,
+)
 from learner.checkpoint import (
     BEST_NAME,
     CHECKPOINT_NAME,
@@ -97,7 +103,7 @@ def load_policy(path: pathlib.Path, last: bool = False, online: bool = False) ->
     # hold it as their weights ("online"), its checkpoints beside the online net ("ema").
     learner = payload["learner"]
     averaged = bool(config.get("learner", {}).get("ema_decay"))
-    if online and averaged and "ema" not in learner:
+    if online and averaged and "ema" not in learner and "eval" in payload:  # a round, best.pt
         raise CheckpointError(f"{checkpoint} holds only the average of the weights (as a run's "
                               "rounds and best.pt do): its online net is in checkpoint.pt "
                               "(--last)")  # fmt: skip
@@ -190,6 +196,8 @@ class ExportConfig:
     def __post_init__(self) -> None:
         if self.eval_episodes < 0:
             raise ValueError(f"eval_episodes ({self.eval_episodes}) must be >= 0")
+        if self.seed < 0:
+            raise ValueError(f"seed ({self.seed}) must be >= 0")
         check_average(self.average)
         if self.average > 1 and self.round is None:
             raise ValueError(f"average ({self.average}) needs --round: the rounds are centred "
@@ -305,12 +313,13 @@ def _invocations(run_dir: pathlib.Path) -> list[dict]:
 
 def _eval_curve(run_dir: pathlib.Path) -> list[dict]:
     try:
-        records = load_metrics(run_dir)
+        records = without_lost_work(load_metrics(run_dir))  # not rounds a crash lost
     except FileNotFoundError:
         return []
-    return [{"env_steps": r["eval/env_steps"], "flag_rate": r["eval/flag_rate"],
-             "x_pos_mean": r["eval/x_pos_mean"], "x_pos_median": r["eval/x_pos_median"]}
-            for r in records if "eval/flag_rate" in r]  # fmt: skip
+    curve = [{"env_steps": r["eval/env_steps"], "flag_rate": r["eval/flag_rate"],
+              "x_pos_mean": r["eval/x_pos_mean"], "x_pos_median": r["eval/x_pos_median"]}
+             for r in records if "eval/flag_rate" in r]  # fmt: skip
+    return sorted(curve, key=lambda point: point["env_steps"])
 
 
 def _milestones(run_dir: pathlib.Path) -> dict:
@@ -418,6 +427,8 @@ class PlayConfig:
             raise ValueError(f"sticky_action_prob ({self.sticky_action_prob}) must be in [0, 1)")
         if self.frame_every < 1:
             raise ValueError(f"frame_every ({self.frame_every}) must be >= 1")
+        if self.seed < 0:
+            raise ValueError(f"seed ({self.seed}) must be >= 0")
         if self.max_episode_steps is not None and self.max_episode_steps < 1:
             raise ValueError(f"max_episode_steps ({self.max_episode_steps}) must be >= 1")
 

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 
 import numpy as np
 import ray
@@ -501,6 +502,13 @@ class RayBackend:
         # last read (and restarts an embedded server), rather than wait inside a command.
         self.client = self.endpoint.connect(outage_s=0)
         resources.callback(quietly, "closing the Redis client", self.client.close)
+        try:
+            self.client.ping()
+        except redis.RedisError as error:  # unreachable, refused password, not Redis
+            raise ValueError(
+                f"redis_url {_without_password(url)}: cannot use this Redis "
+                f"({type(error).__name__}: {error})"
+            ) from None
         self.redis_keys = self.endpoint.keys
         self._claim_run_id(resources, url)
         self._counters = dict.fromkeys(BACKEND_COUNTERS, 0)
@@ -994,6 +1002,15 @@ def _check_port_free(name: str, port: int) -> None:
             raise ConnectionError(
                 f"{name} {port} is not free on this machine ({error.strerror}): pick another"
             ) from None
+
+
+def _without_password(url: str) -> str:
+    """The URL as it may be shown: a password in it is replaced by ***."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 def _warn_if_redis_unreachable(redis_url: str) -> None:

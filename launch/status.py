@@ -14,7 +14,7 @@ from rich.live import Live
 from rich.table import Table
 
 from common.redis_io import RedisConfig, RedisKeys, check_redis_url, connect
-from common.wire import decode_record
+from common.wire import WireError, decode_record
 
 STATUS_FILE = "status.json"  # rewritten every second by the trainer (launch.trainer)
 
@@ -109,18 +109,36 @@ def render_file(run_id: str, state: dict) -> Table:
 
 
 def snapshot(client, keys: RedisKeys) -> dict:
-    """Everything `mario status` shows, as plain data."""
+    """Everything `mario status` shows, as plain data. An entry that does not parse (a counter,
+    a role's stats record or heartbeat) is left out and named in "malformed"."""
     now = time.time()
-    counters = {k.decode(): int(v) for k, v in client.hgetall(keys.counters).items()}
-    stats = {k.decode(): decode_record(v) for k, v in client.hgetall(keys.stats).items()}
-    beats = {k.decode(): now - float(v) for k, v in client.hgetall(keys.heartbeats).items()}
-    version = int(client.get(keys.weights_version) or 0)
+    malformed: list[str] = []
+
+    def parsed(where: str, entries: dict, parse) -> dict:
+        kept = {}
+        for key, value in entries.items():
+            name = key.decode(errors="replace")
+            try:
+                kept[name] = parse(value)
+            except (WireError, ValueError, TypeError, OverflowError):
+                malformed.append(f"{where} {name!r}")
+        return kept
+
+    counters = parsed("counter", client.hgetall(keys.counters), int)
+    stats = parsed("stats of", client.hgetall(keys.stats), decode_record)
+    beats = parsed("heartbeat of", client.hgetall(keys.heartbeats), lambda v: now - float(v))
+    try:
+        version = int(client.get(keys.weights_version) or 0)
+    except ValueError:
+        version = 0
+        malformed.append("the weights version")
     return {
         "counters": counters,
         "stats": stats,
         "heartbeat_age_s": beats,
         "weights_version": version,
         "stream_lag_chunks": client.xlen(keys.experience),
+        "malformed": malformed,
     }
 
 
@@ -154,12 +172,22 @@ def render(run_id: str, state: dict) -> Group:
         roles.add_row(
             role,
             f"{age:.1f} s",
-            f"{stats.get('frames_per_s', 0):,.0f}" if "frames_per_s" in stats else "",
-            str(stats.get("policy_version", "")),
-            f"{stats['learner/updates_per_s']:.1f}" if "learner/updates_per_s" in stats else "",
-            f"{stats['learner/loss']:.3f}" if "learner/loss" in stats else "",
+            _number(stats, "frames_per_s", ",.0f"),
+            _number(stats, "policy_version", "d"),
+            _number(stats, "learner/updates_per_s", ".1f"),
+            _number(stats, "learner/loss", ".3f"),
         )
-    return Group(overview, roles)
+    if not state.get("malformed"):
+        return Group(overview, roles)
+    skipped = "malformed entries skipped: " + ", ".join(state["malformed"])
+    return Group(overview, roles, skipped)
+
+
+def _number(stats: dict, name: str, spec: str) -> str:
+    value = stats.get(name)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return ""
+    return format(value, spec) if spec != "d" or isinstance(value, int) else str(value)
 
 
 def show(config: StatusConfig, console: Console) -> dict:
@@ -199,6 +227,8 @@ def show(config: StatusConfig, console: Console) -> dict:
         else:
             problems = []
         console.print(f"run {run_id}: " + ("; ".join(problems) if problems else "healthy"))
+        if state.get("malformed"):
+            console.print("malformed entries skipped: " + ", ".join(state["malformed"]))
         if problems:
             raise SystemExit(1)
         return state

@@ -19,6 +19,7 @@ import datetime
 import fcntl
 import json
 import logging
+import math
 import os
 import pathlib
 import platform
@@ -44,6 +45,7 @@ from launch.status import STATUS_FILE
 from learner.checkpoint import (
     BEST_NAME,
     CHECKPOINT_NAME,
+    CheckpointError,
     holds_checkpoint,
     load_checkpoint,
     newest_set_file,
@@ -86,15 +88,22 @@ def episode_record(episode: dict) -> dict:
             came over the network: the caller counts and drops it).
     """
     return {
-        "episode/return": float(episode["episode_return"]),
-        "episode/length": int(episode["length"]),
-        "episode/x_pos": int(episode["max_x_pos"]),
+        "episode/return": _finite(episode["episode_return"]),
+        "episode/length": int(_finite(episode["length"])),
+        "episode/x_pos": int(_finite(episode["max_x_pos"])),
         "episode/flag_get": int(bool(episode["flag_get"])),
         "episode/level": _text(episode["level"]),
-        "episode/epsilon": float(episode["epsilon"]),
-        "episode/policy_version": int(episode["policy_version"]),
+        "episode/epsilon": _finite(episode["epsilon"]),
+        "episode/policy_version": int(_finite(episode["policy_version"])),
         "episode/actor": _text(episode["actor"]),
     }
+
+
+def _finite(value: object) -> float:
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"expected a finite number, got {value!r}")
+    return number
 
 
 def _text(value: object) -> str:
@@ -223,8 +232,12 @@ class Trainer:
         self.best_eval: dict | None = trainer_state.get("best_eval")
         best_path = self.run_dir / BEST_NAME
         if run.checkpoint and best_path.is_file():  # written after the last checkpoint, maybe
-            self.best_eval = {k: v for k, v in load_checkpoint(best_path)["eval"].items()
-                              if k not in ("per_episode", "online")}  # fmt: skip
+            try:
+                self.best_eval = {k: v for k, v in load_checkpoint(best_path)["eval"].items()
+                                  if k not in ("per_episode", "online")}  # fmt: skip
+            except (CheckpointError, KeyError, AttributeError) as error:
+                logger.warning("%s is unreadable (%s): the best round is the checkpoint's, "
+                               "%s", best_path, error, self.best_eval)  # fmt: skip
         self.last_eval: dict | None = trainer_state.get("last_eval")
         self._eval_started_at: int | None = None
         self._budget_spent = False
@@ -292,10 +305,11 @@ class Trainer:
         while not stop.requested and time.monotonic() < deadline:
             self.backend.advance(0.5)
             self._update_counters()
-            self._evaluate()
             if self.counters["env_steps"] >= config.total_env_steps:
+                # the budget's round starts in _finish, on the weights the roles end with
                 self._budget_spent = True
                 break
+            self._evaluate()
             now = time.monotonic()
             for task in tasks:
                 if now >= task.due:
@@ -316,7 +330,9 @@ class Trainer:
             logger.error("stopping the roles failed: %s", error)
             first_error = error
         if self._budget_spent and not failed:
-            # The round started at the budget is the run's final evaluation: wait for it.
+            # The run's final evaluation: on the weights the learner published last, at the env
+            # steps the actors' last chunks brought (as the final checkpoint's).
+            quietly("reading the counters", self._update_counters)
             quietly("the final evaluation", self._finish_eval)
         try:
             self._write_checkpoint()
@@ -475,12 +491,14 @@ class Trainer:
         """Learner state first (read under its lock), then the replay snapshots, then the file
         that names them: a checkpoint never points at a state newer than its snapshots."""
         state = self.backend.state()
+        # read with the state, before the snapshots: steps the actors take meanwhile are in
+        # neither, and a resume takes them again rather than count them twice
+        self._update_counters()
+        counters = {**self.counters, "updates": int(state["learner"]["updates"])}
         rotate_set(self.run_dir)  # the last whole set stays in previous/ until this one is sealed
         snapshots = []
         if self.config.snapshot_replay:
             snapshots = self.backend.snapshot_replay(self.run_dir)
-        self._update_counters()
-        counters = {**self.counters, "updates": int(state["learner"]["updates"])}
         counters["elapsed_s"] = round(self.elapsed_s, 1)
         save_checkpoint(
             self.run_dir,

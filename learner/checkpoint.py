@@ -112,13 +112,26 @@ def averaged_round(rounds: dict[int, pathlib.Path], centre: int, width: int) -> 
 def save_checkpoint(
     run_dir: pathlib.Path, payload: dict, name: str = CHECKPOINT_NAME
 ) -> pathlib.Path:
-    """Writes run_dir/name atomically (write to a temp file, then rename)."""
+    """Writes run_dir/name atomically and durably (a temp file, synced, then renamed)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / name
     tmp = path.with_suffix(".pt.tmp")
     torch.save({"format": FORMAT_VERSION, **payload}, tmp)
-    tmp.replace(path)
+    durable_replace(tmp, path)
     return path
+
+
+def durable_replace(tmp: pathlib.Path, path: pathlib.Path) -> None:
+    """Renames a written temp file over `path`, its data synced to disk first and the rename
+    after (a power loss leaves the old file or the new one, not an empty one)."""
+    with open(tmp, "rb") as file:
+        os.fsync(file.fileno())
+    tmp.replace(path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def file_digest(path: pathlib.Path) -> dict:
@@ -175,7 +188,7 @@ def write_manifest(run_dir: pathlib.Path, names: list[str], env_steps: int) -> N
     files = {name: file_digest(run_dir / name) for name in names}
     tmp = run_dir / (MANIFEST_NAME + ".tmp")
     tmp.write_text(json.dumps({"env_steps": env_steps, "files": files}, indent=1) + "\n")
-    tmp.replace(run_dir / MANIFEST_NAME)
+    durable_replace(tmp, run_dir / MANIFEST_NAME)
 
 
 def check_set(set_dir: pathlib.Path) -> str | None:

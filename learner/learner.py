@@ -83,8 +83,18 @@ class LearnerConfig:
             raise ValueError(f"target_sync_updates ({self.target_sync_updates}) must be >= 1")
         if self.max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm ({self.max_grad_norm}) must be > 0")
-        if self.device != "auto" and not self.device.startswith(("cpu", "cuda", "mps")):
-            raise ValueError(f"device {self.device!r} is unknown; accepted: auto, cpu, cuda[:N]")
+        if self.huber_delta <= 0:
+            raise ValueError(f"huber_delta ({self.huber_delta}) must be > 0")
+        if self.adam_epsilon <= 0:
+            raise ValueError(f"adam_epsilon ({self.adam_epsilon}) must be > 0")
+        accepted = "accepted: auto, cpu, cuda, cuda:N, mps"
+        if self.device != "auto":
+            try:
+                kind = torch.device(self.device).type
+            except RuntimeError:
+                kind = None
+            if kind not in ("cpu", "cuda", "mps"):
+                raise ValueError(f"device {self.device!r} is unknown; {accepted}")
         if self.cuda_graph and self.compile:
             raise ValueError("cuda_graph (True) and compile (True) exclude each other; pick one")
         if not 0 <= self.ema_decay < 1:
@@ -114,9 +124,20 @@ class LearnerConfig:
 
     @property
     def torch_device(self) -> torch.device:
+        """The device, checked against this machine's (where the learner runs).
+
+        Raises:
+            ValueError: a CUDA device this machine does not have, named.
+        """
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        device = torch.device(self.device)
+        if device.type == "cuda":
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if (device.index or 0) >= count:
+                raise ValueError(f"device {self.device!r}: this machine has {count} CUDA "
+                                 "device(s); use --learner.device cpu (or auto)")  # fmt: skip
+        return device
 
 
 class Learner:

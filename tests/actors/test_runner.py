@@ -120,3 +120,19 @@ def test_counts_held_back_by_a_lost_request_go_out_with_the_later_ones(redis_ser
         core.close()
     finally:
         dropper.close()
+
+
+def test_a_bad_weights_version_or_run_count_is_counted_and_skipped(redis_url):
+    # Both are written by the run's own roles; garbage there once ended the actor (int("v9")
+    # raised ValueError past its `except WireError`), and with it the run.
+    runner = ActorRunner(_corridor_actor(), RedisEndpoint(redis_url, "bad-version"))
+    client, keys = redis.Redis.from_url(redis_url), RedisKeys("bad-version")
+    for version, env_steps in (("v9", 10), (3, "many")):
+        client.set(keys.weights_version, version)
+        client.hset(keys.counters, "env_steps", env_steps)
+        runner._poll_weights()
+    assert runner.bad_weights == 2 and runner.weight_updates == 0
+    client.hset(keys.counters, "env_steps", 500)
+    client.delete(keys.weights_version)
+    runner._poll_weights()  # good values are read again
+    assert runner.bad_weights == 2

@@ -14,7 +14,14 @@ import torch
 
 from common.experience import synthetic_chunk
 from common.networks import QNetwork
-from common.wire import WireError, decode_chunk, decode_weights, encode_chunk, encode_weights
+from common.wire import (
+    WireError,
+    decode_chunk,
+    decode_record,
+    decode_weights,
+    encode_chunk,
+    encode_weights,
+)
 
 
 def test_chunk_round_trip():
@@ -38,6 +45,32 @@ def test_weights_round_trip_and_shape_check():
         decode_weights(blob, QNetwork(7).state_dict() | {"extra": torch.zeros(1)})
     with pytest.raises(WireError, match="shape"):
         decode_weights(blob, QNetwork(7).state_dict())
+
+
+def test_an_empty_bf16_tensor_is_a_shape_error_not_a_crash():
+    # torch.frombuffer refuses an empty buffer with a plain ValueError, which once escaped the
+    # actor's `except WireError` and ended the run
+    network = QNetwork(5)
+    state = {name: tensor.to(torch.bfloat16) for name, tensor in network.state_dict().items()}
+    state["head.2.bias"] = torch.zeros((0, 3), dtype=torch.bfloat16)
+    blob = encode_weights(state, version=1)
+    decoded, _ = decode_weights(blob)
+    assert decoded["head.2.bias"].shape == (0, 3) and decoded["head.2.bias"].dtype == torch.bfloat16
+    with pytest.raises(WireError, match="shape"):
+        decode_weights(blob, network.state_dict())
+
+
+@pytest.mark.parametrize(
+    ("record", "error"),
+    [
+        ({b"learner/loss": 1.0}, "field name b'learner/loss' is bytes, not str"),
+        ({"learner/loss": [1.0]}, "field 'learner/loss' is list, not a scalar"),
+        ([1, 2], "not a map"),
+    ],
+)
+def test_a_record_must_map_text_names_to_scalars(record, error):
+    with pytest.raises(WireError, match=error):
+        decode_record(msgpack.packb(record))
 
 
 def _header_swap(message: bytes, body: bytes | None = None, **changes) -> bytes:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import ray
 import redis
+import torch
 
 from common.redis_io import RedisKeys
 from launch.cli import main
@@ -94,6 +95,13 @@ def test_experience_flows_learner_updates_actors_get_new_weights(distributed_run
     assert evals and all(r["step"] >= 600 for r in evals)
     assert all("eval_online/flag_rate" in r for r in evals)  # the average's rounds, compared
     assert payload["learner"]["ema"].keys() == payload["learner"]["online"].keys()
+    # The round at the budget played the weights the run ends with (the average the learner
+    # published last, once the actors had stopped), at the final checkpoint's env steps
+    last = load_checkpoint(sorted((distributed_run / "eval").glob("round-*.pt"))[-1])
+    assert last["counters"]["env_steps"] == counters["env_steps"]
+    assert last["counters"]["updates"] == payload["learner"]["updates"]
+    ema = payload["learner"]["ema"]
+    assert all(torch.equal(last["learner"]["online"][k], ema[k]) for k in ema)
     assert load_checkpoint(distributed_run / "best.pt")["eval"]["env_steps"] >= 600
     assert list((distributed_run / "wandb").glob("offline-run-*"))
     assert leftover_processes(distributed_run, os.getpid()) == ""

@@ -218,6 +218,11 @@ def test_existing_run_dir_needs_resume_and_resume_existing_continues(trained_run
     assert "Give a larger --total-env-steps to go on" in text
     written.pop(trained_run / ".lock")  # rewritten with the pid of each mario train
     assert {path: path.read_bytes() for path in written} == written
+    # A resume without --total-env-steps keeps the run's budget (not the default 5,000,000)
+    main([*TINY, "--resume", str(trained_run)])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"has spent its budget ({reached:,} of --total-env-steps {budget:,} env steps)" in text
+    assert {path: path.read_bytes() for path in written} == written
 
 
 def test_a_branch_goes_on_from_the_parent_with_the_settings_given_changed(trained_run, tmp_path):
@@ -651,9 +656,11 @@ def test_a_corrupt_checkpoint_set_resumes_from_the_previous_one(trained_run, tmp
     data = bytearray((run_dir / "replay-0.npz").read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte in the replay snapshot
     (run_dir / "replay-0.npz").write_bytes(bytes(data))
+    (run_dir / "best.pt").write_bytes(b"")  # as a power loss could leave it: not fatal either
     flags = [arg for arg in TINY if arg != "--serial"]
     with caplog.at_level("INFO"):
         main([*flags, "--total-env-steps", str(previous["env_steps"] + 100), "--resume",
               str(run_dir)])  # fmt: skip
     assert "replay-0.npz: checksum mismatch" in caplog.text
+    assert "best.pt is unreadable (cannot load checkpoint" in caplog.text
     assert f"at {previous['env_steps']} env steps" in caplog.text  # "resuming run … at N"

@@ -79,6 +79,28 @@ def _error(argv, capsys) -> tuple[int, str]:
          "advantage_learning (1.0) must be in [0, 1)"),
         (["train", "--distributed.batches-per-request", "0"], 2,
          "batches_per_request (0) must be >= 1"),
+        (["train", "--wandb", "off"], 2,
+         "wandb 'off' is unknown; accepted: auto, online, offline, disabled"),
+        (["train", "--seed", "-1"], 2, "seed (-1) must be >= 0"),
+        (["train", "--actor.epsilon-base", "4"], 2, "epsilon_base (4.0) must be in (0, 1]"),
+        (["train", "--actor.epsilon-alpha", "-7"], 2, "epsilon_alpha (-7.0) must be >= 0"),
+        (["train", "--learner.huber-delta", "0"], 2, "huber_delta (0.0) must be > 0"),
+        (["train", "--learner.adam-epsilon", "-1"], 2, "adam_epsilon (-1.0) must be > 0"),
+        (["train", "--learner.device", "cuda:x"], 2,
+         "device 'cuda:x' is unknown; accepted: auto, cpu, cuda, cuda:N, mps"),
+        (["train", "--resume", "{file}"], 1, "file) must be a run directory, not a file (the run:"),
+        # found when the roles start, before anything trains (and before it is recorded)
+        (["train", "--serial", "--learner.device", "cuda:99", "--run-dir", "{tmp}/gpu",
+          "--wandb", "disabled", "--no-live-display"], 1,
+         "device 'cuda:99': this machine has"),
+        (["train", "--redis-url", "redis://127.0.0.1:1/0", "--run-dir", "{tmp}/r",
+          "--wandb", "disabled", "--no-live-display"], 1,
+         "redis_url redis://127.0.0.1:1/0: cannot use this Redis (ConnectionError"),
+        (["eval", "{tmp}", "--seed", "-5"], 2, "seed (-5) must be >= 0"),
+        (["play", "{tmp}", "--seed", "-1", "--out", "m.gif"], 2, "seed (-1) must be >= 0"),
+        (["export", "{tmp}", "--seed", "-1"], 2, "seed (-1) must be >= 0"),
+        (["churn", "{tmp}", "--seed", "-1"], 2, "seed (-1) must be >= 0"),
+        (["grid", "--seed", "-1"], 2, "seed (-1) must be >= 0"),
         (["status", "--run-id", "no-such-run"], 1,
          "no run directory runs/no-such-run for run_id 'no-such-run': pass --run-dir"),
     ],
@@ -88,6 +110,16 @@ def test_a_bad_argument_is_a_clear_error_naming_it(argv, code, message, tmp_path
     monkeypatch.chdir(tmp_path)  # `runs/` is the test's own
     (tmp_path / "file").write_text("")
     argv = [arg.format(tmp=tmp_path, file=tmp_path / "file") for arg in argv]
+    if argv[0] == "train" and not {"--run-dir", "--resume"} & set(argv):
+        # should the value be accepted after all, a short serial run fails the row quickly
+        argv += [
+            "--serial",
+            "--total-env-steps",
+            "64",
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--no-live-display",
+        ] + ([] if "--wandb" in argv else ["--wandb", "disabled"])
     got_code, text = _error(argv, capsys)
     assert got_code == code and message in text, text
 

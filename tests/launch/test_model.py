@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from common.config import EnvConfig, NetworkConfig
+from common.config import EnvConfig, NetworkConfig, config_to_dict
 from common.networks import build_network
 from launch.cli import main
 from launch.model import MODEL_CONFIG, MODEL_WEIGHTS, PlayConfig, load_policy
@@ -73,3 +73,24 @@ def test_play_of_a_missing_model_exits_1_naming_it(tmp_path, capsys):
         main(["play", str(tmp_path / "nothing"), "--out", str(tmp_path / "x.gif")])
     assert exit_info.value.code == 1
     assert "nothing" in capsys.readouterr().out
+
+
+def test_online_play_of_a_checkpoint_that_has_no_average_yet_plays_its_online_net(tmp_path):
+    # A branch that turns the average on from a parent without one: until its first own
+    # checkpoint, checkpoint.pt holds only the online net; --online plays it (the refusal is
+    # for rounds and best.pt, which hold only the average)
+    from launch.config import TrainConfig
+    from learner.checkpoint import save_checkpoint
+
+    config = config_to_dict(TrainConfig())  # the defaults keep an average (ema_decay > 0)
+    assert config["learner"]["ema_decay"] > 0
+    env = EnvConfig(**config["env"])
+    network = build_network(NetworkConfig(**config["network"]), env.num_actions, env.frame_stack)
+    payload = {"learner": {"online": network.state_dict(), "updates": 3}, "config": config,
+               "counters": {"env_steps": 100, "updates": 3}}  # fmt: skip
+    path = save_checkpoint(tmp_path, payload, name="checkpoint-copy.pt")
+    played = load_policy(path, online=True).weights
+    assert all(torch.equal(played[k], v) for k, v in network.state_dict().items())
+    round_path = save_checkpoint(tmp_path, {**payload, "eval": {"flag_rate": 0.5}}, name="r.pt")
+    with pytest.raises(CheckpointError, match=r"r\.pt holds only the average of the weights"):
+        load_policy(round_path, online=True)

@@ -46,6 +46,8 @@ def test_the_driver_counts_and_drops_malformed_telemetry(reader):
                    {"m": _episode(900, policy_version=None)},
                    {"m": _episode(900, episode_return="12.5x")},
                    {"m": _episode(900, actor=3)},
+                   {"m": _episode(float("inf"))},  # int(inf) would raise OverflowError
+                   {"m": _episode(900, epsilon=float("nan"))},
                    {"m": encode_record({k: v for k, v in decode_record(_episode(900)).items()
                                         if k != "actor"})},
                    {"m": _episode(1200)}):  # fmt: skip
@@ -53,9 +55,9 @@ def test_the_driver_counts_and_drops_malformed_telemetry(reader):
     episodes = backend.new_episodes()
     assert [e["episode/x_pos"] for e in episodes] == [700, 1200]
     assert episodes[0]["episode/policy_version"] == 7 and episodes[0]["episode/actor"] == "actor-0"
-    assert backend.malformed_records == 9
+    assert backend.malformed_records == 11
     assert backend.new_episodes() == []  # read once
-    assert client.xlen(stream) == 11  # nothing stored is lost
+    assert client.xlen(stream) == 13  # nothing stored is lost
     client.xadd(stream, {"m": _episode(1500)})
     assert [e["episode/x_pos"] for e in backend.new_episodes()] == [1500]
 
@@ -70,6 +72,7 @@ def test_the_driver_counts_and_drops_malformed_stats_once(reader):
         "actor-2": encode_record({"env_steps_per_s": 1.0, "policy_version": 3}),  # a field short
         "actor-3": encode_record({**good, "policy_version": True}),  # a bool is no number here
         "actor-4": b"\xc1 not msgpack",
+        "actor-5": msgpack.packb({b"frames_per_s": 600.0}),  # a name that is not text
     })  # fmt: skip
     client.set(keys.weights_version, 52)
     for _ in range(2):  # each bad record is counted once, however often it is read
@@ -77,16 +80,16 @@ def test_the_driver_counts_and_drops_malformed_stats_once(reader):
         assert stats == {"learner/loss": 0.5, "actors/env_steps_per_s": 150.0,
                          "actors/frames_per_s": 600.0, "actors/actor-0/frames_per_s": 600.0,
                          "policy_lag": 12}  # fmt: skip
-        assert backend.malformed_records == 4
+        assert backend.malformed_records == 5
     client.hset(keys.stats, "actor-1", encode_record(good))  # its next heartbeat
     assert backend.role_stats()["actors/frames_per_s"] == 1200.0
     client.hset(keys.stats, "actor-1", encode_record({**good, "frames_per_s": "x"}))
     backend.role_stats()
-    assert backend.malformed_records == 5
+    assert backend.malformed_records == 6
     client.set(keys.weights_version, b"v52")  # not what the learner writes
     assert "policy_lag" not in backend.role_stats()
-    assert backend.malformed_records == 6
-    assert client.hlen(keys.stats) == 6  # nothing stored is lost
+    assert backend.malformed_records == 7
+    assert client.hlen(keys.stats) == 7  # nothing stored is lost
 
 
 def test_a_counter_that_is_not_an_integer_is_dropped_and_the_last_count_kept(reader):

@@ -73,3 +73,33 @@ def test_without_redis_status_reads_the_status_file_and_checks_its_age(tmp_path)
         show(StatusConfig(run_dir=run_dir, healthy_within=60), console)
     assert exit_info.value.code == 1
     assert re.search(r"status.json 1\d\d s old", console.export_text())
+
+
+def test_a_malformed_entry_is_named_and_skipped_and_the_rest_still_shows(redis_url, tmp_path):
+    # One bad record must not hide the others, nor fail --healthy-within (the container health
+    # check) while the heartbeats are fresh.
+    client = redis.Redis.from_url(redis_url)
+    keys = RedisKeys("run-bad")
+    client.hset(keys.counters, mapping={"env_steps": 1234, "chunks_written": "lots"})
+    client.hset(keys.heartbeats, mapping={"actor-0": time.time() - 3, "learner": time.time(),
+                                          "actor-1": "yesterday"})  # fmt: skip
+    client.hset(keys.stats, "actor-0", b"\xc1 not msgpack")
+    client.hset(keys.stats, "actor-1", msgpack.packb({"frames_per_s": "fast"}))
+    client.hset(keys.stats, "learner", msgpack.packb({"learner/loss": 0.25}))
+    client.set(keys.weights_version, "v9")
+    run_dir = tmp_path / "run-bad"
+    run_dir.mkdir()
+    (run_dir / "redis_url").write_text(redis_url + "\n")
+    console = Console(record=True, width=200)
+    state = show(StatusConfig(run_dir=run_dir, healthy_within=60), console)
+    assert state["counters"] == {"env_steps": 1234}
+    assert set(state["heartbeat_age_s"]) == {"actor-0", "learner"}
+    assert set(state["stats"]) == {"actor-1", "learner"} and state["weights_version"] == 0
+    assert state["malformed"] == ["counter 'chunks_written'", "stats of 'actor-0'",
+                                  "heartbeat of 'actor-1'", "the weights version"]  # fmt: skip
+    text = " ".join(console.export_text().split())
+    assert "run run-bad: healthy malformed entries skipped: counter 'chunks_written'" in text
+    console = Console(record=True, width=200)
+    show(StatusConfig(run_dir=run_dir), console)
+    text = " ".join(console.export_text().split())
+    assert "0.250" in text and "malformed entries skipped: counter 'chunks_written'" in text
