@@ -17,6 +17,7 @@ import dataclasses
 import logging
 import os
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
@@ -207,6 +208,19 @@ class ActorWorker:
         return context.get_node_id(), ray.util.get_node_ip_address()
 
 
+def shard_weights(totals: np.ndarray) -> np.ndarray:
+    """How often each shard is asked for a batch: in proportion to its total priority (so a
+    transition's chance is the same whichever shard holds it); a shard that last reported an
+    empty replay (a restart without a snapshot, the run's start) is asked as often as the
+    average shard with data, so that it is heard from again once it has some."""
+    totals = np.asarray(totals, dtype=np.float64)
+    positive = totals > 0
+    if not positive.any():
+        return np.full(len(totals), 1 / len(totals))
+    weights = np.where(positive, totals, totals[positive].mean())
+    return weights / weights.sum()
+
+
 class RayReplayClient:
     """Keeps `prefetch` sample requests in flight, to shards chosen by their total priority;
     each asks for `batches_per_request` batches, and the priorities of that many batches go
@@ -223,8 +237,7 @@ class RayReplayClient:
         self.priorities: dict[int, list] = {}  # shard id → [(keys, |TD|)] not yet sent
 
     def _request(self, batch_size: int) -> None:
-        weights = self.totals / self.totals.sum() if self.totals.sum() > 0 else None
-        shard_id = int(self.rng.choice(len(self.shards), p=weights))
+        shard_id = int(self.rng.choice(len(self.shards), p=shard_weights(self.totals)))
         ref = self.shards[shard_id].sample.remote(batch_size, self.batches_per_request)
         self.inflight[ref] = shard_id
 
@@ -243,7 +256,7 @@ class RayReplayClient:
             logger.warning("sample from shard %d failed: %s", shard_id, error)
             time.sleep(0.5)
             return None
-        self.totals[shard_id] = max(total, 1e-9)
+        self.totals[shard_id] = total
         if not batches:
             time.sleep(0.01)  # the shard's rate limiter said no; ask again shortly
             return None
@@ -590,6 +603,7 @@ class RayBackend:
         address = address or "local"
         # A private local Ray gets CPUs for the learner and every requested actor.
         wanted = 1 + (config.distributed.num_actors or 1)
+        handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
         ray.init(
             address=address,
             num_cpus=max(os.cpu_count() or 1, wanted) if address == "local" else None,
@@ -598,6 +612,11 @@ class RayBackend:
             configure_logging=False,
         )
         resources.callback(quietly, "shutting Ray down", ray.shutdown)
+        # ray.init takes SIGTERM (sys.exit): the run's own handler comes back at once, so that a
+        # stop during the rest of the start (up to minutes, for the learner) ends the run cleanly
+        for sig, handler in handlers.items():
+            with contextlib.suppress(ValueError, TypeError):  # not the main thread; not Python's
+                signal.signal(sig, handler)
 
     def _start_roles(self, resources: contextlib.ExitStack, learner_state: dict | None) -> None:
         config, distributed = self.config, self.config.distributed
@@ -685,8 +704,12 @@ class RayBackend:
         if self.learner_restarts > MAX_LEARNER_RESTARTS:
             raise RoleFailed(f"the learner died {self.learner_restarts} times; last: {error}")
         reached = self._counters.get("updates", 0)
-        with contextlib.suppress(redis.RedisError):
+        with contextlib.suppress(redis.RedisError, ValueError):
             reached = max(reached, int(self.client.hget(self.redis_keys.counters, "updates") or 0))
+        # the counter is written every 2 s, the weights every 50 updates: the newer one counts
+        # (the actors hold that version; the new learner's must not go back below it)
+        with contextlib.suppress(redis.RedisError, ValueError):
+            reached = max(reached, int(self.client.get(self.redis_keys.weights_version) or 0))
         state = self._kept.state
         kept = int(state["updates"]) if state else 0
         with contextlib.suppress(Exception):
@@ -794,7 +817,7 @@ class RayBackend:
                 continue
             if name == "learner":
                 stats = {k: v for k, v in record.items() if isinstance(v, int | float)}
-            elif name.startswith("actor-"):
+            elif name.startswith("actor-") and self._running(name):
                 actors[name] = record
         stats["actors/env_steps_per_s"] = sum(s["env_steps_per_s"] for s in actors.values())
         stats["actors/frames_per_s"] = sum(s["frames_per_s"] for s in actors.values())
@@ -805,6 +828,13 @@ class RayBackend:
         if actors and version is not None:
             stats["policy_lag"] = version - min(s["policy_version"] for s in actors.values())
         return stats
+
+    def _running(self, actor_name: str) -> bool:
+        """Whether an actor's record is of an actor of the pool (one whose node left the
+        cluster is dropped from it, and its last record stays in Redis)."""
+        if self.actors is None:
+            return True
+        return actor_name in {f"actor-{index}" for index in self.actors.members}
 
     def _checked(self, what: str, value: bytes, parse):
         """parse(value), or None for a value read from Redis that is not what its writer writes:

@@ -140,3 +140,23 @@ def test_the_learner_draws_from_each_shard_in_proportion_to_its_total_priority(r
         assert [s["replay/size"] for s in _stats(shards)] == list(held)
     finally:
         ray.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("totals", "weights"),
+    [
+        ([1.0, 1.0], [0.5, 0.5]),  # before any shard reported
+        ([300.0, 900.0], [0.25, 0.75]),  # in proportion to the total priority
+        # a shard that reported an empty replay (restarted without a snapshot, or at the
+        # start) is asked as often as the average shard with data: it once got 1e-9 of the
+        # requests and was never asked again, its share of the stream lost to training
+        ([0.0, 600.0, 1200.0], [900 / 2700, 600 / 2700, 1200 / 2700]),
+        ([0.0, 0.0], [0.5, 0.5]),
+    ],
+)
+def test_a_shard_is_asked_in_proportion_to_its_total_and_an_empty_one_is_not_forgotten(
+    totals, weights
+):
+    from launch.ray_backend import shard_weights
+
+    assert list(shard_weights(totals)) == pytest.approx(weights)

@@ -106,3 +106,25 @@ def test_a_counter_that_is_not_an_integer_is_dropped_and_the_last_count_kept(rea
     assert client.hget(counters, "env_steps") == b"5k"  # not written over: it is not ours
     client.hset(counters, "env_steps", 5200)
     assert backend.counters()["env_steps"] == 5200
+
+
+def test_the_stats_of_an_actor_dropped_from_the_pool_no_longer_count(reader):
+    # An actor whose node left the cluster is dropped from the pool; its last record stays in
+    # Redis and once counted for ever (its frames/s in the totals, the policy lag growing)
+    from launch.ray_backend import ActorPool
+
+    backend, keys, client = reader
+    good = {"env_steps_per_s": 150.0, "frames_per_s": 600.0, "policy_version": 40, "frames": 9}
+    client.hset(
+        keys.stats,
+        mapping={
+            "actor-0": encode_record(good),
+            "actor-1": encode_record({**good, "policy_version": 2}),
+        },
+    )
+    client.set(keys.weights_version, 52)
+    backend.actors = ActorPool(make_actor=None, initial=0, maximum=None)  # no Ray: no actor yet
+    backend.actors.members = {0: None}  # actor 1 was dropped
+    stats = backend.role_stats()
+    assert stats["actors/frames_per_s"] == 600.0 and stats["policy_lag"] == 12
+    assert "actors/actor-1/frames_per_s" not in stats and backend.malformed_records == 0
