@@ -80,6 +80,10 @@ class ReplayShard:
             self._screen(max_chunks)
             return 0
         entries = self._read("0", max_chunks, None) if self._reading_own_pending else []
+        if entries and self._unacked:  # already in the replay, their acks not yet through
+            taken = set(self._unacked)
+            entries = [(entry_id, fields) for entry_id, fields in entries
+                       if entry_id not in taken]  # fmt: skip
         if not entries:
             self._reading_own_pending = False  # own pending list drained: read new entries
             entries = self._read(">", max_chunks, block_ms)
@@ -208,10 +212,24 @@ class ReplayShard:
                 summary = self.client.xpending(self.redis_keys.experience, group["name"])
                 if summary.get("min"):
                     candidates.append(_as_str(summary["min"]))
+                if _as_str(group["name"]) == REPLAY_GROUP:
+                    self._check_own_pending(summary)
             low = min(candidates, key=_id_key)
             boundary = low if boundary is None else min(boundary, low, key=_id_key)
         if boundary is not None:
             self.client.xtrim(self.redis_keys.experience, minid=boundary, approximate=False)
+
+    def _check_own_pending(self, summary: dict) -> None:
+        """Entries delivered to this shard that it never took in (the reply to an XREADGROUP
+        was lost and the client's retry read the next ones) stay pending for ever: never acked,
+        never trimmed, a backlog that grows until the actors stop. Read them again."""
+        mine = sum(int(consumer["pending"]) for consumer in summary.get("consumers") or []
+                   if _as_str(consumer["name"]) == self.consumer)  # fmt: skip
+        if mine > len(self._unacked) and not self._reading_own_pending:
+            logger.warning("shard %d: %d entries delivered to it were never read (a lost "
+                           "reply); reading them again", self.shard_id,
+                           mine - len(self._unacked))  # fmt: skip
+            self._reading_own_pending = True
 
     def sample(self, batch_size: int) -> Sample | None:
         """A prioritized batch, or None while the rate limiter (or emptiness) holds it back."""

@@ -164,6 +164,31 @@ def test_acks_whose_reply_was_lost_are_counted_once(redis_server, redis_url):
         dropper.close()
 
 
+def test_entries_whose_read_reply_was_lost_are_read_again_not_left_pending(redis_server,
+                                                                           redis_url):  # fmt: skip
+    # Redis delivers new entries to the shard (XREADGROUP ">") and the reply is lost; the
+    # client's retry reads nothing new. Those entries stayed pending for ever: never inserted,
+    # never acked or trimmed, a backlog growing until it held every actor back.
+    dropper = ReplyDropper(redis_server.port)
+    try:
+        client, keys = redis.Redis.from_url(redis_url), RedisKeys(RUN)
+        shard = make_shard(dropper.url)
+        write_chunks(client, 3, np.random.default_rng(0))
+        assert drain(shard) == 3
+        write_chunks(client, 4, np.random.default_rng(1))
+        dropper.arm(b"$1\r\n>\r\n")  # the id argument of a read of new entries
+        assert shard.ingest(max_chunks=16) == 0  # the retry found nothing new
+        assert dropper.dropped == 1
+        assert client.xpending(keys.experience, REPLAY_GROUP)["pending"] == 4
+        shard._last_trim = 0
+        assert shard.ingest(max_chunks=16) == 0  # its once-a-second check finds them
+        assert drain(shard) == 4  # and the next reads take them in
+        assert int(client.hget(keys.counters, "chunks_inserted")) == 7 == shard.replay.size // 20
+        assert client.xpending(keys.experience, REPLAY_GROUP)["pending"] == 0
+    finally:
+        dropper.close()
+
+
 def test_acks_a_long_outage_held_back_are_sent_and_none_is_lost(redis_server, redis_url,
                                                                  monkeypatch):  # fmt: skip
     # a client without retries: each lost request stands for an outage longer than the window
