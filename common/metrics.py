@@ -74,7 +74,10 @@ class MetricsLogger:
     def close(self, timeout_s: float = 30.0) -> None:
         """Writes what is queued to the JSONL, then gives W&B up to `timeout_s` to take the
         rest and finish."""
-        self._queue.put(None)
+        try:
+            self._queue.put(None, timeout=timeout_s)  # full only if the writer died (disk)
+        except queue.Full:
+            logger.warning("the metrics writer is not taking records; closing without it")
         self._thread.join(timeout_s)
         self._wandb_thread.join(timeout_s)
         if self._wandb_thread.is_alive():

@@ -156,12 +156,15 @@ class ShardWorker:
         self._thread.join()
         drained, deadline = 0, time.monotonic() + drain_s
         with contextlib.suppress(redis.RedisError), self._lock:
-            while time.monotonic() < deadline:
-                read = self.shard.ingest(max_chunks=64, limit=False)
-                if read == 0:
+            for _ in range(2):  # again if the last trim found entries delivered but never read
+                while time.monotonic() < deadline:
+                    read = self.shard.ingest(max_chunks=64, limit=False)
+                    if read == 0:
+                        break
+                    drained += read
+                self.shard.finish()  # acks (an outage's too, if Redis answers now), a trim
+                if not self.shard.rereading:
                     break
-                drained += read
-            self.shard.finish()  # acks (an outage's too, if Redis answers now), then a trim
         return drained
 
 
@@ -703,13 +706,15 @@ class RayBackend:
         self.learner_restarts += 1
         if self.learner_restarts > MAX_LEARNER_RESTARTS:
             raise RoleFailed(f"the learner died {self.learner_restarts} times; last: {error}")
-        reached = self._counters.get("updates", 0)
+        reached, published = self._counters.get("updates", 0), 0
         with contextlib.suppress(redis.RedisError, ValueError):
             reached = max(reached, int(self.client.hget(self.redis_keys.counters, "updates") or 0))
-        # the counter is written every 2 s, the weights every 50 updates: the newer one counts
-        # (the actors hold that version; the new learner's must not go back below it)
+        # the counter is written every 2 s, the weights every 50 updates: the newer one counts,
+        # and the new learner's first weights get a version above what the actors hold (they
+        # skip a version they have)
         with contextlib.suppress(redis.RedisError, ValueError):
-            reached = max(reached, int(self.client.get(self.redis_keys.weights_version) or 0))
+            published = int(self.client.get(self.redis_keys.weights_version) or 0)
+        floor, reached = max(reached, published + 1), max(reached, published)
         state = self._kept.state
         kept = int(state["updates"]) if state else 0
         with contextlib.suppress(Exception):
@@ -723,7 +728,7 @@ class RayBackend:
         with contextlib.suppress(redis.RedisError):  # for `mario chaos`'s books
             self.client.hincrby(self.redis_keys.counters, "updates_lost", max(reached - kept, 0))
         self._kept.forget_pending()
-        self._start_learner(state, updates_floor=reached)
+        self._start_learner(state, updates_floor=floor)
 
     def _call(self, ref, timeout: float = 120):
         """ray.get of the learner's answers, with its failure named as the learner's."""

@@ -23,6 +23,7 @@ import math
 import os
 import pathlib
 import platform
+import shutil
 import signal
 import subprocess
 import time
@@ -46,6 +47,7 @@ from learner.checkpoint import (
     BEST_NAME,
     CHECKPOINT_NAME,
     CheckpointError,
+    durable_replace,
     holds_checkpoint,
     load_checkpoint,
     newest_set_file,
@@ -236,8 +238,8 @@ class Trainer:
                 self.best_eval = {k: v for k, v in load_checkpoint(best_path)["eval"].items()
                                   if k not in ("per_episode", "online")}  # fmt: skip
             except (CheckpointError, KeyError, AttributeError) as error:
-                logger.warning("%s is unreadable (%s): the best round is the checkpoint's, "
-                               "%s", best_path, error, self.best_eval)  # fmt: skip
+                logger.warning("%s is unreadable (%s)", best_path, error)
+                self._restore_best(best_path)
         self.last_eval: dict | None = trainer_state.get("last_eval")
         self._eval_started_at: int | None = None
         self._budget_spent = False
@@ -246,6 +248,21 @@ class Trainer:
         self._rate_base: tuple[float, dict[str, int]] | None = None
         self._metrics: MetricsLogger | None = None
         self._live: Live | None = None
+
+    def _restore_best(self, best_path: pathlib.Path) -> None:
+        """best.pt again from the kept weights of the checkpoint's best round; without them, the
+        next round writes it anew."""
+        best = self.best_eval
+        kept = self.run_dir / "eval" / round_name(best["env_steps"]) if best else None
+        if kept is not None and kept.is_file():
+            tmp = best_path.with_suffix(".pt.tmp")
+            shutil.copyfile(kept, tmp)
+            durable_replace(tmp, best_path)
+            logger.warning("%s restored from %s", best_path.name, kept)
+            return
+        logger.warning("no kept weights of the best round: the next round writes %s anew",
+                       best_path.name)  # fmt: skip
+        self.best_eval = None
 
     @property
     def elapsed_s(self) -> float:

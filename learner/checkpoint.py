@@ -12,6 +12,7 @@ before the manifests (checkpoint.pt and no manifest anywhere) loads as it is.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -130,6 +131,10 @@ def durable_replace(tmp: pathlib.Path, path: pathlib.Path) -> None:
     directory = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(directory)
+    except OSError as error:  # some network and FUSE mounts refuse it: the rename stands
+        if error.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+        _warn_once(f"{path.parent}: the directory cannot be synced ({error.strerror})")
     finally:
         os.close(directory)
 

@@ -10,6 +10,7 @@ pending entries first. So every chunk that reached Redis ends up inserted or rej
 
 from __future__ import annotations
 
+import collections
 import logging
 import pathlib
 import time
@@ -31,6 +32,28 @@ if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
 redis.call('HINCRBY', KEYS[2], 'chunks_rejected', 1)
 return 1
 """
+
+
+TAKEN_IDS_KEPT = 10_000  # stream ids a shard remembers taking in: 10x the chunks the default
+# replay holds (100,000 transitions in chunks of 100); about 1 MB
+
+
+class _RecentIds:
+    """A set of the last `size` ids added."""
+
+    def __init__(self, size: int):
+        self.size, self._order, self._ids = size, collections.deque(), set()
+
+    def add(self, entry_id) -> None:
+        if entry_id in self._ids:
+            return
+        self._order.append(entry_id)
+        self._ids.add(entry_id)
+        if len(self._order) > self.size:
+            self._ids.discard(self._order.popleft())
+
+    def __contains__(self, entry_id) -> bool:
+        return entry_id in self._ids
 
 
 class ReplayShard:
@@ -62,6 +85,7 @@ class ReplayShard:
         self._acks = OnceWriter(self.client, self.redis_keys,
                                 f"{self.consumer}:{uuid.uuid4().hex[:12]}:acks")  # fmt: skip
         self._unacked: list = []  # ids inserted (or rejected) and not yet acked
+        self._taken = _RecentIds(TAKEN_IDS_KEPT)  # ids this process took in, the newest
         self._uncounted = {"chunks_inserted": 0, "chunks_rejected": 0}
         self._delete_bad = self.client.register_script(_DELETE_AND_COUNT)
         self._inserted_field = f"{self.consumer}:transitions_inserted"
@@ -80,16 +104,19 @@ class ReplayShard:
             self._screen(max_chunks)
             return 0
         entries = self._read("0", max_chunks, None) if self._reading_own_pending else []
-        if entries and self._unacked:  # already in the replay, their acks not yet through
-            taken = set(self._unacked)
+        if entries:  # own pending entries: one this process took in already is acked, not
+            # inserted again (its ack was dropped, e.g. a MISCONF or READONLY answer)
+            again = [entry_id for entry_id, _ in entries if entry_id in self._taken]
+            self._unacked += again
             entries = [(entry_id, fields) for entry_id, fields in entries
-                       if entry_id not in taken]  # fmt: skip
+                       if entry_id not in self._taken]  # fmt: skip
         if not entries:
             self._reading_own_pending = False  # own pending list drained: read new entries
             entries = self._read(">", max_chunks, block_ms)
         ids, inserted, rejected = [], 0, 0
         for entry_id, fields in entries:
             ids.append(entry_id)
+            self._taken.add(entry_id)
             self._read_to = max(self._read_to, _as_str(entry_id), key=_id_key)
             try:
                 chunk = self._decode(fields)
@@ -104,6 +131,12 @@ class ReplayShard:
         self.send_acks()
         self._maybe_trim()
         return len(ids)
+
+    @property
+    def rereading(self) -> bool:
+        """Whether entries delivered to this shard wait to be read again (see
+        _check_own_pending)."""
+        return self._reading_own_pending
 
     def finish(self) -> None:
         """At shutdown: sends what is unacked and trims what every consumer is done with, so
@@ -226,8 +259,8 @@ class ReplayShard:
         mine = sum(int(consumer["pending"]) for consumer in summary.get("consumers") or []
                    if _as_str(consumer["name"]) == self.consumer)  # fmt: skip
         if mine > len(self._unacked) and not self._reading_own_pending:
-            logger.warning("shard %d: %d entries delivered to it were never read (a lost "
-                           "reply); reading them again", self.shard_id,
+            logger.warning("shard %d: %d entries delivered to it are not acked (a lost reply "
+                           "or ack); reading them again", self.shard_id,
                            mine - len(self._unacked))  # fmt: skip
             self._reading_own_pending = True
 

@@ -663,4 +663,6 @@ def test_a_corrupt_checkpoint_set_resumes_from_the_previous_one(trained_run, tmp
               str(run_dir)])  # fmt: skip
     assert "replay-0.npz: checksum mismatch" in caplog.text
     assert "best.pt is unreadable (cannot load checkpoint" in caplog.text
+    assert "best.pt restored from" in caplog.text or "writes best.pt anew" in caplog.text
+    assert load_checkpoint(run_dir / "best.pt")["eval"]["env_steps"] > 0  # whole again
     assert f"at {previous['env_steps']} env steps" in caplog.text  # "resuming run … at N"

@@ -116,6 +116,8 @@ def test_a_bad_argument_is_a_clear_error_naming_it(argv, code, message, tmp_path
             "--serial",
             "--total-env-steps",
             "64",
+            "--eval.every-env-steps",
+            "0",
             "--run-dir",
             str(tmp_path / "run"),
             "--no-live-display",

@@ -189,6 +189,28 @@ def test_entries_whose_read_reply_was_lost_are_read_again_not_left_pending(redis
         dropper.close()
 
 
+def test_entries_taken_in_whose_ack_was_dropped_are_acked_not_inserted_twice(redis_url):
+    # The ack batch is dropped on an answer other than a lost connection (MISCONF, READONLY):
+    # the entries are in the replay and still pending. The pending check reads them again:
+    # they are acked, not inserted a second time.
+    client, keys = redis.Redis.from_url(redis_url), RedisKeys(RUN)
+    shard = make_shard(redis_url)
+    write_chunks(client, 3, np.random.default_rng(0))
+    send = shard._acks.write
+    shard._acks.write = lambda batch: batch()  # each batch is made, and lost
+    for _ in range(5):  # taken in once, however often the pending check reads them again
+        shard.ingest(max_chunks=16)
+        shard._last_trim = 0
+    assert shard.replay.size == 3 * 20  # (without the check of ids taken: every ingest added 3)
+    assert client.xpending(keys.experience, REPLAY_GROUP)["pending"] == 3
+    shard._acks.write = send  # the acks go through again
+    for _ in range(3):
+        shard.ingest(max_chunks=16)
+        shard._last_trim = 0
+    assert shard.replay.size == 3 * 20
+    assert client.xpending(keys.experience, REPLAY_GROUP)["pending"] == 0
+
+
 def test_acks_a_long_outage_held_back_are_sent_and_none_is_lost(redis_server, redis_url,
                                                                  monkeypatch):  # fmt: skip
     # a client without retries: each lost request stands for an outage longer than the window
