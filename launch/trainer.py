@@ -508,8 +508,9 @@ class Trainer:
         """Learner state first (read under its lock), then the replay snapshots, then the file
         that names them: a checkpoint never points at a state newer than its snapshots."""
         state = self.backend.state()
-        # read with the state, before the snapshots: steps the actors take meanwhile are in
-        # neither, and a resume takes them again rather than count them twice
+        # read with the state (one moment); the shards take chunks in until their snapshot
+        # lock, so a snapshot may hold a few chunks more than the counters say (a resume counts
+        # those steps again; read after the snapshots, steps were counted whose chunks it lacked)
         self._update_counters()
         counters = {**self.counters, "updates": int(state["learner"]["updates"])}
         rotate_set(self.run_dir)  # the last whole set stays in previous/ until this one is sealed
