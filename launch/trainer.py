@@ -346,13 +346,21 @@ class Trainer:
         except Exception as error:
             logger.error("stopping the roles failed: %s", error)
             first_error = error
+        final_set = None
         if self._budget_spent and not failed:
+            # The roles' final state is saved first: a crash during the final evaluation (minutes
+            # on Ray) then loses no training, only the round, which a resume plays.
+            try:
+                final_set = self._write_checkpoint()
+            except Exception as error:  # the write below tries again
+                logger.error("the checkpoint before the final evaluation was not written (%s)",
+                             error)  # fmt: skip
+                quietly("reading the counters", self._update_counters)
             # The run's final evaluation: on the weights the learner published last, at the env
             # steps the actors' last chunks brought (as the final checkpoint's).
-            quietly("reading the counters", self._update_counters)
             quietly("the final evaluation", self._finish_eval)
         try:
-            self._write_checkpoint()
+            self._write_checkpoint(final_set)
         except Exception as error:
             stands = (
                 f"the checkpoint of {self.last_checkpoint['env_steps']:,} env steps stands"
@@ -504,19 +512,26 @@ class Trainer:
         record.update(elapsed_s=round(self.elapsed_s, 1), wall_time=time.time())
         self._metrics.log(record, counters["env_steps"])
 
-    def _write_checkpoint(self) -> None:
+    def _write_checkpoint(self, written: tuple | None = None) -> tuple:
         """Learner state first (read under its lock), then the replay snapshots, then the file
-        that names them: a checkpoint never points at a state newer than its snapshots."""
-        state = self.backend.state()
-        # read with the state (one moment); the shards take chunks in until their snapshot
-        # lock, so a snapshot may hold a few chunks more than the counters say (a resume counts
-        # those steps again; read after the snapshots, steps were counted whose chunks it lacked)
-        self._update_counters()
-        counters = {**self.counters, "updates": int(state["learner"]["updates"])}
-        rotate_set(self.run_dir)  # the last whole set stays in previous/ until this one is sealed
-        snapshots = []
-        if self.config.snapshot_replay:
-            snapshots = self.backend.snapshot_replay(self.run_dir)
+        that names them: a checkpoint never points at a state newer than its snapshots.
+
+        `written`: what an earlier call returned, once the roles have stopped (nothing of
+        theirs changed since): its checkpoint is written again with the trainer's evaluation
+        state of now, over the same snapshots, in the same set (not rotated)."""
+        if written is None:
+            state = self.backend.state()
+            # read with the state (one moment); the shards take chunks in until their snapshot
+            # lock, so a snapshot may hold a few chunks more than the counters say (a resume
+            # counts those steps again; read after, steps were counted whose chunks it lacked)
+            self._update_counters()
+            counters = {**self.counters, "updates": int(state["learner"]["updates"])}
+            rotate_set(self.run_dir)  # the last whole set stays in previous/ until sealed
+            snapshots = []
+            if self.config.snapshot_replay:
+                snapshots = self.backend.snapshot_replay(self.run_dir)
+        else:
+            state, counters, snapshots = written
         counters["elapsed_s"] = round(self.elapsed_s, 1)
         save_checkpoint(
             self.run_dir,
@@ -535,6 +550,7 @@ class Trainer:
         names = [CHECKPOINT_NAME, *(path.name for path in snapshots)]
         write_manifest(self.run_dir, names, counters["env_steps"])
         self.last_checkpoint = counters
+        return state, counters, snapshots
 
     def _eval_schedule(self) -> dict[str, int]:
         """Where evaluation goes on after a resume. A round still in flight is saved as not yet

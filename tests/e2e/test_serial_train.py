@@ -488,6 +488,39 @@ def test_a_failing_role_ends_the_serial_run_with_its_own_error(tmp_path, fault, 
     assert {key: counters[key] for key in saved} == saved
 
 
+def test_a_run_killed_during_its_final_evaluation_keeps_its_training(tmp_path):
+    # The final checkpoint was written after the final round (up to 15 min on Ray): a crash
+    # then lost the training since the last periodic checkpoint. Now the roles' final state is
+    # saved first, and a resume owes only the round.
+    import signal
+    import time
+
+    from launch.trainer import owes_final_eval
+
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "launch.cli", *TINY, "--total-env-steps", "400",
+               "--eval.episodes", "40", "--run-dir", str(run)]  # fmt: skip
+    with open(tmp_path / "log", "w") as log:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log,
+                                   start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and process.poll() is None:
+            manifest = run / "manifest.json"
+            if manifest.is_file() and json.loads(manifest.read_text())["env_steps"] >= 400:
+                break
+            time.sleep(0.05)
+        assert process.poll() is None, "the run ended before it could be killed"
+        os.killpg(process.pid, signal.SIGKILL)  # during its final round of 40 episodes
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    payload = load_checkpoint(run)
+    assert payload["counters"]["env_steps"] >= 400
+    assert owes_final_eval(payload["trainer"]["last_eval"], 400)  # the round is still owed
+
+
 NO_RAY_SCRIPT = """
 import json, sys
 from launch.cli import main
