@@ -46,6 +46,7 @@ _RAM_TIME = 0x07F8  # three decimal digits
 _RAM_SCORE = 0x07DE  # six decimal digits
 _RAM_WORLD = 0x075F
 _RAM_STAGE = 0x075C
+_RAM_AREA = 0x0760  # the part of a stage (a pipe or a bonus room leads to another)
 _RAM_GAME_MODE = 0x0770  # 2 = end of world
 _RAM_FLOAT_STATE = 0x001D  # 0 = on the ground, 3 = sliding down the flag pole
 _RAM_ENEMY_TYPES = (0x0016, 0x0017, 0x0018, 0x0019, 0x001A)
@@ -294,6 +295,7 @@ class MarioEnv(gym.Env):
                 return self.reset(options=options)
         self._episode_steps = 0
         self._max_x, self._steps_since_new_max_x = self._x_pos(), 0
+        self._area = int(self._ram[_RAM_AREA])
         return self._ring.stack(), self._info(frames=frames, life_lost=False, stuck=False)
 
     def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
@@ -306,8 +308,10 @@ class MarioEnv(gym.Env):
         if terminated and not life_lost:
             reward += config.flag_bonus  # the flag (or an end of world)
         stuck = False
-        x_pos = self._x_pos()
-        if x_pos > self._max_x:
+        x_pos, area = self._x_pos(), int(self._ram[_RAM_AREA])
+        if area != self._area:  # x starts again in another part of the stage (e.g. 1-2's exit)
+            self._area, self._max_x, self._steps_since_new_max_x = area, x_pos, 0
+        elif x_pos > self._max_x:
             self._max_x, self._steps_since_new_max_x = x_pos, 0
         else:
             self._steps_since_new_max_x += 1

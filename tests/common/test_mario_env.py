@@ -243,6 +243,30 @@ def test_moving_right_resets_the_stuck_count():
     assert len(ends) == 21 and ends[-1] == (False, False)
 
 
+@pytest.mark.parametrize("new_part", [False, True])
+def test_another_part_of_the_stage_starts_the_stuck_count_again(new_part):
+    # A pipe to another part of a stage (1-2's exit, a bonus room) starts x again near 0:
+    # measured against the furthest x of the part before, 100 steps there counted as stuck (a
+    # death with stuck_is_death), and 1-2 could not be cleared
+    from common.mario_env import _RAM_AREA
+
+    environment = make_env(EnvConfig(stuck_steps=10))
+    environment.reset(seed=0)
+    raw = environment.unwrapped
+    raw._max_x = 10_000  # as if the part before had been played far to the right
+    ends = [environment.step(RIGHT)[3] for _ in range(5)]
+    if new_part:
+        raw._ram[_RAM_AREA] ^= 1  # Mario comes out in another part of the stage
+    for _ in range(7):
+        _, _, terminated, truncated, info = environment.step(RIGHT)
+        ends.append(truncated)
+        if terminated or truncated:
+            break
+    environment.close()
+    assert any(ends) == (not new_part) and ends.count(True) <= 1
+    assert not new_part or not info["stuck"]
+
+
 def test_stuck_is_death_terminates_with_a_clipped_death_penalty():
     _, rewards, infos, ends = run_actions(EnvConfig(stuck_steps=10, stuck_is_death=True),
                                           [NOOP] * 50)  # fmt: skip
