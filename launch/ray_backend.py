@@ -814,6 +814,7 @@ class RayBackend:
         ACTOR_STATS or holds a non-number there, or a weights version that is no integer, is
         dropped and counted once (it stays in Redis until its role writes again)."""
         stats, actors = {}, {}
+        running = self._running_actors()
         for raw_name, blob in self.client.hgetall(self.redis_keys.stats).items():
             name = raw_name.decode(errors="replace")
             record = self._checked(f"stats of {name}", blob, _actor_stats if
@@ -822,7 +823,7 @@ class RayBackend:
                 continue
             if name == "learner":
                 stats = {k: v for k, v in record.items() if isinstance(v, int | float)}
-            elif name.startswith("actor-") and self._running(name):
+            elif name.startswith("actor-") and (running is None or name in running):
                 actors[name] = record
         stats["actors/env_steps_per_s"] = sum(s["env_steps_per_s"] for s in actors.values())
         stats["actors/frames_per_s"] = sum(s["frames_per_s"] for s in actors.values())
@@ -834,12 +835,12 @@ class RayBackend:
             stats["policy_lag"] = version - min(s["policy_version"] for s in actors.values())
         return stats
 
-    def _running(self, actor_name: str) -> bool:
-        """Whether an actor's record is of an actor of the pool (one whose node left the
-        cluster is dropped from it, and its last record stays in Redis)."""
+    def _running_actors(self) -> set[str] | None:
+        """The names of the pool's actors (one whose node left the cluster is dropped from it,
+        and its last record stays in Redis); None before there is a pool."""
         if self.actors is None:
-            return True
-        return actor_name in {f"actor-{index}" for index in self.actors.members}
+            return None
+        return {f"actor-{index}" for index in self.actors.members}
 
     def _checked(self, what: str, value: bytes, parse):
         """parse(value), or None for a value read from Redis that is not what its writer writes:

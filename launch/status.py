@@ -173,7 +173,7 @@ def render(run_id: str, state: dict) -> Group:
             role,
             f"{age:.1f} s",
             _number(stats, "frames_per_s", ",.0f"),
-            _number(stats, "policy_version", "d"),
+            _number(stats, "policy_version", ""),
             _number(stats, "learner/updates_per_s", ".1f"),
             _number(stats, "learner/loss", ".3f"),
         )
@@ -187,7 +187,7 @@ def _number(stats: dict, name: str, spec: str) -> str:
     value = stats.get(name)
     if isinstance(value, bool) or not isinstance(value, int | float):
         return ""
-    return format(value, spec) if spec != "d" or isinstance(value, int) else str(value)
+    return format(value, spec)
 
 
 def show(config: StatusConfig, console: Console) -> dict:
